@@ -1,0 +1,159 @@
+"""`datm` command line: parses arguments and calls the stages. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from datm import config as C
+    from datm import runner
+
+    cfg = C.load(args.config)
+    print(runner.describe_plan(cfg, as_json=args.json))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from datm import config as C
+    from datm import runner
+
+    cfg = C.load(args.config)
+    runner.run(cfg)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from datm import config as C
+    from datm import runner
+
+    cfg = C.load(args.config)
+    runner.train_only(cfg, only=args.adapter)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from datm import merge
+
+    res = merge.merge_adapters(
+        [Path(s) for s in args.sources],
+        Path(args.out),
+        method=args.method,
+        density=args.density,
+        rank=args.rank,
+        form=args.form,
+    )
+    print(json.dumps(res.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from datm import translate
+
+    translate.main(args)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from datm import evaluate
+
+    return evaluate.main(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from datm import report
+
+    out = report.write_report([Path(r) for r in args.runs], Path(args.out), baseline=args.baseline)
+    print(f"report written: {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from datm import demo
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="datm", description="Direction-aware training and merging for multilingual MT"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("plan", help="print which adapters a config trains, merges and routes")
+    s.add_argument("config")
+    s.add_argument("--json", action="store_true", help="print plan.json instead of a table")
+    s.set_defaults(func=_cmd_plan)
+
+    s = sub.add_parser("run", help="run a config end to end (resumes where it stopped)")
+    s.add_argument("config")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("train", help="train the plan's adapters only")
+    s.add_argument("config")
+    s.add_argument("--adapter", action="append", help="train only this adapter (repeatable)")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("merge", help="merge PEFT adapter directories into one module")
+    s.add_argument("sources", nargs="+", help="PEFT adapter directories")
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", default="ties", choices=["ties", "linear"])
+    s.add_argument("--density", type=float, default=0.2)
+    s.add_argument(
+        "--rank", type=int, default=None, help="rank of the merged LoRA (default: the sources' rank)"
+    )
+    s.add_argument("--form", default="lowrank", choices=["lowrank", "factor", "dense", "sparse"])
+    s.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser("translate", help="translate with the modules a run's plan routes to")
+    s.add_argument("--run", required=True, help="run directory (holds plan.json and the modules)")
+    s.add_argument("--pair", help="SRC-TGT for every input line (else each line is 'SRC-TGT<TAB>text')")
+    s.add_argument("--input", default="-", help="input file (default: stdin)")
+    s.add_argument("--output", default="-", help="output file (default: stdout)")
+    s.add_argument("--beams", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--max-new-tokens", type=int, default=None)
+    s.set_defaults(func=_cmd_translate)
+
+    s = sub.add_parser("evaluate", help="score a hypothesis file against references (BLEU, chrF++)")
+    s.add_argument("--pair", required=True, help="SRC-TGT (the target picks the BLEU tokenizer)")
+    s.add_argument("--hyp", required=True, help="hypotheses, one per line")
+    s.add_argument("--ref", required=True, help="references: plain text or ALMA records (JSON/JSONL)")
+    s.add_argument("--src", help="sources (plain text), needed for COMET")
+    s.add_argument("--comet", help="COMET model name or checkpoint path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("report", help="compare run directories in Markdown/HTML tables and plots")
+    s.add_argument("runs", nargs="+")
+    s.add_argument("--out", required=True)
+    s.add_argument("--baseline", help="run directory that significance marks compare against")
+    s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("demo", help="post-train Gemma 3 270M with DATM on the embedded corpus, offline")
+    s.add_argument("--out", default="datm-demo", help="where the demo run goes")
+    s.add_argument("--compare", action="store_true", help="also train the multilingual baseline")
+    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # Our errors name the file/line/key; show them without a traceback.
+        print(f"datm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The experiment config: one YAML file, parsed into typed sections with errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from datm import languages as L
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # pattern with {xx} (one file per pair, both directions) or {src}/{tgt}
+    test: str | None = None
+    valid: str | None = None
+    format: str = "auto"  # auto | alma | tsv | datasets
+    on_bad_record: str = "error"  # error | skip (skipped records are counted and reported)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # optimizer steps per adapter
+    epochs: float | None = None  # passes over each adapter's data (the fair budget across strategies)
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: str = "inverse_sqrt"  # inverse_sqrt (ALMA) | cosine | constant
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.01
+    max_examples_per_pair: int | None = None
+    max_length: int = 256
+    seed: int = 1
+    precision: str = "auto"  # auto | bf16 | fp32
+    checkpoint_every: int = 50
+
+
+@dataclass
+class MergeConfig:
+    method: str = "ties"  # ties | linear
+    density: float = 0.2
+    rank: int | None = None  # rank of the re-factored LoRA; default: the adapters' rank
+    form: str = "lowrank"  # lowrank | factor | dense | sparse
+    weights: list[float] | None = None
+
+
+@dataclass
+class EvalConfig:
+    max_examples: int | None = 100
+    beams: int = 1
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    comet: str | None = None  # model name or local checkpoint path
+
+
+@dataclass
+class Config:
+    languages: list[str]
+    data: DataConfig
+    strategy: str = "datm"
+    base_model: str | None = None
+    groups: dict[str, list[str]] | None = None
+    prompt: str = "alma"  # alma | chat
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+    source: str = "<dict>"  # the file it came from, for error messages
+
+    def resolved_groups(self) -> dict[str, list[str]]:
+        return L.resolve_groups(self.languages, self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "merge": MergeConfig,
+    "eval": EvalConfig,
+}
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    return cls(**raw)
+
+
+def _resolve_path(value: str | None, base: Path) -> str | None:
+    """Relative paths resolve against the config file's folder; hub ids (no such path) stay as given."""
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = base / p
+    if value.startswith((".", "..")) or "{" in value or candidate.exists() or "/" not in value:
+        return str(candidate)
+    return value  # e.g. 'haoranxu/X-ALMA-13B-Pretrain'
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a YAML mapping at top level")
+    top = {f.name for f in dataclasses.fields(Config)} - {"source"}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(top)}")
+    if "languages" not in raw or not raw["languages"]:
+        raise ConfigError(
+            f"{source}: key 'languages' is required (a list of non-English codes, e.g. [de, cs])"
+        )
+    if "data" not in raw:
+        raise ConfigError(f"{source}: key 'data' is required (with at least 'train' and 'test' patterns)")
+    kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k not in _SECTIONS}
+    for key, cls in _SECTIONS.items():
+        kwargs[key] = _section(cls, raw.get(key), f"{source}: {key}")
+    cfg = Config(**kwargs, source=source)
+    base = base_dir or Path.cwd()
+    cfg.data.train = _resolve_path(cfg.data.train, base) if cfg.data.format != "datasets" else cfg.data.train
+    cfg.data.test = _resolve_path(cfg.data.test, base) if cfg.data.format != "datasets" else cfg.data.test
+    cfg.data.valid = _resolve_path(cfg.data.valid, base) if cfg.data.format != "datasets" else cfg.data.valid
+    cfg.output_dir = str(
+        (base / cfg.output_dir) if not Path(cfg.output_dir).is_absolute() else cfg.output_dir
+    )
+    if cfg.base_model is not None:
+        cfg.base_model = _resolve_path(cfg.base_model, base)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    return from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def validate(cfg: Config) -> None:
+    from datm.plan import STRATEGIES  # local: plan imports config types only at type-check time
+
+    s = cfg.source
+    if not isinstance(cfg.languages, list):
+        raise ConfigError(f"{s}: 'languages' must be a list of codes")
+    try:
+        cfg.resolved_groups()
+    except ValueError as e:
+        raise ConfigError(f"{s}: {e}") from None
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"{s}: strategy {cfg.strategy!r} unknown; expected one of {sorted(STRATEGIES)}")
+    if cfg.prompt not in ("alma", "chat"):
+        raise ConfigError(f"{s}: prompt must be 'alma' or 'chat', got {cfg.prompt!r}")
+    if cfg.data.on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"{s}: data.on_bad_record must be 'error' or 'skip'")
+    if cfg.data.format not in ("auto", "alma", "tsv", "datasets"):
+        raise ConfigError(f"{s}: data.format must be auto, alma, tsv or datasets")
+    t = cfg.train
+    if t.steps is None and t.epochs is None:
+        raise ConfigError(
+            f"{s}: train: give 'steps' (per adapter) or 'epochs' (passes over each adapter's data)"
+        )
+    if t.steps is not None and t.epochs is not None:
+        raise ConfigError(f"{s}: train: give 'steps' or 'epochs', not both")
+    if t.schedule not in ("inverse_sqrt", "cosine", "constant"):
+        raise ConfigError(f"{s}: train.schedule must be inverse_sqrt, cosine or constant")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"{s}: train.precision must be auto, bf16 or fp32")
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError(f"{s}: train.batch_size and train.grad_accum must be >= 1")
+    m = cfg.merge
+    if m.method not in ("ties", "linear"):
+        raise ConfigError(f"{s}: merge.method must be 'ties' or 'linear', got {m.method!r}")
+    if not 0 < m.density <= 1:
+        raise ConfigError(f"{s}: merge.density must be in (0, 1], got {m.density}")
+    if m.form not in ("lowrank", "factor", "dense", "sparse"):
+        raise ConfigError(f"{s}: merge.form must be lowrank, factor, dense or sparse")

