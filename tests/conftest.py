@@ -99,6 +99,7 @@ def build_model_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
+        initializer_range=0.2,  # a wide LM head, so a LoRA can move the loss within a few steps
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

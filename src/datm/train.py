@@ -144,7 +144,7 @@ def train_adapter(
     A finished `out` is never retrained; an interrupted run resumes from `out/.checkpoint`.
     The base model is left without adapters when this returns.
     """
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from peft import get_peft_model, set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -156,10 +156,11 @@ def train_adapter(
     if not examples:
         raise ValueError(f"adapter {out.name}: no training examples")
 
-    accel = Accelerator(
-        mixed_precision=pick_precision(cfg.precision, PartialState().device),
-        gradient_accumulation_steps=cfg.grad_accum,
-    )
+    # Autocast is ours rather than accelerate's: its precision is fixed per process, and one
+    # process may train adapters under different configs (tests, benchmarks).
+    accel = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    precision = pick_precision(cfg.precision, accel.device)
+    autocast = torch.autocast(accel.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     total_steps = steps_for(len(examples), cfg, accel.num_processes)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -205,7 +206,7 @@ def train_adapter(
         for micro in range(micro_per_step):
             idx = order[step * micro_per_step + micro]
             batch = {k: v.to(accel.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            with accel.accumulate(model), accel.autocast():
+            with accel.accumulate(model), autocast:
                 loss = target_loss(causal_lm, batch)
                 accel.backward(loss)
                 optimizer.step()
@@ -248,7 +249,7 @@ def train_adapter(
             "lora": asdict(lora),
             "train": asdict(cfg),
             "directions": sorted({e.direction for e in examples}),
-            "precision": accel.mixed_precision,
+            "precision": precision,
             "device": str(accel.device),
             "versions": artifacts.library_versions(),
             **(provenance or {}),
