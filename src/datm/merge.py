@@ -95,12 +95,18 @@ def ties_merge(
     """
     _check_same_shape(deltas)
     weights = _resolve_weights(weights, len(deltas), default=1.0)
-    trimmed = torch.stack([trim(d.float(), density) * w for d, w in zip(deltas, weights, strict=True)])
-    elected = torch.sign(trimmed.sum(dim=0))
-    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    total = torch.where(agrees, trimmed, torch.zeros_like(trimmed)).sum(dim=0)
-    count = agrees.sum(dim=0)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    trimmed = [trim(d.float(), density).mul_(w) for d, w in zip(deltas, weights, strict=True)]
+    elected = torch.zeros_like(trimmed[0])
+    for t in trimmed:
+        elected.add_(t)
+    elected.sign_()
+    total = torch.zeros_like(elected)
+    count = torch.zeros_like(elected)
+    for t in trimmed:
+        agrees = (t * elected) > 0  # nonzero with the elected sign (no sign elected: never)
+        total.add_(t * agrees)
+        count.add_(agrees)
+    return total.div_(count.clamp_(min=1))  # entries no source agrees on stay 0
 
 
 def linear_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -410,7 +416,7 @@ class SafetensorsStreamWriter:
         self.path = Path(path)
         self.metadata = metadata or {}
         self._side_path = self.path.with_name(self.path.name + ".data")
-        self._side = open(self._side_path, "wb")  # noqa: SIM115 - closed in close()
+        self._side = open(self._side_path, "wb")  # closed in close()
         self._entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> dtype, shape, start, size
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -501,7 +507,9 @@ def execute(
     reports: dict[str, ModuleReport] = {}
     writer = SafetensorsStreamWriter(out_file, metadata)
     with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(s.weights_file, framework="pt", device="cpu")) for s in sources]
+        handles = [
+            stack.enter_context(safe_open(src.weights_file, framework="pt", device="cpu")) for src in sources
+        ]
         for task in tqdm(tasks, desc=f"merge ({settings.method}, {settings.form})", disable=not progress):
             a_list = [h.get_tensor(key).float() for h, key in zip(handles, task.a_keys, strict=True)]
             b_list = [h.get_tensor(key).float() for h, key in zip(handles, task.b_keys, strict=True)]
@@ -554,7 +562,9 @@ def _factor_merge(
     """
     shapes = {(tuple(a.shape), tuple(b.shape)) for a, b in zip(a_list, b_list, strict=True)}
     if len(shapes) != 1:
-        raise MergeError(f"form=factor needs the same rank in every source; module {task.name} has ranks {task.ranks}")
+        raise MergeError(
+            f"form=factor needs the same rank in every source; module {task.name} has ranks {task.ranks}"
+        )
     factor_weights = []
     for w, s in zip(settings.weights, task.scalings, strict=True):
         if w * s / task.scalings[0] <= 0:
@@ -629,11 +639,8 @@ def merge_adapters(
     out = Path(out)
     sources = [Path(s) for s in sources]
     _validate_args(sources, method, density, rank, form)
-    if weights is None and method == "linear" and len(sources) == 1:
-        weights = [1.0]
-    if is_finished := artifacts.is_done(out):
+    if artifacts.is_done(out):
         return _recorded_result(out, sources, method, form, density, rank, weights)
-    del is_finished
     started = time.perf_counter()
     srcs = [read_source(p) for p in sources]
     tasks = plan_merge(srcs)
@@ -698,8 +705,14 @@ def merge_adapters(
             for s in srcs
         ],
         "rel_error_means": _ERROR_MEANING[form],
-        "svd": {"exact_max_min_dim": EXACT_SVD_MAX_DIM, "oversample": SVD_OVERSAMPLE, "niter": SVD_NITER,
-                "seed": SVD_SEED} if form == "lowrank" else None,
+        "svd": {
+            "exact_max_min_dim": EXACT_SVD_MAX_DIM,
+            "oversample": SVD_OVERSAMPLE,
+            "niter": SVD_NITER,
+            "seed": SVD_SEED,
+        }
+        if form == "lowrank"
+        else None,
         "modules": {name: asdict(r) for name, r in reports.items()},
         "versions": artifacts.library_versions(),
     }
@@ -727,10 +740,12 @@ def _validate_args(sources: list[Path], method: str, density: float, rank: int |
         raise MergeError(f"rank must be an integer >= 1, got {rank!r}")
     if rank is not None and form in ("dense", "sparse"):
         raise MergeError(f"rank applies to form=lowrank only; form={form} stores the full ΔW")
-    if method == "ties" and len(sources) < 2:
-        raise MergeError(f"TIES needs at least 2 sources, got {len(sources)} (use method=linear to re-factor one)")
     if not sources:
         raise MergeError("no sources to merge")
+    if method == "ties" and len(sources) < 2:
+        raise MergeError(
+            f"TIES needs at least 2 sources, got {len(sources)} (method=linear can re-factor a single one)"
+        )
     resolved = [str(p.resolve()) for p in sources]
     if len(set(resolved)) != len(resolved):
         raise MergeError(f"a source is listed twice: {[str(p) for p in sources]}")
@@ -789,8 +804,11 @@ def _delta_config(
     modules = []
     for task in tasks:
         shape = [task.out_features, task.in_features]
-        entry: dict[str, Any] = {"module": task.name, "weight": task.weight_name,
-                                 "shape": shape[::-1] if first.fan_in_fan_out else shape}
+        entry: dict[str, Any] = {
+            "module": task.name,
+            "weight": task.weight_name,
+            "shape": shape[::-1] if first.fan_in_fan_out else shape,
+        }
         if form == "sparse":
             entry["nnz"] = reports[task.name].params
         modules.append(entry)
@@ -819,7 +837,9 @@ def iter_delta(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             wanted = [name] if form == "dense" else [f"{name}.indices", f"{name}.values"]
             missing = [k for k in wanted if k not in keys]
             if missing:
-                raise MergeError(f"{path / DELTA_WEIGHTS}: no tensor {missing[0]!r} (listed in {DELTA_CONFIG})")
+                raise MergeError(
+                    f"{path / DELTA_WEIGHTS}: no tensor {missing[0]!r} ({DELTA_CONFIG} lists it)"
+                )
             if form == "dense":
                 delta = f.get_tensor(name).float()
             else:
@@ -827,7 +847,7 @@ def iter_delta(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 flat[f.get_tensor(f"{name}.indices").long()] = f.get_tensor(f"{name}.values").float()
                 delta = flat.reshape(shape)
             if list(delta.shape) != shape:
-                raise MergeError(f"{path / DELTA_WEIGHTS}: {name} has shape {list(delta.shape)}, expected {shape}")
+                raise MergeError(f"{path / DELTA_WEIGHTS}: {name} is {list(delta.shape)}, expected {shape}")
             yield name, delta
 
 
@@ -849,8 +869,9 @@ def apply_delta(model: torch.nn.Module, path: Path, sign: int = +1) -> None:
     for name, delta in iter_delta(path):
         weight = _find_weight(model, name)
         if list(weight.shape) != list(delta.shape):
-            raise MergeError(f"{path}: delta {name} has shape {list(delta.shape)} but the model's is "
-                             f"{list(weight.shape)}")
+            raise MergeError(
+                f"{path}: delta {name} has shape {list(delta.shape)} but the model's is {list(weight.shape)}"
+            )
         updated = weight.float() + sign * delta.to(weight.device)
         weight.copy_(updated.to(weight.dtype))
 
@@ -867,4 +888,6 @@ def _find_weight(model: torch.nn.Module, weight_name: str) -> torch.Tensor:
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor):
             return weight
-    raise MergeError(f"model has no weight {weight_name} (nor {PEFT_PREFIX}{weight_name}) to apply the delta to")
+    raise MergeError(
+        f"model has no weight {weight_name} (nor {PEFT_PREFIX}{weight_name}) to add the delta to"
+    )

@@ -15,16 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+# Figures are drawn on an Agg canvas directly (no pyplot): no global state, never a window.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never open a window
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from datm import artifacts  # noqa: E402
-from datm.evaluate import paired_bootstrap, read_lines  # noqa: E402
-from datm.languages import Direction  # noqa: E402
+from datm import artifacts
+from datm.evaluate import paired_bootstrap, read_lines
+from datm.languages import Direction
 
 FAMILIES = ("xx-en", "en-xx")
 FAMILY_NAMES = {"xx-en": "XX→En", "en-xx": "En→XX"}
@@ -90,7 +87,9 @@ def load_run(run_dir: str | Path) -> Run:
 def _translation_file(run: Run, direction: str, kind: str) -> list[str]:
     path = run.path / "translations" / f"{direction}.{kind}.txt"
     if not path.is_file():
-        raise ReportError(f"{path} is missing; significance against the baseline needs each run's translations")
+        raise ReportError(
+            f"{path} is missing; significance against the baseline needs each run's translations"
+        )
     return read_lines(path)
 
 
@@ -149,8 +148,8 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
     every = [d for f in FAMILIES for d in columns[f]]
     common = [d for d in every if all(d in r.scores for r in runs)]
     significance = _significance(runs, baseline, common, n_samples) if baseline is not None else {}
-    metrics = [m for m in METRIC_NAMES if all(m in r.scores[d] for r in runs for d in r.scores)]
-    metrics = metrics or ["bleu", "chrf"]
+    has_comet = any(s.get("comet") is not None for r in runs for s in r.scores.values())
+    metrics = ["bleu", "chrf"] + (["comet"] if has_comet else [])
     tables: dict[str, Any] = {}
     for metric in metrics:
         rows = []
@@ -163,12 +162,9 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
                     cells[d] = {"value": value, "mark": _mark(result)}
                     if result is not None:
                         cells[d]["p_value"] = result["p_value"]
-                averaged = [run.scores[d][metric] for d in columns[family] if d in common]
                 if columns[family]:
-                    cells[_avg_key(family)] = {
-                        "value": sum(averaged) / len(averaged) if averaged else None,
-                        "mark": "",
-                    }
+                    mean = _mean(run, columns[family], common, metric)
+                    cells[_avg_key(family)] = {"value": mean, "mark": ""}
             rows.append({"run": run.label, "cells": cells})
         _flag_best(rows, metric)
         tables[metric] = {"name": METRIC_NAMES[metric], "rows": rows}
@@ -182,6 +178,7 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
             for r in runs
         ],
         "baseline": baseline.label if baseline is not None else None,
+        "n_samples": n_samples,
         "directions": columns,
         "common_directions": common,
         "columns": column_order,
@@ -191,14 +188,24 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
     }
 
 
+def _mean(run: Run, directions: list[str], common: list[str], metric: str) -> float | None:
+    """Mean over the directions every run has (so all rows average the same directions)."""
+    values = [run.scores[d].get(metric) for d in directions if d in common]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
 def _flag_best(rows: list[dict[str, Any]], metric: str) -> None:
     """Bold the best value per column (ties at the printed precision all count), when 2+ runs have one."""
+    def shown(cell: dict[str, Any]) -> float | None:
+        return None if cell["value"] is None else round(cell["value"], DECIMALS[metric])
+
     for key in rows[0]["cells"] if rows else []:
-        shown = [round(r["cells"][key]["value"], DECIMALS[metric]) for r in rows if r["cells"][key]["value"] is not None]
-        best = max(shown) if len(shown) > 1 else None
+        values = [shown(r["cells"][key]) for r in rows if r["cells"][key]["value"] is not None]
+        best = max(values) if len(values) > 1 else None
         for r in rows:
-            value = r["cells"][key]["value"]
-            r["cells"][key]["best"] = best is not None and value is not None and round(value, DECIMALS[metric]) == best
+            r["cells"][key]["best"] = best is not None and shown(r["cells"][key]) == best
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -220,16 +227,17 @@ def _cell_text(cell: dict[str, Any], metric: str, bold: tuple[str, str]) -> str:
 
 
 def _legend(data: dict[str, Any]) -> list[str]:
+    some_missing = len(data["common_directions"]) < sum(map(len, data["directions"].values()))
     lines = [
         "Best value per column in bold. Avg = mean over the directions of that family"
-        + (" that every run has." if len(data["common_directions"]) < sum(map(len, data["directions"].values()))
-           else "."),
+        + (" that every run has." if some_missing else "."),
         f"{MISSING} = the run has no score for that direction.",
     ]
     if data["baseline"] is not None:
         lines.append(
             f"{BETTER} / {WORSE} = significantly better / worse than the baseline {data['baseline']} "
-            f"(paired bootstrap, 1000 resamples, p < {SIGNIFICANT}); only directions every run has are tested."
+            f"(paired bootstrap, {data['n_samples']} resamples, p < {SIGNIFICANT}); "
+            "only directions every run has are tested."
         )
     return lines
 
@@ -299,7 +307,8 @@ def render_html(data: dict[str, Any], title: str, pngs: dict[str, bytes]) -> str
     out.append('<p class="legend">' + "<br>".join(esc(line) for line in _legend(data)) + "</p>")
     for metric, png in pngs.items():
         encoded = base64.b64encode(png).decode("ascii")
-        out.append(f'<img alt="{esc(METRIC_NAMES[metric])} by direction" src="data:image/png;base64,{encoded}">')
+        alt = esc(METRIC_NAMES[metric]) + " by direction"
+        out.append(f'<img alt="{alt}" src="data:image/png;base64,{encoded}">')
     out.append("<h2>Metric signatures</h2><ul>")
     out += [f"<li><code>{esc(s)}</code></li>" for s in _signature_lines(data)]
     out.append("</ul></body></html>")
@@ -312,11 +321,12 @@ def render_html(data: dict[str, Any], title: str, pngs: dict[str, bytes]) -> str
 def plot_metric(data: dict[str, Any], metric: str) -> Figure:
     """Grouped bar chart: one group per direction (XX→En, then En→XX), one bar per run."""
     if metric not in data["tables"]:
-        raise ReportError(f"cannot plot {metric!r}: the runs have no such score (have {list(data['tables'])})")
+        have = list(data["tables"])
+        raise ReportError(f"cannot plot {metric!r}: the runs have no such score (have {have})")
     directions = [d for f in FAMILIES for d in data["directions"][f]]
     rows = data["tables"][metric]["rows"]
     width = 0.8 / max(1, len(rows))
-    fig = Figure(figsize=(max(6.4, 1.5 + 0.25 * len(directions) * len(rows)), 4.0), dpi=PLOT_DPI)
+    fig = Figure(figsize=(max(8.0, 3.5 + 0.25 * len(directions) * len(rows)), 4.0), dpi=PLOT_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, row in enumerate(rows):
@@ -327,10 +337,11 @@ def plot_metric(data: dict[str, Any], metric: str) -> Figure:
     n_xx = len(data["directions"]["xx-en"])
     if n_xx and n_xx < len(directions):
         ax.axvline(n_xx - 0.5, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xticks(range(len(directions)), directions, rotation=45 if len(directions) > 12 else 0)
+    ax.set_xticks(range(len(directions)), directions, rotation=90 if len(directions) > 12 else 0)
     ax.set_ylabel(METRIC_NAMES[metric])
     ax.set_title(f"{METRIC_NAMES[metric]} by direction (XX→En, then En→XX)")
-    ax.legend(fontsize="small")
+    # Right of the axes, so the legend never hides a bar.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
