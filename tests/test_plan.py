@@ -63,19 +63,21 @@ def test_datm_merges_xx_en_per_group_and_ships_two_modules_per_group():
     assert {m.name: m.sources for m in p.merges} == {
         "xx-en.germanic": ["de-en", "is-en"],
         "xx-en.slavic": ["cs-en", "ru-en"],
-        "xx-en.cjk": ["zh-en"],
     }
     assert all(m.method == "ties" for m in p.merges)
     assert p.routes["is-en"] == "xx-en.germanic" and p.routes["en-is"] == "en-xx.germanic"
-    # two modules per group shipped; the per-language XX→En adapters are not
-    assert sorted(p.shipped) == sorted([f"xx-en.{g}" for g in GROUPS] + [f"en-xx.{g}" for g in GROUPS])
+    # a one-language group needs no merge: its adapter is the group's XX→En module
+    assert p.routes["zh-en"] == "zh-en"
+    # two modules per group shipped; the per-language XX→En adapters of merged groups are not
+    assert sorted(p.shipped) == sorted(["xx-en.germanic", "xx-en.slavic", "zh-en"] + [f"en-xx.{g}" for g in GROUPS])
     covered(p)
 
 
 def test_separate_merged_merges_both_families():
     p = make_plan("separate_merged", LANGS, GROUPS)
-    assert len(p.adapters) == 10 and len(p.merges) == 6
+    assert len(p.adapters) == 10 and len(p.merges) == 4  # the one-language cjk group is not merged
     assert p.routes["en-cs"] == "en-xx.slavic" and p.routes["cs-en"] == "xx-en.slavic"
+    assert p.routes["en-zh"] == "en-zh"
     covered(p)
 
 
@@ -88,7 +90,7 @@ def test_plan_roundtrip_and_parameter_count():
     p = make_plan("datm", LANGS, GROUPS)
     q = Plan.from_dict(p.to_dict())
     assert q == p
-    assert shipped_parameters(p, 1000, 10) == 1000 + 6 * 10
+    assert shipped_parameters(p, 1000, 10) == 1000 + 6 * 10  # 2 per group
     assert shipped_parameters(make_plan("separate", LANGS, GROUPS), 1000, 10) == 1000 + 10 * 10
     text = format_plan(p, 1000, 10)
     assert "modules shipped: 6" in text and "1,060" in text

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.metrics.base import Metric
 
@@ -210,8 +211,6 @@ def _comet_encoder(checkpoint: Path) -> str:
     """The Hugging Face encoder a COMET checkpoint is built on (named in its hparams.yaml)."""
     hparams = checkpoint.parent.parent / "hparams.yaml"
     try:
-        import yaml
-
         return str(yaml.safe_load(hparams.read_text(encoding="utf-8"))["pretrained_model"])
     except Exception:  # only used to word an error message
         return "its encoder (e.g. xlm-roberta-large)"
@@ -219,7 +218,7 @@ def _comet_encoder(checkpoint: Path) -> str:
 
 def _comet_checkpoint(model: str, download: Any) -> Path:
     """A local checkpoint file for a COMET model name, checkpoint file or model directory."""
-    local = Path(model)
+    local = Path(model).expanduser()
     if local.is_file():
         return local
     if local.is_dir():
@@ -316,6 +315,8 @@ def score_direction(
     comet_device: str = "cpu",
 ) -> DirectionScores:
     _check_lengths(hyps, refs)
+    if not hyps:
+        raise EvaluationError("nothing to score: no hypotheses and no references")
     bleu, bleu_sig = score_bleu(hyps, refs, tgt_lang)
     chrf, chrf_sig = score_chrf(hyps, refs)
     scores = DirectionScores(bleu, chrf, len(hyps), {"bleu": bleu_sig, "chrf": chrf_sig})
@@ -331,12 +332,11 @@ def _as_scores(scores: DirectionScores | Mapping[str, Any]) -> DirectionScores:
     return scores if isinstance(scores, DirectionScores) else DirectionScores.from_dict(scores)
 
 
-def averages(
-    directions: Mapping[str, DirectionScores | Mapping[str, Any]],
-) -> dict[str, dict[str, float | None]]:
+def averages(directions: Mapping[str, DirectionScores | Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean scores over the XX→En directions, the En→XX directions and all of them.
 
-    COMET is averaged only where every direction of the family has it; an empty family gets None.
+    A family with no directions has no mean and is left out (so every value is a number). COMET is
+    averaged only where every direction of the family has it.
     """
     rows = {k: _as_scores(v) for k, v in directions.items()}
     families = {
@@ -344,15 +344,17 @@ def averages(
         "en-xx": [s for k, s in rows.items() if Direction.parse(k).family == "en-xx"],
         "all": list(rows.values()),
     }
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, float]] = {}
     for family, members in families.items():
-        mean: dict[str, float | None] = {
-            "bleu": float(np.mean([s.bleu for s in members])) if members else None,
-            "chrf": float(np.mean([s.chrf for s in members])) if members else None,
+        if not members:
+            continue
+        out[family] = {
+            "bleu": float(np.mean([s.bleu for s in members])),
+            "chrf": float(np.mean([s.chrf for s in members])),
         }
-        if members and all(s.comet is not None for s in members):
-            mean["comet"] = float(np.mean([s.comet for s in members]))
-        out[family] = mean
+        comets = [s.comet for s in members]
+        if all(c is not None for c in comets):
+            out[family]["comet"] = float(np.mean(comets))
     return out
 
 

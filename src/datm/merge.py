@@ -78,9 +78,9 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     if n == 0 or density >= 1.0:
         return delta.clone()
     keep = max(1, math.ceil(density * n - 1e-6))  # the epsilon absorbs float error in density·n
-    magnitude = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(magnitude, n - keep + 1).values  # the keep-th largest magnitude
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+    magnitude = delta.abs()
+    threshold = torch.kthvalue(magnitude.reshape(-1), n - keep + 1).values  # the keep-th largest magnitude
+    return torch.where(magnitude >= threshold, delta, 0.0)
 
 
 def ties_merge(
@@ -774,7 +774,12 @@ def _recorded_result(
     weights: list[float] | None,
 ) -> MergeResult:
     """The finished merge in `out`, if it answers this request (unset rank/weights match anything)."""
-    info = artifacts.read_json(out / MERGE_INFO)
+    info_file = out / MERGE_INFO
+    if not info_file.is_file():
+        raise MergeError(
+            f"{out} is marked finished but has no {MERGE_INFO}; it was not made by merge_adapters"
+        )
+    info = artifacts.read_json(info_file)
     recorded = info["request"]
     asked = _request(sources, method, form, density, rank, weights)
     for key, value in asked.items():

@@ -116,6 +116,8 @@ def datm(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
     p = dat(langs, groups, method)
     merges = []
     for g, members in groups.items():
+        if len(members) < 2:
+            continue  # a one-language group ships its adapter as is: merging one model only trims it
         name = f"xx-en.{g}"
         merges.append(MergeSpec(name, [_xx_en(x) for x in members], method))
         p.routes.update({_xx_en(x): name for x in members})
@@ -126,8 +128,10 @@ def separate_merged(langs: list[str], groups: dict[str, list[str]], method: str)
     """Ablation: separate adapters per direction, merged per group in *both* families, so the merge
     degradation of XX→En and En→XX can be compared side by side."""
     p = separate(langs, groups, method)
-    merges, routes = [], {}
+    merges, routes = [], dict(p.routes)
     for g, members in groups.items():
+        if len(members) < 2:
+            continue  # nothing to merge with
         for fam, fn in (("xx-en", _xx_en), ("en-xx", _en_xx)):
             name = f"{fam}.{g}"
             merges.append(MergeSpec(name, [fn(x) for x in members], method))

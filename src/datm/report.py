@@ -51,7 +51,7 @@ class Run:
 
 def _validated_directions(path: Path, directions: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(directions, dict):
-        raise ReportError(f"{path}: 'directions' must be an object {{\"de-en\": {{\"bleu\": ..}}, ..}}")
+        raise ReportError(f'{path}: \'directions\' must be an object {{"de-en": {{"bleu": ..}}, ..}}')
     for key, entry in directions.items():
         try:
             Direction.parse(key)
@@ -148,6 +148,7 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
     every = [d for f in FAMILIES for d in columns[f]]
     common = [d for d in every if all(d in r.scores for r in runs)]
     significance = _significance(runs, baseline, common, n_samples) if baseline is not None else {}
+    base_path = baseline.path if baseline is not None else None
     has_comet = any(s.get("comet") is not None for r in runs for s in r.scores.values())
     metrics = ["bleu", "chrf"] + (["comet"] if has_comet else [])
     tables: dict[str, Any] = {}
@@ -174,7 +175,7 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
             column_order += columns[family] + [_avg_key(family)]
     return {
         "runs": [
-            {"label": r.label, "path": str(r.path), "strategy": r.strategy, "baseline": r is baseline}
+            {"label": r.label, "path": str(r.path), "strategy": r.strategy, "baseline": r.path == base_path}
             for r in runs
         ],
         "baseline": baseline.label if baseline is not None else None,
@@ -198,6 +199,7 @@ def _mean(run: Run, directions: list[str], common: list[str], metric: str) -> fl
 
 def _flag_best(rows: list[dict[str, Any]], metric: str) -> None:
     """Bold the best value per column (ties at the printed precision all count), when 2+ runs have one."""
+
     def shown(cell: dict[str, Any]) -> float | None:
         return None if cell["value"] is None else round(cell["value"], DECIMALS[metric])
 
@@ -330,8 +332,11 @@ def plot_metric(data: dict[str, Any], metric: str) -> Figure:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, row in enumerate(rows):
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j, d in enumerate(directions)
-              if row["cells"][d]["value"] is not None]
+        xs = [
+            j + (i - (len(rows) - 1) / 2) * width
+            for j, d in enumerate(directions)
+            if row["cells"][d]["value"] is not None
+        ]
         heights = [row["cells"][d]["value"] for d in directions if row["cells"][d]["value"] is not None]
         ax.bar(xs, heights, width=width, label=row["run"])
     n_xx = len(data["directions"]["xx-en"])
@@ -373,18 +378,14 @@ def write_report(
     """Compare run directories: report.md, report.html (self-contained), report.json and one PNG per
     plotted metric, written into `out`. Returns the path of report.md."""
     out = Path(out)
-    loaded = [load_run(r) for r in runs]
-    base: Run | None = None
-    if baseline is not None:
-        base_path = Path(baseline).resolve()
-        base = next((r for r in loaded if r.path.resolve() == base_path), None)
-        if base is None:  # a baseline not among the runs still gets its row, first
-            base = load_run(baseline)
-            loaded.insert(0, base)
-    if not loaded:
+    if not runs and baseline is None:
         raise ReportError("no run directories given")
+    loaded = [load_run(r) for r in runs]
+    base_path = Path(baseline).resolve() if baseline is not None else None
+    if base_path is not None and not any(r.path.resolve() == base_path for r in loaded):
+        loaded.insert(0, load_run(base_path))  # a baseline not among the runs still gets its row, first
     _disambiguate(loaded)
-    base = next((r for r in loaded if base is not None and r.path == base.path), None)
+    base = next((r for r in loaded if r.path.resolve() == base_path), None)
     data = build_tables(loaded, base, n_samples=n_samples)
     pngs = _write_plots(data, out, metric_for_plots)
     title = "datm report: " + ", ".join(r.label for r in loaded)
@@ -400,8 +401,13 @@ def _disambiguate(runs: list[Run]) -> None:
     labels = [r.label for r in runs]
     for i, run in enumerate(runs):
         if labels.count(run.label) > 1:
-            runs[i] = Run(run.path, f"{run.path} ({run.strategy})" if run.strategy else str(run.path),
-                          run.strategy, run.scores, run.signatures)
+            runs[i] = Run(
+                run.path,
+                f"{run.path} ({run.strategy})" if run.strategy else str(run.path),
+                run.strategy,
+                run.scores,
+                run.signatures,
+            )
 
 
 def run_report(run_dir: Path) -> Path:

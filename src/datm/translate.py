@@ -61,12 +61,15 @@ class Translator:
         self.kinds = {name: module_kind(Path(p)) for name, p in modules.items()}
         self.deltas = {n: Path(p) for n, p in modules.items() if self.kinds[n] == "delta"}
         loras = [(n, Path(p)) for n, p in modules.items() if self.kinds[n] == "lora"]
+        # torch module names can't contain '.', which plan names (e.g. 'en-xx.germanic') may
+        self.peft_name = {n: n.replace(".", "__") for n, _ in loras}
+        self.peft_name[BASE] = BASE
         self.model = model
         if loras:
             first, path = loras[0]
-            self.model = PeftModel.from_pretrained(model, str(path), adapter_name=first)
+            self.model = PeftModel.from_pretrained(model, str(path), adapter_name=self.peft_name[first])
             for name, p in loras[1:]:
-                self.model.load_adapter(str(p), adapter_name=name)
+                self.model.load_adapter(str(p), adapter_name=self.peft_name[name])
         self.model.eval()
         self.stop_ids = [tokenizer.eos_token_id] + newline_token_ids(tokenizer)
 
@@ -103,7 +106,7 @@ class Translator:
                 idxs = sorted(idxs, key=lambda i: len(prompts[i]))
                 for start in range(0, len(idxs), batch_size):
                     chunk = idxs[start : start + batch_size]
-                    names = [BASE if delta else module[i] for i in chunk]
+                    names = [BASE if delta else self.peft_name[module[i]] for i in chunk]
                     texts = self._generate([prompts[i] for i in chunk], names, beams, max_new_tokens)
                     for i, t in zip(chunk, texts, strict=True):
                         out[i] = t

@@ -1,0 +1,111 @@
+"""`datm run` end to end on a tiny model: plan → train → merge → translate → score → report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from datm.cli import main
+
+
+def write_config(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, out: str) -> Path:
+    cfg = tmp_path / f"{out}.yaml"
+    cfg.write_text(
+        f"""
+base_model: {model_dir}
+languages: [de, cs, ru]
+groups: {{germanic: [de], slavic: [cs, ru]}}
+data:
+  train: {data_dir}/train.{{xx}}-en.jsonl
+  test: {data_dir}/test.{{src}}-{{tgt}}.jsonl
+strategy: {strategy}
+lora: {{r: 4, alpha: 8}}
+train: {{steps: 3, batch_size: 4, lr: 0.002, max_examples_per_pair: 8, seed: 1, checkpoint_every: 0}}
+merge: {{method: ties, density: 0.5}}
+eval: {{max_examples: 3, beams: 1, max_new_tokens: 6}}
+output_dir: {out}
+"""
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("strategy", ["dat", "datm"])
+def test_run_end_to_end(tmp_path, tiny_model_dir, alma_dir, strategy, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, strategy, f"run-{strategy}")
+    assert main(["run", str(cfg)]) == 0
+    out = tmp_path / f"run-{strategy}"
+    plan = json.loads((out / "plan.json").read_text())
+    assert set(plan["routes"]) == {"de-en", "cs-en", "ru-en", "en-de", "en-cs", "en-ru"}
+    adapters = {a["name"] for a in plan["adapters"]}
+    assert adapters == {"de-en", "cs-en", "ru-en", "en-xx.germanic", "en-xx.slavic"}
+    for a in adapters:
+        assert (out / "adapters" / a / "adapter_model.safetensors").is_file()
+    if strategy == "datm":
+        assert {m["name"] for m in plan["merges"]} == {"xx-en.slavic"}  # germanic has one language
+        assert plan["routes"]["de-en"] == "de-en"
+        info = json.loads((out / "merged" / "xx-en.slavic" / "merge_info.json").read_text())
+        assert info["method"] == "ties" and len(info["sources"]) == 2
+        assert plan["routes"]["cs-en"] == "xx-en.slavic"
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["directions"]) == set(plan["routes"])
+    for d, s in scores["directions"].items():
+        assert 0 <= s["bleu"] <= 100 and 0 <= s["chrf"] <= 100 and s["n"] == 3
+        assert len((out / "translations" / f"{d}.hyp.txt").read_text().splitlines()) == 3
+    assert {"xx-en", "en-xx"} <= set(scores["averages"])
+    assert any("tok:13a" in v for v in scores["signatures"].values())
+    prov = scores["provenance"]
+    assert prov["seed"] == 1 and prov["model_fingerprint"] and prov["versions"]["transformers"]
+    report = (out / "report.md").read_text()
+    assert "de-en" in report and "en-ru" in report
+
+    # A second invocation reuses everything: no file is rewritten, scores identical.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    hyps = {p: p.read_text() for p in (out / "translations").glob("*.hyp.txt")}
+    assert main(["run", str(cfg)]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert all(p.read_text() == t for p, t in hyps.items())
+    again = json.loads((out / "scores.json").read_text())
+    assert again["directions"] == scores["directions"]
+
+
+def test_run_refuses_a_different_plan_in_the_same_output_dir(tmp_path, tiny_model_dir, alma_dir, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "zero_shot", "shared-out")
+    assert main(["run", str(cfg)]) == 0
+    other = write_config(tmp_path, tiny_model_dir, alma_dir, "multilingual", "shared-out")
+    assert main(["run", str(other)]) == 2
+    assert "different plan" in capsys.readouterr().err
+
+
+def test_plan_command_prints_table_and_parameter_counts(tmp_path, tiny_model_dir, alma_dir, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "datm", "p")
+    assert main(["plan", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "xx-en.slavic" in text and "modules shipped: 4" in text and "parameters shipped:" in text
+    assert main(["plan", str(cfg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["strategy"] == "datm"
+    assert not (tmp_path / "p").exists()  # planning runs nothing
+
+
+def test_bad_data_line_stops_run_with_file_and_line(tmp_path, tiny_model_dir, alma_dir, capsys):
+    bad = alma_dir / "train.cs-en.jsonl"
+    bad.write_text(bad.read_text() + '{"translation": {"cs": "x"}}\n')
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "separate", "bad")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:13" in err and "missing key 'en'" in err
+
+
+def test_translate_command_routes_stdin(tmp_path, tiny_model_dir, alma_dir, capsys, monkeypatch):
+    import io
+
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "datm", "tr")
+    assert main(["run", str(cfg)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("de-en\tdie katze sieht einen hund 1\nen-ru\tmy house is big 2\n"))
+    assert main(["translate", "--run", str(tmp_path / "tr"), "--max-new-tokens", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    os.environ.pop("DATM_NOTHING", None)
