@@ -69,7 +69,9 @@ def test_datm_merges_xx_en_per_group_and_ships_two_modules_per_group():
     # a one-language group needs no merge: its adapter is the group's XX→En module
     assert p.routes["zh-en"] == "zh-en"
     # two modules per group shipped; the per-language XX→En adapters of merged groups are not
-    assert sorted(p.shipped) == sorted(["xx-en.germanic", "xx-en.slavic", "zh-en"] + [f"en-xx.{g}" for g in GROUPS])
+    assert sorted(p.shipped) == sorted(
+        ["xx-en.germanic", "xx-en.slavic", "zh-en"] + [f"en-xx.{g}" for g in GROUPS]
+    )
     covered(p)
 
 

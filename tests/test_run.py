@@ -104,7 +104,9 @@ def test_translate_command_routes_stdin(tmp_path, tiny_model_dir, alma_dir, caps
     cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "datm", "tr")
     assert main(["run", str(cfg)]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("sys.stdin", io.StringIO("de-en\tdie katze sieht einen hund 1\nen-ru\tmy house is big 2\n"))
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("de-en\tdie katze sieht einen hund 1\nen-ru\tmy house is big 2\n")
+    )
     assert main(["translate", "--run", str(tmp_path / "tr"), "--max-new-tokens", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
