@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="post-train Gemma 3 270M with DATM on the embedded corpus, offline")
     s.add_argument("--out", default="datm-demo", help="where the demo run goes")
     s.add_argument("--compare", action="store_true", help="also train the multilingual baseline")
+    s.add_argument("--languages", help="comma-separated subset of the demo languages (default: all 8)")
+    s.add_argument("--steps", type=int, default=12, help="training steps per adapter (default 12)")
+    s.add_argument(
+        "--test-size", type=int, default=32, help="test sentences scored per direction (default 32)"
+    )
     s.add_argument("--dry-run", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_demo)
