@@ -140,3 +140,28 @@ def test_config_paths_resolve_against_config_folder(tmp_path):
     cfg = C.load(f)
     assert cfg.data.train == str(tmp_path / "sub" / "../d/train.{xx}-en.jsonl")
     assert cfg.output_dir == str(tmp_path / "sub" / "out")
+
+
+def test_flores_directory_by_flores_code(tmp_path):
+    root = tmp_path / "flores200_dataset"
+    (root / "devtest").mkdir(parents=True)
+    (root / "devtest" / "deu_Latn.devtest").write_text("Hallo Welt\nGuten Tag\n")
+    (root / "devtest" / "eng_Latn.devtest").write_text("Hello world\nGood day\n")
+    got = data.read_direction(f"flores:{root}", Direction("en", "de"), split="devtest")
+    assert [(p.src, p.tgt) for p in got] == [("Hello world", "Hallo Welt"), ("Good day", "Guten Tag")]
+    with pytest.raises(data.DataError, match="ces_Latn"):
+        data.read_direction(f"flores:{root}", Direction("en", "cs"), split="devtest")
+    (root / "devtest" / "eng_Latn.devtest").write_text("Hello world\n")
+    with pytest.raises(data.DataError, match="not aligned"):
+        data.read_direction(f"flores:{root}", Direction("en", "de"), split="devtest")
+
+
+def test_datasets_load_dataset_path_with_split(tmp_path):
+    """The `load_dataset` path (as for hub test sets like X-ALMA's), on a local data dir."""
+    d = tmp_path / "wmt23-like"
+    d.mkdir()
+    (d / "test.jsonl").write_text(json.dumps({"translation": {"en": "one", "de": "eins"}}) + "\n")
+    got = data.read_direction(str(d), Direction("en", "de"), fmt="datasets", split="test")
+    assert [(p.src, p.tgt) for p in got] == [("one", "eins")]
+    with pytest.raises(data.DataError, match="no split 'train'"):
+        data.read_direction(str(d), Direction("en", "de"), fmt="datasets", split="train")

@@ -21,7 +21,8 @@ class DataConfig:
     train: str | None = None  # pattern with {xx} (one file per pair, both directions) or {src}/{tgt}
     test: str | None = None
     valid: str | None = None
-    format: str = "auto"  # auto | alma | tsv | datasets
+    format: str = "auto"  # auto | alma | tsv | datasets | flores
+    test_split: str | None = None  # default: 'devtest' for FLORES, 'test' for datasets
     on_bad_record: str = "error"  # error | skip (skipped records are counted and reported)
 
 
@@ -117,6 +118,8 @@ def _resolve_path(value: str | None, base: Path) -> str | None:
     """Relative paths resolve against the config file's folder; hub ids (no such path) stay as given."""
     if value is None:
         return None
+    if value.startswith("flores:"):
+        return "flores:" + str(_resolve_path(value.removeprefix("flores:"), base))
     p = Path(value).expanduser()
     if p.is_absolute():
         return str(p)
@@ -185,8 +188,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{s}: prompt must be 'alma' or 'chat', got {cfg.prompt!r}")
     if cfg.data.on_bad_record not in ("error", "skip"):
         raise ConfigError(f"{s}: data.on_bad_record must be 'error' or 'skip'")
-    if cfg.data.format not in ("auto", "alma", "tsv", "datasets"):
-        raise ConfigError(f"{s}: data.format must be auto, alma, tsv or datasets")
+    if cfg.data.format not in ("auto", "alma", "tsv", "datasets", "flores"):
+        raise ConfigError(f"{s}: data.format must be auto, alma, tsv, datasets or flores")
     t = cfg.train
     if t.steps is None and t.epochs is None:
         raise ConfigError(

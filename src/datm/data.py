@@ -134,12 +134,14 @@ def _read_tsv(path: Path, on_bad: str, report: ReadReport | None) -> list[tuple[
 def _read_datasets(spec: str, a: str, b: str, split: str, on_bad: str, report: ReadReport | None):
     import datasets
 
-    p = Path(spec)
+    # "hub-id-or-dir:config", e.g. "haoranxu/WMT23-Test:en-de" (X-ALMA's test sets)
+    name, _, subset = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    p = Path(name)
     try:
         if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(p))
         else:
-            ds = datasets.load_dataset(spec)
+            ds = datasets.load_dataset(name, subset or None)
     except Exception as e:  # datasets raises many types; report the spec, not a deep traceback
         raise DataError(f"cannot load dataset {spec!r}: {type(e).__name__}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -157,7 +159,44 @@ def _read_datasets(spec: str, a: str, b: str, split: str, on_bad: str, report: R
     return out
 
 
+def _flores_file(root: Path, code: str, split: str) -> Path | None:
+    """FLORES-200 (`devtest/deu_Latn.devtest`) and FLORES+ text layouts (`devtest/devtest.deu_Latn`...)."""
+    for name in (f"{code}.{split}", f"{split}.{code}", code, f"{code}.txt"):
+        if (root / split / name).is_file():
+            return root / split / name
+    return None
+
+
+def read_flores(root: str | Path, direction: Direction, split: str = "devtest") -> list[Pair]:
+    """Line-aligned FLORES files of a local FLORES-200 / FLORES+ directory, by FLORES code."""
+    root = Path(root)
+    if split not in ("dev", "devtest"):
+        raise DataError(f"FLORES split must be 'dev' or 'devtest', got {split!r}")
+    sides = []
+    for lang in (direction.src, direction.tgt):
+        code = L.get(lang).flores
+        f = _flores_file(root, code, split)
+        if f is None:
+            raise DataError(
+                f"FLORES directory {root}: no {split} file for {lang} ({code}), "
+                f"expected e.g. {root}/{split}/{code}.{split}"
+            )
+        sides.append((f, f.read_text(encoding="utf-8").splitlines()))
+    (fs, src), (ft, tgt) = sides
+    if len(src) != len(tgt):
+        raise DataError(f"FLORES files are not aligned: {fs} has {len(src)} lines, {ft} has {len(tgt)}")
+    for i, (a, b) in enumerate(zip(src, tgt, strict=True), 1):
+        if not a.strip() or not b.strip():
+            raise DataError(f"{fs if not a.strip() else ft}:{i}: empty line in a FLORES file")
+    return [
+        Pair(direction.src, direction.tgt, a, b, f"{fs}:{i}")
+        for i, (a, b) in enumerate(zip(src, tgt, strict=True), 1)
+    ]
+
+
 def detect_format(path: str) -> str:
+    if path.startswith("flores:"):
+        return "flores"
     if path.endswith((".json", ".jsonl")):
         return "alma"
     if path.endswith((".tsv", ".txt")):
@@ -184,6 +223,8 @@ def read_direction(
     src, tgt = direction.src, direction.tgt
     path = pattern_path(pattern, direction)
     fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "flores":
+        return read_flores(path.removeprefix("flores:"), direction, split)
     if fmt == "datasets":
         rows = _read_datasets(path, src, tgt, split, on_bad, report)
         return [Pair(src, tgt, s, t, o) for s, t, o in rows]

@@ -78,7 +78,13 @@ def train_pairs(cfg: Config, directions: list[str], report: data.ReadReport) -> 
 def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
     if not cfg.data.test:
         raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
-    got = data.read_direction(cfg.data.test, direction, cfg.data.format, cfg.data.on_bad_record, None, "test")
+    fmt = (
+        cfg.data.format
+        if cfg.data.format != "auto"
+        else data.detect_format(data.pattern_path(cfg.data.test, direction))
+    )
+    split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
+    got = data.read_direction(cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split)
     return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
 
 
