@@ -5,6 +5,7 @@ and never decides what to train.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -149,6 +150,109 @@ def _ordered(routes: dict[str, str], langs: list[str]) -> dict[str, str]:
     return {str(d): routes[str(d)] for d in directions_for(langs)}
 
 
+class MeasurementsRequired(ValueError):
+    """Strategy `auto` was asked for without the measurements it decides from."""
+
+
+# How a measurement reads in plan notes, per source.
+_MEASUREMENT_LABELS = {"probe": "probe cos", "pilot": "pilot Δ"}
+
+AUTO_RULE = (
+    "a direction whose measurement is > {threshold:.2f} is trained jointly with the other such directions "
+    "of its group and family (one adapter per group and family); any other direction, or one with no "
+    "partner to train with, gets its own adapter; a group's own XX→En adapters are merged ({method}, "
+    "if 2 or more); own En→XX adapters ship unmerged (merging hurts En→XX)"
+)
+
+
+def auto_plan(
+    languages: list[str],
+    groups: dict[str, list[str]],
+    measurements: dict[str, float],
+    threshold: float = 0.0,
+    source: str = "probe",
+    method: str = "ties",
+) -> Plan:
+    """A plan decided per direction from measurements, where positive means joint training helps.
+
+    `measurements` maps every direction ("de-en", "en-de", ...) to a number: e.g. a pilot's
+    Δ = score(joint) − score(separate), or (`source="probe"`) the direction's mean LoRA-gradient cosine
+    with the other directions of its group and family (`datm.probe.auto_measurements_from_probe`).
+
+    Rule, per group and family (XX→En, En→XX):
+      - a direction with measurement > `threshold` is "joint": the joint directions of one group and
+        family share one adapter, named `{family}.{group}.joint`;
+      - any other direction gets its own adapter (named after the direction); so does a joint
+        direction that is the only joint one of its group and family (there is nobody to share with);
+      - as DATM does, the own-adapter XX→En directions of a group are merged into `xx-en.{group}`
+        (when there are 2 or more); own-adapter En→XX directions ship unmerged, because merging hurts
+        En→XX (Zheng et al., 2025).
+    `plan.notes` holds, per direction, the decision with its measured value, and the rule under "rule".
+    """
+    langs = list(languages)
+    expected = [str(d) for d in directions_for(langs)]
+    missing = [d for d in expected if d not in measurements]
+    extra = sorted(set(measurements) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"auto plan: measurements must cover exactly the directions {expected}; "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"not in this config {extra}" if extra else "")
+        )
+    for d, value in measurements.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"auto plan: measurement for {d} must be a finite number, got {value!r}")
+    label = _MEASUREMENT_LABELS.get(source, source)
+
+    def measured(d: str) -> str:
+        op = ">" if measurements[d] > threshold else "<="
+        return f"{label} {measurements[d]:.2f} {op} {threshold:.2f}"
+
+    adapters: list[AdapterSpec] = []
+    merges: list[MergeSpec] = []
+    routes: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    for g, members in groups.items():
+        for family, direction_of in (("xx-en", _xx_en), ("en-xx", _en_xx)):
+            dirs = [direction_of(x) for x in members]
+            joint = [d for d in dirs if measurements[d] > threshold]
+            if len(joint) >= 2:
+                name = f"{family}.{g}.joint"
+                adapters.append(AdapterSpec(name, joint))
+                for d in joint:
+                    routes[d] = name
+                    notes[d] = f"joint ({measured(d)}) in {name}"
+            own = [d for d in dirs if d not in routes]
+            for d in own:
+                adapters.append(AdapterSpec(d, [d]))
+                routes[d] = d
+                if d in joint:
+                    notes[d] = f"own adapter: joint ({measured(d)}) but no other {family} direction of {g} is"
+                else:
+                    notes[d] = f"separate ({measured(d)})"
+            if family == "xx-en" and len(own) >= 2:
+                name = f"xx-en.{g}"
+                merges.append(MergeSpec(name, own, method))
+                for d in own:
+                    routes[d] = name
+                    notes[d] += f"; merged into {name} ({method})"
+            elif family == "en-xx":
+                for d in own:
+                    notes[d] += "; shipped unmerged"
+    notes = {d: notes[d] for d in expected}
+    notes["rule"] = AUTO_RULE.format(threshold=threshold, method=method)
+    return Plan("auto", langs, groups, adapters, merges, _ordered(routes, langs), notes)
+
+
+def _auto_without_measurements(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
+    raise MeasurementsRequired(
+        "strategy 'auto' decides per direction from measurements: run `datm probe CONFIG` (or score a "
+        "pilot and `datm analyze` it), then `datm plan CONFIG --measurements FILE`; in code, call "
+        "datm.plan.auto_plan with the measurements"
+    )
+
+
 STRATEGIES: dict[str, Callable[[list[str], dict[str, list[str]], str], Plan]] = {
     "zero_shot": zero_shot,
     "multilingual": multilingual,
@@ -157,6 +261,9 @@ STRATEGIES: dict[str, Callable[[list[str], dict[str, list[str]], str], Plan]] = 
     "dat": dat,
     "datm": datm,
     "separate_merged": separate_merged,
+    # `auto` needs measurements that a (strategy, languages, groups) call cannot carry: make_plan
+    # raises MeasurementsRequired; auto_plan builds it.
+    "auto": _auto_without_measurements,
 }
 
 

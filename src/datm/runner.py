@@ -238,6 +238,8 @@ def run(cfg: Config, progress_note: bool = True) -> dict[str, Any]:
     print(format_plan(plan))
     session = Session(cfg)
     train_stage(cfg, plan, out, session)
+    if not _is_main_process():
+        return {}  # under `accelerate launch`, the other processes only help train
     merge_stage(cfg, plan, out)
     translate_stage(cfg, plan, out, session)
     scores = score_stage(cfg, plan, out, session)
@@ -247,6 +249,12 @@ def run(cfg: Config, progress_note: bool = True) -> dict[str, Any]:
     print_scores(scores)
     print(f"\nresults: {out / 'scores.json'}   report: {out / 'report.md'}")
     return scores
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def train_only(cfg: Config, only: list[str] | None = None) -> None:

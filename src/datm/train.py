@@ -94,6 +94,21 @@ def target_loss(causal_lm: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels[keep])
 
 
+class TargetLoss(torch.nn.Module):
+    """The loss as a module's forward, so that accelerate's DDP wrapper sees (and syncs) it."""
+
+    def __init__(self, causal_lm: Any) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return target_loss(
+            self.causal_lm, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        )
+
+
 def _lora_config(cfg: LoraConfig) -> Any:
     from peft import LoraConfig as PeftLoraConfig
 
@@ -164,8 +179,8 @@ def train_adapter(
     total_steps = steps_for(len(examples), cfg, accel.num_processes)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = get_peft_model(base_model, _lora_config(lora))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    peft_model = get_peft_model(base_model, _lora_config(lora))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     names = {"inverse_sqrt": "inverse_sqrt", "cosine": "cosine", "constant": "constant_with_warmup"}
     scheduler = get_scheduler(
@@ -180,13 +195,13 @@ def train_adapter(
     start, losses = 0, []
     if (ckpt / "state.pt").is_file():
         state = torch.load(ckpt / "state.pt", weights_only=False)
-        set_peft_model_state_dict(model, state["lora"])
+        set_peft_model_state_dict(peft_model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start, losses = state["step"], state["losses"]
-    model, optimizer = accel.prepare(model, optimizer)
-    model.train()
+    loss_module, optimizer = accel.prepare(TargetLoss(peft_model.get_base_model()), optimizer)
+    peft_model.train()
 
     # Micro-batches in a fixed order that depends only on the seed: resuming replays it exactly.
     micro_per_step = cfg.grad_accum
@@ -198,16 +213,16 @@ def train_adapter(
     order = order[accel.process_index :: accel.num_processes]
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    causal_lm = accel.unwrap_model(model).get_base_model()
-    bar = tqdm(total=total_steps, initial=start, desc=f"train {out.name}", disable=not progress, unit="step")
+    show = progress and accel.is_local_main_process
+    bar = tqdm(total=total_steps, initial=start, desc=f"train {out.name}", disable=not show, unit="step")
     t0, seen = time.perf_counter(), 0
     for step in range(start, total_steps):
         step_loss = 0.0
         for micro in range(micro_per_step):
             idx = order[step * micro_per_step + micro]
             batch = {k: v.to(accel.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            with accel.accumulate(model), autocast:
-                loss = target_loss(causal_lm, batch)
+            with accel.accumulate(loss_module), autocast:
+                loss = loss_module(**batch)
                 accel.backward(loss)
                 optimizer.step()
                 scheduler.step() if accel.sync_gradients else None
@@ -224,13 +239,12 @@ def train_adapter(
             and done % cfg.checkpoint_every == 0
             and done < total_steps
         ):
-            _save_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, done, losses)
+            _save_checkpoint(ckpt, peft_model, optimizer, scheduler, done, losses)
         if on_step is not None:
             on_step(done, step_loss)
     bar.close()
     seconds = time.perf_counter() - t0
 
-    unwrapped = accel.unwrap_model(model)
     result = TrainResult(
         out=out,
         steps=total_steps,
@@ -242,7 +256,7 @@ def train_adapter(
     )
     if accel.is_main_process:
         stage = artifacts.staging_dir(out.parent / f"{out.name}.final")
-        unwrapped.save_pretrained(stage)
+        peft_model.save_pretrained(stage)
         info = {
             "result": {k: v for k, v in result.to_dict().items() if k != "out"},
             "losses": losses,
@@ -259,5 +273,5 @@ def train_adapter(
         artifacts.publish_dir(stage, out)
         artifacts.mark_done(out, {"kind": "adapter", "steps": total_steps})
     accel.wait_for_everyone()
-    unwrapped.unload()  # give the base model back without LoRA layers
+    peft_model.unload()  # give the base model back without LoRA layers
     return result
