@@ -111,3 +111,15 @@ def test_translate_command_routes_stdin(tmp_path, tiny_model_dir, alma_dir, caps
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     os.environ.pop("DATM_NOTHING", None)
+
+
+def test_run_auto_probes_then_plans_from_measurements(tmp_path, tiny_model_dir, alma_dir, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "auto", "auto")
+    assert main(["run", str(cfg)]) == 0
+    out = tmp_path / "auto"
+    assert (out / "probe" / "probe.json").is_file()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["strategy"] == "auto"
+    notes = {d: n for d, n in plan["notes"].items() if d != "rule"}
+    assert set(notes) == set(plan["routes"]) and all("probe cos" in n for n in notes.values())
+    assert set(json.loads((out / "scores.json").read_text())["directions"]) == set(plan["routes"])

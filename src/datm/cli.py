@@ -13,7 +13,46 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from datm import runner
 
     cfg = C.load(args.config)
+    if cfg.strategy == "auto":
+        from datm import probe
+        from datm.plan import format_plan
+
+        plan = probe.auto_plan_for_config(cfg, args.measurements, args.threshold)
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+        return 0
+    if args.measurements is not None:
+        raise C.ConfigError(f"--measurements is for strategy auto; {cfg.source} has {cfg.strategy!r}")
     print(runner.describe_plan(cfg, as_json=args.json))
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from datm import analyze
+
+    result = analyze.analyze(
+        Path(args.separate),
+        Path(args.joint),
+        Path(args.merged) if args.merged else None,
+        Path(args.unmerged) if args.unmerged else None,
+        metric=args.metric,
+        n_samples=args.samples,
+        seed=args.seed,
+    )
+    path = analyze.write_analysis(result, Path(args.out))
+    print(analyze.format_table(result))
+    print(f"\nanalysis written: {path}")
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from datm import config as C
+    from datm import probe
+
+    cfg = C.load(args.config)
+    out = Path(args.out) if args.out else probe.default_probe_path(cfg).parent
+    result = probe.probe_config(cfg, out, max_examples_per_direction=args.examples)
+    print(probe.format_summary(result))
+    print(f"\nprobe written: {out / 'probe.json'}")
     return 0
 
 
@@ -86,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="print which adapters a config trains, merges and routes")
     s.add_argument("config")
     s.add_argument("--json", action="store_true", help="print plan.json instead of a table")
+    s.add_argument(
+        "--measurements",
+        help="strategy auto: probe.json (`datm probe`) or a pilot's analysis.json (`datm analyze`); "
+        "default <output_dir>/probe/probe.json",
+    )
+    s.add_argument(
+        "--threshold", type=float, default=0.0, help="strategy auto: train jointly above this (default 0)"
+    )
     s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("run", help="run a config end to end (resumes where it stopped)")
@@ -144,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("analyze", help="conflict/synergy per direction and family: joint vs separate runs")
+    s.add_argument("--separate", required=True, help="run directory of the separately trained directions")
+    s.add_argument("--joint", required=True, help="run directory of a joint (multilingual or group) run")
+    s.add_argument("--merged", help="run directory with merged modules (e.g. datm), for merge degradation")
+    s.add_argument("--unmerged", help="the same run without merging (e.g. dat)")
+    s.add_argument("--out", required=True, help="where analysis.json/.md and the plots go")
+    s.add_argument("--metric", default="chrf", choices=["chrf", "bleu"], help="metric that classifies")
+    s.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    s.add_argument("--seed", type=int, default=12345)
+    s.set_defaults(func=_cmd_analyze)
+
+    s = sub.add_parser("probe", help="cosine of the directions' LoRA gradients before training")
+    s.add_argument("config")
+    s.add_argument("--out", help="output directory (default: <output_dir>/probe)")
+    s.add_argument("--examples", type=int, default=32, help="examples per direction (default 32)")
+    s.set_defaults(func=_cmd_probe)
     return p
 
 

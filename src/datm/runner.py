@@ -20,6 +20,10 @@ from datm.plan import BASE, Plan, format_plan, make_plan
 
 
 def build_plan(cfg: Config) -> Plan:
+    if cfg.strategy == "auto":
+        from datm.probe import auto_plan_for_config
+
+        return auto_plan_for_config(cfg)  # from <output_dir>/probe/probe.json
     return make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
 
 
@@ -233,7 +237,19 @@ def print_scores(scores: dict[str, Any]) -> None:
         print(f"{'avg ' + fam:<10} {s['bleu']:>7.2f} {s['chrf']:>7.2f}")
 
 
-def run(cfg: Config, progress_note: bool = True) -> dict[str, Any]:
+def _probe_if_auto(cfg: Config) -> None:
+    """`auto` plans from measurements: take the gradient probe first when there are none yet."""
+    if cfg.strategy != "auto":
+        return
+    from datm import probe
+
+    if not probe.default_probe_path(cfg).is_file():
+        print("strategy auto: measuring gradient similarity first (datm probe)")
+        probe.probe_config(cfg, probe.default_probe_path(cfg).parent)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    _probe_if_auto(cfg)
     out, plan = _prepare(cfg)
     print(format_plan(plan))
     session = Session(cfg)
@@ -258,6 +274,7 @@ def _is_main_process() -> bool:
 
 
 def train_only(cfg: Config, only: list[str] | None = None) -> None:
+    _probe_if_auto(cfg)
     out, plan = _prepare(cfg)
     unknown = sorted(set(only or []) - {a.name for a in plan.adapters})
     if unknown:

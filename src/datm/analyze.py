@@ -1,0 +1,474 @@
+"""Asymmetry analysis: where does joint training help (synergy) and where does it hurt (conflict)?
+
+Compares run directories of the same languages and test data (reads plan.json and translations/
+only, so it works on runs made elsewhere):
+
+- per direction, Δ = score(joint) − score(separate), where "joint" is a multilingual or group run,
+  with a 95% paired-bootstrap interval over the test segments (`datm.evaluate.paired_bootstrap`);
+  Δ < 0 with an interval excluding 0 is a `conflict`, Δ > 0 likewise a `synergy`, anything else
+  `neutral`;
+- per family (XX→En, En→XX), the mean Δ over its directions with a bootstrap interval (see
+  `_family_summary` for how the families are resampled);
+- with a merged and an unmerged run (e.g. datm and dat, or separate_merged and separate), the merge
+  degradation score(merged) − score(unmerged) per direction that the merged run serves from a merge
+  its unmerged counterpart does not, and per family (the paper finds merging hurts En→XX more).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datm import artifacts
+from datm.evaluate import _interval, _metric, paired_bootstrap, read_lines, score_bleu, score_chrf
+from datm.languages import Direction
+from datm.plan import Plan
+
+FAMILIES = ("xx-en", "en-xx")
+FAMILY_NAMES = {"xx-en": "XX→En", "en-xx": "En→XX"}
+FAMILY_COLOURS = {"xx-en": "tab:blue", "en-xx": "tab:orange"}
+METRICS = ("chrf", "bleu")
+METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF++"}
+
+
+class AnalysisError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunTexts:
+    """What the analysis reads from one run directory."""
+
+    role: str  # separate | joint | merged | unmerged
+    path: Path
+    plan: Plan | None
+    refs: dict[str, list[str]]  # direction -> reference lines
+    hyps: dict[str, list[str]]  # direction -> hypothesis lines
+
+    @property
+    def strategy(self) -> str | None:
+        return self.plan.strategy if self.plan is not None else None
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def load_run_texts(path: str | Path, role: str) -> RunTexts:
+    """A run's references and hypotheses; its directions are its plan's routes (or, without a
+    plan.json, the translations/*.hyp.txt files it has)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AnalysisError(f"{role} run {path} is not a directory")
+    tdir = path / "translations"
+    plan = None
+    if (path / "plan.json").is_file():
+        try:
+            plan = Plan.from_dict(artifacts.read_json(path / "plan.json"))
+        except (KeyError, TypeError) as e:
+            raise AnalysisError(f"{path / 'plan.json'}: not a datm plan ({type(e).__name__}: {e})") from None
+        directions = list(plan.routes)
+    else:
+        directions = sorted(p.name[: -len(".hyp.txt")] for p in tdir.glob("*.hyp.txt"))
+    if not directions:
+        raise AnalysisError(
+            f"{role} run {path}: no plan.json and no translations/*.hyp.txt; nothing to compare"
+        )
+    refs, hyps = {}, {}
+    for d in directions:
+        try:
+            Direction.parse(d)
+        except ValueError as e:
+            raise AnalysisError(f"{role} run {path}: {e}") from None
+        for kind, into in (("ref", refs), ("hyp", hyps)):
+            file = tdir / f"{d}.{kind}.txt"
+            if not file.is_file():
+                raise AnalysisError(
+                    f"{role} run {path}: direction {d} has no {file}; translate the run first"
+                )
+            into[d] = read_lines(file)
+        if len(hyps[d]) != len(refs[d]):
+            raise AnalysisError(
+                f"{role} run {path}: direction {d} has {len(hyps[d])} hypotheses "
+                f"but {len(refs[d])} references"
+            )
+        if not refs[d]:
+            raise AnalysisError(f"{role} run {path}: direction {d} has no test segments")
+    return RunTexts(role, path, plan, refs, hyps)
+
+
+def check_comparable(runs: Sequence[RunTexts]) -> None:
+    """Every run covers the same directions, with identical references."""
+    first = runs[0]
+    for run in runs[1:]:
+        for a, b in ((first, run), (run, first)):
+            missing = [d for d in a.refs if d not in b.refs]
+            if missing:
+                raise AnalysisError(
+                    f"{b.role} run {b.path} lacks direction {missing[0]}, which {a.role} run {a.path} has; "
+                    "the runs must cover the same directions"
+                )
+        for d, refs in first.refs.items():
+            if run.refs[d] != refs:
+                line = next(
+                    (i + 1 for i, (x, y) in enumerate(zip(refs, run.refs[d], strict=False)) if x != y),
+                    min(len(refs), len(run.refs[d])) + 1,
+                )
+                raise AnalysisError(
+                    f"{run.role} run {run.path}: translations/{d}.ref.txt differs from {first.role} run "
+                    f"{first.path} (first difference at line {line}); the runs must share the test set"
+                )
+
+
+# ----------------------------------------------------------------------------------- statistics
+
+
+def classify(delta: float, low: float, high: float) -> str:
+    if delta < 0 and high < 0:
+        return "conflict"
+    if delta > 0 and low > 0:
+        return "synergy"
+    return "neutral"
+
+
+def _delta_samples(
+    hyps_a: list[str], hyps_b: list[str], refs: list[str], tgt: str, metric: str, indices: np.ndarray
+) -> np.ndarray:
+    """score(b) − score(a) on each resample (one row of `indices` per resample), from per-segment
+    sufficient statistics, exactly as `paired_bootstrap` computes its samples."""
+    scorer = _metric(metric, tgt)
+    stats_a = np.asarray(scorer._extract_corpus_statistics(list(hyps_a), [list(refs)]), dtype=np.float64)
+    stats_b = np.asarray(scorer._extract_corpus_statistics(list(hyps_b), [list(refs)]), dtype=np.float64)
+
+    def corpus(stats: np.ndarray) -> float:
+        return float(scorer._compute_score_from_stats(stats).score)
+
+    return np.array([corpus(stats_b[idx].sum(0)) - corpus(stats_a[idx].sum(0)) for idx in indices])
+
+
+def _point_delta(metric: str, hyps_a: list[str], hyps_b: list[str], refs: list[str], tgt: str) -> float:
+    if metric == "bleu":
+        return score_bleu(hyps_b, refs, tgt)[0] - score_bleu(hyps_a, refs, tgt)[0]
+    return score_chrf(hyps_b, refs)[0] - score_chrf(hyps_a, refs)[0]
+
+
+def _compare_direction(
+    a: RunTexts, b: RunTexts, d: str, metric: str, n_samples: int, seed: int
+) -> dict[str, Any]:
+    tgt = Direction.parse(d).tgt
+    refs = a.refs[d]
+    boot = paired_bootstrap(a.hyps[d], b.hyps[d], refs, tgt, metric=metric, n_samples=n_samples, seed=seed)
+    row: dict[str, Any] = {
+        "delta": boot["delta"],
+        "low": boot["delta_low"],
+        "high": boot["delta_high"],
+        "p_value": boot["p_value"],
+        a.role: boot["a"],
+        b.role: boot["b"],
+    }
+    for m in METRICS:
+        row[f"{m}_delta"] = boot["delta"] if m == metric else _point_delta(m, a.hyps[d], b.hyps[d], refs, tgt)
+    return row
+
+
+def _family_summary(
+    a: RunTexts,
+    b: RunTexts,
+    directions: list[str],
+    rows: dict[str, dict[str, Any]],
+    metric: str,
+    n_samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Mean Δ over a family's directions, with a bootstrap interval of that mean.
+
+    Each resample draws every direction's segments and averages the per-direction Δs of that draw.
+    When the directions have the same number of segments (FLORES-200 and other multi-way test sets,
+    where line i is the same sentence in every direction) they share one index draw, the draw
+    `paired_bootstrap` makes with this seed: the same sentences are resampled in every direction,
+    keeping the correlation that a sentence's difficulty induces across directions, and the family
+    samples are built from exactly the samples behind the per-direction intervals. Directions of
+    different lengths get independent draws (seeded with (seed, position)).
+    """
+    sizes = {len(a.refs[d]) for d in directions}
+    joint = len(sizes) == 1
+    samples = []
+    for k, d in enumerate(directions):
+        n = len(a.refs[d])
+        rng = np.random.default_rng(seed if joint else [seed, k])
+        indices = rng.choice(n, size=(n_samples, n), replace=True)
+        tgt = Direction.parse(d).tgt
+        samples.append(_delta_samples(a.hyps[d], b.hyps[d], a.refs[d], tgt, metric, indices))
+    low, high = _interval(np.mean(samples, axis=0))
+    delta = float(np.mean([rows[d]["delta"] for d in directions]))
+    return {
+        "delta": delta,
+        "low": low,
+        "high": high,
+        "kind": classify(delta, low, high),
+        "n_directions": len(directions),
+        "resampling": "joint" if joint else "independent",
+    }
+
+
+def _by_family(directions: list[str]) -> dict[str, list[str]]:
+    out = {f: [d for d in directions if Direction.parse(d).family == f] for f in FAMILIES}
+    return {f: ds for f, ds in out.items() if ds}
+
+
+def merged_directions(merged: RunTexts, unmerged: RunTexts) -> list[str]:
+    """Directions the merged run serves from a merge while the unmerged run serves them otherwise."""
+    if merged.plan is None or unmerged.plan is None:
+        missing = merged if merged.plan is None else unmerged
+        raise AnalysisError(
+            f"{missing.role} run {missing.path} has no plan.json; merge degradation needs both runs' routes"
+        )
+    out = []
+    for d, module in merged.plan.routes.items():
+        if module != unmerged.plan.routes.get(d) and merged.plan.kind(module) == "merge":
+            out.append(d)
+    if not out:
+        raise AnalysisError(
+            f"merged run {merged.path} ({merged.strategy}) serves no direction from a merge that "
+            f"unmerged run {unmerged.path} ({unmerged.strategy}) does not; nothing was merged between them"
+        )
+    return out
+
+
+def analyze(
+    separate: Path,
+    joint: Path,
+    merged: Path | None = None,
+    unmerged: Path | None = None,
+    metric: str = "chrf",
+    n_samples: int = 1000,
+    seed: int = 12345,
+) -> dict[str, Any]:
+    """The asymmetry analysis of the given runs (see the module docstring); what analysis.json holds.
+
+    `metric` ("chrf" or "bleu") gives Δ, its interval and the classification; both metrics' point
+    deltas are reported as `bleu_delta` and `chrf_delta`.
+    """
+    if metric not in METRICS:
+        raise AnalysisError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    if (merged is None) != (unmerged is None):
+        raise AnalysisError("merge degradation needs both a merged and an unmerged run (or neither)")
+    if n_samples < 1:
+        raise AnalysisError(f"n_samples must be >= 1, got {n_samples}")
+    runs = [load_run_texts(separate, "separate"), load_run_texts(joint, "joint")]
+    if merged is not None and unmerged is not None:
+        runs += [load_run_texts(merged, "merged"), load_run_texts(unmerged, "unmerged")]
+    check_comparable(runs)
+    sep, jnt = runs[0], runs[1]
+    # XX→En first, then En→XX, each in the separate run's order
+    order = [d for f in FAMILIES for d in sep.refs if Direction.parse(d).family == f]
+
+    rows = {d: _compare_direction(sep, jnt, d, metric, n_samples, seed) for d in order}
+    for row in rows.values():
+        row["kind"] = classify(row["delta"], row["low"], row["high"])
+    result: dict[str, Any] = {
+        "metric": metric,
+        "n_samples": n_samples,
+        "seed": seed,
+        "runs": {r.role: {"path": str(r.path), "strategy": r.strategy} for r in runs},
+        "directions": rows,
+        "families": {
+            f: _family_summary(sep, jnt, ds, rows, metric, n_samples, seed)
+            for f, ds in _by_family(order).items()
+        },
+    }
+    if len(runs) == 4:
+        mrg, unm = runs[2], runs[3]
+        served_by_merge = merged_directions(mrg, unm)
+        affected = [d for d in order if d in served_by_merge]
+        merge_rows = {d: _compare_direction(unm, mrg, d, metric, n_samples, seed) for d in affected}
+        result["merge"] = {
+            "directions": merge_rows,
+            "families": {
+                f: {
+                    k: v
+                    for k, v in _family_summary(unm, mrg, ds, merge_rows, metric, n_samples, seed).items()
+                    if k != "kind"
+                }
+                for f, ds in _by_family(affected).items()
+            },
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------------- rendering
+
+
+def _num(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def _interval_text(row: dict[str, Any]) -> str:
+    return f"[{row['low']:+.2f}, {row['high']:+.2f}]"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain-text tables for the terminal."""
+    m = METRIC_NAMES[result["metric"]]
+    lines = [f"joint − separate, {m} (95% paired bootstrap, {result['n_samples']} resamples)"]
+    lines.append(
+        f"{'direction':<10} {'separate':>9} {'joint':>9} {'Δ':>7} {'95% interval':>17} {'kind':<9}"
+        f" {'ΔBLEU':>7} {'ΔchrF++':>8}"
+    )
+    for d, r in result["directions"].items():
+        lines.append(
+            f"{d:<10} {r['separate']:>9.2f} {r['joint']:>9.2f} {_num(r['delta']):>7} {_interval_text(r):>17} "
+            f"{r['kind']:<9} {_num(r['bleu_delta']):>7} {_num(r['chrf_delta']):>8}"
+        )
+    for f, r in result["families"].items():
+        lines.append(
+            f"{FAMILY_NAMES[f] + ' mean':<10} {'':>9} {'':>9} {_num(r['delta']):>7} {_interval_text(r):>17} "
+            f"{r['kind']:<9} ({r['n_directions']} directions)"
+        )
+    if "merge" in result:
+        lines += ["", f"merge degradation: merged − unmerged, {m}"]
+        for d, r in result["merge"]["directions"].items():
+            lines.append(f"{d:<10} {_num(r['delta']):>7} {_interval_text(r):>17}")
+        for f, r in result["merge"]["families"].items():
+            lines.append(
+                f"{FAMILY_NAMES[f] + ' mean':<10} {_num(r['delta']):>7} {_interval_text(r):>17} "
+                f"({r['n_directions']} directions)"
+            )
+    return "\n".join(lines)
+
+
+def render_markdown(result: dict[str, Any], plots: Sequence[str]) -> str:
+    m = METRIC_NAMES[result["metric"]]
+    runs = result["runs"]
+    out = ["# Asymmetry analysis", ""]
+    for role, run in runs.items():
+        out.append(f"- {role}: `{run['path']}` ({run['strategy'] or 'no plan.json'})")
+    out += [
+        "",
+        f"Δ = joint − separate in {m}; 95% interval from {result['n_samples']} paired bootstrap resamples of "
+        f"the test segments (seed {result['seed']}). conflict: Δ < 0 and the interval excludes 0; synergy: "
+        "Δ > 0 and the interval excludes 0; otherwise neutral.",
+        "",
+        "## Per direction",
+        "",
+        f"| Direction | Family | Separate {m} | Joint {m} | Δ | 95% interval | Kind | ΔBLEU | ΔchrF++ |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for d, r in result["directions"].items():
+        fam = FAMILY_NAMES[Direction.parse(d).family]
+        out.append(
+            f"| {d} | {fam} | {r['separate']:.2f} | {r['joint']:.2f} | {_num(r['delta'])} "
+            f"| {_interval_text(r)} | {r['kind']} | {_num(r['bleu_delta'])} | {_num(r['chrf_delta'])} |"
+        )
+    out += [
+        "",
+        "## Per family",
+        "",
+        "| Family | Directions | Mean Δ | 95% interval | Kind |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for f, r in result["families"].items():
+        out.append(
+            f"| {FAMILY_NAMES[f]} | {r['n_directions']} | {_num(r['delta'])} | {_interval_text(r)} "
+            f"| {r['kind']} |"
+        )
+    if "merge" in result:
+        out += [
+            "",
+            "## Merge degradation",
+            "",
+            f"merged − unmerged in {m}, over the directions the merged run serves from a merge.",
+            "",
+            "| Direction | Family | Δ | 95% interval | ΔBLEU | ΔchrF++ |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for d, r in result["merge"]["directions"].items():
+            fam = FAMILY_NAMES[Direction.parse(d).family]
+            out.append(
+                f"| {d} | {fam} | {_num(r['delta'])} | {_interval_text(r)} | {_num(r['bleu_delta'])} "
+                f"| {_num(r['chrf_delta'])} |"
+            )
+        out += ["", "| Family | Directions | Mean Δ | 95% interval |", "|---|---:|---:|---:|"]
+        for f, r in result["merge"]["families"].items():
+            out.append(
+                f"| {FAMILY_NAMES[f]} | {r['n_directions']} | {_num(r['delta'])} | {_interval_text(r)} |"
+            )
+    out.append("")
+    out += [f"![{name}]({name})" for name in plots]
+    return "\n".join(out) + "\n"
+
+
+def plot_deltas(rows: dict[str, dict[str, Any]], metric: str, title: str) -> Any:
+    """Bars of Δ per direction coloured by family, error bars = the 95% interval, a zero line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    directions = list(rows)
+    fig = Figure(figsize=(max(6.0, 2.0 + 0.45 * len(directions)), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    deltas = [rows[d]["delta"] for d in directions]
+    # Clipped at 0: float noise can put Δ a hair outside its own interval.
+    errors = [
+        [max(0.0, rows[d]["delta"] - rows[d]["low"]) for d in directions],
+        [max(0.0, rows[d]["high"] - rows[d]["delta"]) for d in directions],
+    ]
+    colours = [FAMILY_COLOURS[Direction.parse(d).family] for d in directions]
+    ax.bar(range(len(directions)), deltas, color=colours, yerr=errors, capsize=3, ecolor="black")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(directions)), directions, rotation=90 if len(directions) > 12 else 0)
+    ax.set_ylabel(f"Δ {METRIC_NAMES[metric]}")
+    ax.set_title(title)
+    present = [f for f in FAMILIES if any(Direction.parse(d).family == f for d in directions)]
+    ax.legend(
+        handles=[Patch(color=FAMILY_COLOURS[f], label=FAMILY_NAMES[f]) for f in present],
+        fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_analysis(result: dict[str, Any], out: str | Path) -> Path:
+    """analysis.json, analysis.md and the plots in the directory `out`; returns analysis.json's path."""
+    out = Path(out)
+    metric = result["metric"]
+    plots = {
+        "delta_by_direction.png": plot_deltas(
+            result["directions"], metric, f"joint − separate, {METRIC_NAMES[metric]} (95% interval)"
+        )
+    }
+    if "merge" in result:
+        plots["merge_degradation.png"] = plot_deltas(
+            result["merge"]["directions"], metric, f"merged − unmerged, {METRIC_NAMES[metric]} (95% interval)"
+        )
+    for name, fig in plots.items():
+        artifacts.atomic_write_bytes(out / name, _png(fig))
+    artifacts.atomic_write_text(out / "analysis.md", render_markdown(result, list(plots)))
+    artifacts.atomic_write_json(out / "analysis.json", result)
+    return out / "analysis.json"
+
+
+__all__ = [
+    "AnalysisError",
+    "analyze",
+    "check_comparable",
+    "classify",
+    "format_table",
+    "load_run_texts",
+    "merged_directions",
+    "write_analysis",
+]
