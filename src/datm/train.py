@@ -273,5 +273,6 @@ def train_adapter(
         artifacts.publish_dir(stage, out)
         artifacts.mark_done(out, {"kind": "adapter", "steps": total_steps})
     accel.wait_for_everyone()
+    accel.free_memory()  # accelerate keeps references to what it prepared; this adapter is done
     peft_model.unload()  # give the base model back without LoRA layers
     return result
