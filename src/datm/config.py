@@ -66,6 +66,7 @@ class EvalConfig:
     beams: int = 1
     max_new_tokens: int = 128
     batch_size: int = 8
+    precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
     comet: str | None = None  # model name or local checkpoint path
 
 
@@ -199,8 +200,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{s}: train: give 'steps' or 'epochs', not both")
     if t.schedule not in ("inverse_sqrt", "cosine", "constant"):
         raise ConfigError(f"{s}: train.schedule must be inverse_sqrt, cosine or constant")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"{s}: train.precision must be auto, bf16 or fp32")
+    for section, value in (("train", t.precision), ("eval", cfg.eval.precision)):
+        if value not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"{s}: {section}.precision must be auto, bf16 or fp32, got {value!r}")
     if t.batch_size < 1 or t.grad_accum < 1:
         raise ConfigError(f"{s}: train.batch_size and train.grad_accum must be >= 1")
     m = cfg.merge

@@ -169,6 +169,10 @@ def translate_stage(cfg: Config, plan: Plan, out: Path, session: Session) -> Non
     todo = [d for d in plan.directions() if not (tdir / f"{d}.hyp.txt").is_file()]
     if not todo:
         return
+    from datm.translate import inference_dtype
+
+    # Translation is the last use of the model in a run: serve it in bf16 where that is fast.
+    session.model.to(inference_dtype(cfg.eval.precision, session.model.device))
     translator = Translator(session.model, session.tokenizer, module_dirs(plan, out), cfg.prompt)
     try:
         for d in todo:

@@ -37,6 +37,23 @@ def newline_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def _contiguous_lm_head_input(model: Any) -> None:
+    """generate() feeds the LM head a strided slice (the last position); torch's linear then
+    takes a slow path that expands the 262k-row weight per sequence (measured 0.9 s instead of
+    0.16 s per batch in fp32, 34 s instead of 0.06 s in bf16). A contiguous copy avoids it."""
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_datm_contiguous", False):
+        head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+        head._datm_contiguous = True
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it fast (a decode step: 180 ms vs 320 ms in fp32 here)."""
+    from datm.train import pick_precision
+
+    return torch.bfloat16 if pick_precision(precision, device) == "bf16" else torch.float32
+
+
 def module_kind(path: Path) -> str:
     if (path / "adapter_config.json").is_file():
         return "lora"
@@ -64,6 +81,7 @@ class Translator:
         # torch module names can't contain '.', which plan names (e.g. 'en-xx.germanic') may
         self.peft_name = {n: n.replace(".", "__") for n, _ in loras}
         self.peft_name[BASE] = BASE
+        _contiguous_lm_head_input(model)
         self.model = model
         if loras:
             first, path = loras[0]
@@ -183,7 +201,9 @@ def load_for_run(
     run_cfg = artifacts.read_json(run_dir / "config.json")
     model_path = models.resolve(run_cfg.get("base_model"))
     tok = models.load_tokenizer(model_path)
-    model = models.load_model(model_path)
+    precision = run_cfg.get("eval", {}).get("precision", "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = models.load_model(model_path, dtype=inference_dtype(precision, device), device=str(device))
     modules = {}
     for name in plan.shipped:
         d = run_dir / ("merged" if plan.kind(name) == "merge" else "adapters") / name

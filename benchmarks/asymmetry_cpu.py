@@ -1,0 +1,211 @@
+"""The paper's experiment at CPU scale, on real data (issue 4).
+
+Gemma 3 270M, ALMA's human-written data (cs, de, is, ru, zh <-> en; groups {de, is}, {cs, ru},
+{zh}), seven systems with the same data budget per direction (every adapter sees each example of
+its directions `--epochs` times), scored on the first N WMT'22 test segments of every direction.
+
+Resumable: every system is an ordinary datm run directory under --work; run the same command again
+after a kill. Adapters that two systems would train identically (same directions, data, seed and
+budget) are trained once and hard-linked: dat's XX->En adapters are separate's, datm reuses dat's,
+separate_merged reuses separate's.
+
+    python benchmarks/asymmetry_cpu.py [--examples-per-pair 100] [--test-size 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from datm import artifacts, runner
+from datm import config as C
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "alma-human-parallel"
+LANGS = ["de", "is", "cs", "ru", "zh"]
+GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"], "cjk": ["zh"]}
+SYSTEMS = ["zero_shot", "multilingual", "separate", "group", "dat", "datm", "separate_merged"]
+# system -> (donor system, which adapters to take): trained once, shared by hard links
+SHARED = {
+    "dat": ("separate", lambda n: n.endswith("-en")),
+    "datm": ("dat", None),
+    "separate_merged": ("separate", None),
+}
+
+
+def make_config(args: argparse.Namespace, strategy: str) -> C.Config:
+    raw: dict[str, Any] = {
+        "languages": LANGS,
+        "groups": GROUPS,
+        "data": {"train": str(DATA / "train.{xx}-en.jsonl"), "test": str(DATA / "test.{src}-{tgt}.jsonl")},
+        "strategy": strategy,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "schedule": "cosine",
+            "warmup_ratio": 0.05,
+            "max_examples_per_pair": args.examples_per_pair,
+            "seed": 1,
+            "checkpoint_every": 20,
+        },
+        "merge": {"method": "ties", "density": args.density},
+        "eval": {"max_examples": args.test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
+        "output_dir": str(Path(args.work) / strategy),
+    }
+    return C.from_dict(raw, source=f"asymmetry_cpu:{strategy}")
+
+
+def share_adapters(work: Path, system: str) -> None:
+    if system not in SHARED:
+        return
+    donor, keep = SHARED[system]
+    for src in sorted((work / donor / "adapters").glob("*")):
+        dst = work / system / "adapters" / src.name
+        if artifacts.is_done(src) and not dst.exists() and (keep is None or keep(src.name)):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, dst, copy_function=os.link)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--work", default=str(ROOT / "runs" / "asymmetry_cpu"), help="run directories (resumable)"
+    )
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--examples-per-pair", type=int, default=100)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--density", type=float, default=0.2)
+    ap.add_argument("--test-size", type=int, default=50)
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    timings_path = work / "timings.json"
+    timings = artifacts.read_json(timings_path) if timings_path.is_file() else {}
+    for system in args.systems.split(","):
+        share_adapters(work, system)
+        if (work / system / "scores.json").is_file() and system in timings:
+            print(f"{system}: done, reused")
+            continue
+        t0 = time.perf_counter()
+        runner.run(make_config(args, system))
+        timings[system] = round(time.perf_counter() - t0, 1)
+        artifacts.atomic_write_json(timings_path, timings)
+    summarize(args, work, timings)
+    return 0
+
+
+def summarize(args: argparse.Namespace, work: Path, timings: dict[str, float]) -> None:
+    from datm import analyze, probe
+
+    results = Path(args.results)
+    systems = {}
+    for system in SYSTEMS:
+        f = work / system / "scores.json"
+        if f.is_file():
+            sc = artifacts.read_json(f)
+            systems[system] = {"directions": sc["directions"], "averages": sc["averages"]}
+    analyses = {}
+    if {"separate", "multilingual"} <= set(systems):
+        analyses["multilingual_vs_separate"] = analyze.analyze(work / "separate", work / "multilingual")
+    if {"separate", "group"} <= set(systems):
+        analyses["group_vs_separate"] = analyze.analyze(work / "separate", work / "group")
+    merge = {}
+    if {"dat", "datm"} <= set(systems):
+        merge["datm_vs_dat"] = analyze.analyze(
+            work / "separate", work / "group", merged=work / "datm", unmerged=work / "dat"
+        ).get("merge")
+    if {"separate", "separate_merged"} <= set(systems):
+        merge["separate_merged_vs_separate"] = analyze.analyze(
+            work / "separate", work / "group", merged=work / "separate_merged", unmerged=work / "separate"
+        ).get("merge")
+    for name, res in analyses.items():
+        analyze.write_analysis(res, work / "analysis" / name)
+    probe_file = work / "probe" / "probe.json"
+    if not probe_file.is_file():
+        t0 = time.perf_counter()
+        probe.probe_config(make_config(args, "dat"), work / "probe")
+        timings["probe"] = round(time.perf_counter() - t0, 1)
+    probe_res = artifacts.read_json(probe_file)
+    payload = {
+        "command": " ".join(["python"] + sys.argv),
+        "setting": {
+            "model": "Gemma 3 270M (embedded GGUF, de-quantized)",
+            "languages": LANGS,
+            "groups": GROUPS,
+            "examples_per_pair": args.examples_per_pair,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "merge_density": args.density,
+            "test_segments_per_direction": args.test_size,
+            "test_set": "WMT'22 general (first N segments)",
+        },
+        "systems": systems,
+        "asymmetry": analyses,
+        "merge_degradation": merge,
+        "probe": probe_res,
+        "wall_seconds": timings,
+        "versions": artifacts.library_versions(),
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    artifacts.atomic_write_json(results / "asymmetry_cpu.json", payload)
+    artifacts.atomic_write_text(results / "asymmetry_cpu.md", render(payload))
+    print(render(payload))
+
+
+def render(p: dict[str, Any]) -> str:
+    dirs = [f"{x}-en" for x in LANGS] + [f"en-{x}" for x in LANGS]
+    out = ["# Conflict and synergy at CPU scale (Gemma 3 270M, ALMA human-written data)", ""]
+    out += [f"Command: `{p['command']}`", "", "Setting: " + json.dumps(p["setting"]), ""]
+    for metric in ("bleu", "chrf"):
+        out += [f"## {metric.upper() if metric == 'bleu' else 'chrF++'} per direction", ""]
+        out.append("| system | " + " | ".join(dirs) + " | avg xx-en | avg en-xx |")
+        out.append("|---" * (len(dirs) + 3) + "|")
+        for name, s in p["systems"].items():
+            cells = " | ".join(f"{s['directions'][d][metric]:.2f}" for d in dirs)
+            av = s["averages"]
+            out.append(f"| {name} | {cells} | {av['xx-en'][metric]:.2f} | {av['en-xx'][metric]:.2f} |")
+        out.append("")
+    for name, a in p["asymmetry"].items():
+        out += [f"## Asymmetry: {name} (Δ chrF++ = joint − separate, 95% bootstrap interval)", ""]
+        out.append("| direction | Δ | interval | kind |")
+        out.append("|---|---|---|---|")
+        for d, r in a["directions"].items():
+            out.append(f"| {d} | {r['delta']:+.2f} | [{r['low']:+.2f}, {r['high']:+.2f}] | {r['kind']} |")
+        for fam, r in a["families"].items():
+            out.append(
+                f"| **{fam}** | {r['delta']:+.2f} | [{r['low']:+.2f}, {r['high']:+.2f}] | {r['kind']} |"
+            )
+        out.append("")
+    for name, m in p["merge_degradation"].items():
+        if not m:
+            continue
+        out += [f"## Merge degradation: {name} (Δ chrF++ = merged − unmerged)", ""]
+        out.append("| direction | Δ | interval |")
+        out.append("|---|---|---|")
+        for d, r in m["directions"].items():
+            out.append(f"| {d} | {r['delta']:+.2f} | [{r['low']:+.2f}, {r['high']:+.2f}] |")
+        for fam, r in m["families"].items():
+            out.append(
+                f"| **{fam}** | {r['delta']:+.2f} | [{r.get('low', float('nan')):+.2f}, "
+                f"{r.get('high', float('nan')):+.2f}] |"
+            )
+        out.append("")
+    out += ["## Wall time (s)", "", "| step | seconds |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in p["wall_seconds"].items()]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Shared helpers of the benchmark scripts: arguments, machine description, result files, memory
+measurement, a dense-matmul roofline, isolated subprocesses and random LoRA adapters.
+
+Every benchmark writes `NAME.json` (machine-readable, one fixed headline key) and `NAME.md` (the
+same, for people) atomically, with the exact command line, the machine and the library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datm import artifacts
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+QUICK_DIR = Path(tempfile.gettempdir()) / "datm-bench-quick"
+DATA_DIR = Path(os.environ.get("DATM_BENCH_DATA", "/work/shared/data/alma-human-parallel"))
+# Every XX↔En direction of the WMT'22 test sets shipped with ALMA's human-written data.
+FOREIGN = ("cs", "de", "is", "ru", "zh")
+
+
+class BenchError(ValueError):
+    """A benchmark cannot run as asked (missing data, bad arguments)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments and output
+# --------------------------------------------------------------------------------------------------
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that it runs")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results folder (default {RESULTS_DIR}; with --quick {QUICK_DIR}, so quick runs never "
+        "replace real results)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    if args.out is not None:
+        return Path(args.out)
+    return QUICK_DIR if args.quick else RESULTS_DIR
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise BenchError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def data_file(name: str) -> Path:
+    path = DATA_DIR / name
+    if not path.is_file():
+        raise BenchError(f"benchmark data {path} not found (set DATM_BENCH_DATA to the ALMA data folder)")
+    return path
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine description
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else "unknown"
+
+
+def cpu_flags_of_interest() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    match = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
+    flags = set(match.group(1).split()) if match else set()
+    return sorted(flags & {"amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2", "fma"})
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    mem_total = None
+    try:
+        match = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        mem_total = int(match.group(1)) * 1024 if match else None
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags_of_interest(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": mem_total,
+        "load_average_at_start": load,
+        "platform": platform.platform(),
+        "versions": artifacts.library_versions(),
+    }
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """Dense n×n @ n×n throughput in GFLOP/s (2n³ per product), after a warm-up: the machine's roof."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    reps = 0
+    start = time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and reps >= 5:
+            return 2 * n**3 * reps / elapsed / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# Result files
+# --------------------------------------------------------------------------------------------------
+
+
+def warn_if_busy() -> None:
+    """Timings on a busy machine mean little: with more torch threads than idle cores, every op's
+    OpenMP threads wait for each other (on this project's 2-core machine under load, one LoRA
+    training step took 40 s with 2 threads and 1.3 s with 1)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    if load >= 0.5:
+        log(
+            f"WARNING: load average {load:.1f} before starting (other processes are running); timings "
+            f"will not be those of a quiet machine (torch threads: {torch.get_num_threads()})"
+        )
+
+
+def new_record(name: str, headline_key: str, quick: bool, settings: dict[str, Any]) -> dict[str, Any]:
+    warn_if_busy()
+    return {
+        "benchmark": name,
+        "headline_key": headline_key,
+        headline_key: None,
+        "quick": quick,
+        "command": " ".join(["python", *sys.argv]),
+        "argv": list(sys.argv),
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "settings": settings,
+        "checks": [],
+    }
+
+
+def add_check(record: dict[str, Any], name: str, passed: bool, detail: str, hard: bool = True) -> None:
+    """A hard check failing makes the script exit non-zero; a soft one is reported and explained."""
+    record["checks"].append({"name": name, "passed": bool(passed), "hard": hard, "detail": detail})
+    mark = "ok  " if passed else ("FAIL" if hard else "WARN")
+    log(f"check {mark} {name}: {detail}")
+
+
+def failed_hard_checks(record: dict[str, Any]) -> list[str]:
+    return [c["name"] for c in record["checks"] if c["hard"] and not c["passed"]]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(x: Any) -> str:
+        if isinstance(x, float):
+            return f"{x:.4g}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_markdown(record: dict[str, Any]) -> str:
+    m = record["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    mem = f"{m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else "?"
+    return "\n".join(
+        [
+            f"- command: `{record['command']}`",
+            f"- date: {record['date']}",
+            f"- CPU: {m['cpu_model']} ({m['usable_cores']} usable of {m['logical_cores']} logical cores, "
+            f"flags {' '.join(m['cpu_flags']) or '-'}), {mem} RAM; torch threads {m['torch_threads']}; "
+            f"load average at start {m['load_average_at_start']}",
+            f"- versions: {versions}",
+        ]
+    )
+
+
+def checks_markdown(record: dict[str, Any]) -> str:
+    rows = [
+        [c["name"], "pass" if c["passed"] else ("FAIL" if c["hard"] else "differs"), c["detail"]]
+        for c in record["checks"]
+    ]
+    return markdown_table(["check", "result", "detail"], rows)
+
+
+def write_results(out_dir: Path, record: dict[str, Any], body_markdown: str) -> tuple[Path, Path]:
+    name = record["benchmark"]
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    key = record["headline_key"]
+    value = record[key]
+    headline = f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+    quick = " (QUICK run: tiny sizes, not a result)" if record["quick"] else ""
+    md = "\n\n".join(
+        [
+            f"# {name}{quick}",
+            f"**{key} = {headline}**",
+            machine_markdown(record),
+            body_markdown,
+            "## Checks\n\n" + checks_markdown(record),
+        ]
+    )
+    artifacts.atomic_write_json(json_path, record)
+    artifacts.atomic_write_text(md_path, md + "\n")
+    log(f"wrote {json_path} and {md_path}")
+    return json_path, md_path
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory and isolation
+# --------------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if not match:
+        raise BenchError(f"/proc/self/status has no {field}; peak memory needs Linux")
+    return int(match.group(1))
+
+
+def rss_bytes() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark since start or the last `reset_peak_rss`."""
+    return _status_kb("VmHWM") * 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0: write 5 to /proc/self/clear_refs), so the peak
+    measured next belongs to the work that follows, not to imports or loading."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class PeakMeter:
+    """Peak RSS above the RSS at entry, of the code inside the `with` block (exact: the kernel's
+    high-water mark, not sampling)."""
+
+    def __enter__(self) -> PeakMeter:
+        reset_peak_rss()
+        self.baseline = rss_bytes()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.peak = peak_rss_bytes()
+        self.above_baseline = self.peak - self.baseline
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "baseline_rss_bytes": self.baseline,
+            "peak_rss_bytes": self.peak,
+            "peak_above_baseline_bytes": self.above_baseline,
+        }
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a fresh spawned Python process: its own memory high-water mark, no state (such
+    as accelerate's process-wide AcceleratorState) shared with the other side."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def gib(n_bytes: float | None) -> str:
+    return "?" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and adapters
+# --------------------------------------------------------------------------------------------------
+
+
+def base_model_path() -> str:
+    from datm import models
+
+    return models.resolve(None)
+
+
+def make_random_lora_adapters(
+    model: torch.nn.Module,
+    out_dir: Path,
+    names: Sequence[str],
+    r: int,
+    alpha: int,
+    target_modules: list[str] | str,
+    seed: int,
+    b_scale: float = 1.0,
+) -> dict[str, Path]:
+    """Save one PEFT LoRA directory per name, with seeded random A and B (B scaled by `b_scale`),
+    so every adapter has a nonzero ΔW of its own. `model` is given back without LoRA layers."""
+    from peft import LoraConfig, get_peft_model
+
+    paths: dict[str, Path] = {}
+    for i, name in enumerate(names):
+        torch.manual_seed(seed + i)
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, init_lora_weights=False
+        )
+        peft_model = get_peft_model(model, config)
+        if b_scale != 1.0:
+            with torch.no_grad():
+                for param_name, param in peft_model.named_parameters():
+                    if ".lora_B." in param_name:
+                        param.mul_(b_scale)
+        path = out_dir / name
+        peft_model.save_pretrained(str(path))
+        paths[name] = path
+        model = peft_model.unload()
+    return paths
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False)
