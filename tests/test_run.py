@@ -123,3 +123,12 @@ def test_run_auto_probes_then_plans_from_measurements(tmp_path, tiny_model_dir, 
     notes = {d: n for d, n in plan["notes"].items() if d != "rule"}
     assert set(notes) == set(plan["routes"]) and all("probe cos" in n for n in notes.values())
     assert set(json.loads((out / "scores.json").read_text())["directions"]) == set(plan["routes"])
+
+
+def test_config_check_tolerates_new_settings_but_not_changes():
+    from datm.runner import _differences
+
+    old = {"data": {"train": "a"}, "train": {"steps": 3}}
+    assert _differences(old, {"data": {"train": "a", "test_split": None}, "train": {"steps": 3}}) == []
+    assert _differences(old, {"data": {"train": "b"}, "train": {"steps": 3}}) == ["data.train"]
+    assert _differences(old, {"data": {}, "train": {"steps": 3}}) == ["data.train"]

@@ -49,12 +49,26 @@ def _check_same(path: Path, new: dict[str, Any], what: str, ignore: tuple[str, .
         artifacts.atomic_write_json(path, new)
         return
     old = artifacts.read_json(path)
-    diff = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+    diff = [k for k in _differences(old, new) if k.split(".")[0] not in ignore]
     if diff:
         raise ConfigError(
             f"{path} was written by a different {what} (differs in {diff}); "
             "use a new output_dir, or delete the old one to start over"
         )
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ. A key the old file lacks is a setting added to datm since
+    (its default applies), not a change of experiment."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            if k in old and k not in new:
+                out.append(prefix + k)
+            elif k in old:
+                out += _differences(old[k], new[k], f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _prepare(cfg: Config) -> tuple[Path, Plan]:
