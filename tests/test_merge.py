@@ -14,15 +14,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from datm import artifacts
+from datm import artifacts, merge
 from datm.merge import (
     MergeError,
     apply_delta,
+    delta_of,
     linear_merge,
     load_delta,
     lowrank_factor,
     merge_adapters,
+    merge_factored,
     ties_merge,
+    ties_merge_factored,
     trim,
 )
 
@@ -113,6 +116,59 @@ def test_ties_merge_matches_hand_computation() -> None:
     assert torch.allclose(ties_merge([d1, d2, d3], density=0.5, weights=[1, 2, 1]), expected_weighted)
     # density 1 keeps everything: (0,0) is then mean(1, 0.5) with sign of 1 - 1.5 + 0.5 = 0 -> 0.
     assert ties_merge([d1, d2, d3], density=1.0)[0, 0] == 0
+
+
+def reference_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim spelled out with a full torch.kthvalue: keep magnitudes >= the keep-th largest."""
+    keep = math.ceil(density * delta.numel() - 1e-6)
+    threshold = torch.kthvalue(delta.abs().reshape(-1), delta.numel() - keep + 1).values
+    return torch.where(delta.abs() >= threshold, delta, 0.0)
+
+
+def test_trim_threshold_is_exact_on_large_deltas_with_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    # 800×900 entries take the sampled-bound path; small integer factors make many equal magnitudes.
+    delta = (
+        torch.randint(-3, 4, (800, 2), generator=g).float()
+        @ torch.randint(-3, 4, (2, 900), generator=g).float()
+    )
+    assert delta.numel() > 8 * merge.THRESHOLD_SAMPLE
+    for density in (0.01, 0.2, 0.5, 0.97):
+        trimmed = trim(delta, density)
+        assert torch.equal(trimmed, reference_trim(delta, density)), density
+        if density <= 0.5:  # (at 0.97 the threshold is 0: delta's own zeros are "kept")
+            # Ties at the threshold are all kept, so more than ⌈density·n⌉ entries survive here.
+            assert int((trimmed != 0).sum()) > math.ceil(density * delta.numel())
+    # A sample that lands only on the largest entries gives a bound too high: the full kthvalue answers.
+    monkeypatch.setattr(merge, "THRESHOLD_SAMPLE", 1000)
+    sampled = torch.randint(
+        delta.numel(), (1000,), generator=torch.Generator().manual_seed(merge.THRESHOLD_SEED)
+    )
+    rigged = delta.clone().reshape(-1)
+    rigged[sampled] = 1000.0
+    rigged = rigged.reshape(delta.shape)
+    assert torch.equal(trim(rigged, 0.2), reference_trim(rigged, 0.2))
+
+
+def test_factored_merges_equal_the_dense_merges_exactly() -> None:
+    g = torch.Generator().manual_seed(1)
+    factors = []
+    for scaling in (2.0, 0.5, 2.0, 1.0):
+        a = torch.randint(-2, 3, (3, 900), generator=g).float()
+        b = torch.randint(-2, 3, (800, 3), generator=g).float()
+        factors.append((a, b, scaling))
+    deltas = [delta_of(a, b, s) for a, b, s in factors]
+    for density, weights in [(0.2, None), (0.35, [1.0, 0.7, -0.4, 2.5]), (1.0, [0.3, 1.0, 1.0, 0.1])]:
+        expected = ties_merge(deltas, density, weights)
+        assert torch.equal(ties_merge_factored(factors, density, weights), expected), (density, weights)
+        assert torch.equal(merge_factored("ties", factors, density, weights), expected)
+        assert expected.abs().sum() > 0
+    assert torch.equal(
+        merge_factored("linear", factors, 1.0, [0.5, 1.0, -1.0, 2.0]),
+        linear_merge(deltas, [0.5, 1.0, -1.0, 2.0]),
+    )
+    with pytest.raises(MergeError, match="share one shape"):
+        ties_merge_factored([factors[0], (factors[1][0][:, :10], factors[1][1], 1.0)], 0.2)
 
 
 def test_linear_merge_and_lowrank_factor() -> None:
@@ -338,6 +394,14 @@ def test_mismatched_sources_and_bad_arguments_fail_clearly(adapters: list[Path],
     ]:
         with pytest.raises(MergeError, match=message):
             merge_adapters(adapters[:2], tmp_path / "o4", progress=False, **kwargs)  # type: ignore[arg-type]
+    not_finite = tmp_path / "not_finite"
+    shutil.copytree(adapters[1], not_finite)
+    tensors = load_file(not_finite / "adapter_model.safetensors")
+    tensors[f"{PREFIX}model.layers.0.mlp.up_proj.lora_A.weight"][0, 0] = float("nan")
+    save_file(tensors, not_finite / "adapter_model.safetensors")
+    with pytest.raises(MergeError, match=r"not_finite.*layers\.0\.mlp\.up_proj\.lora_A.*NaN or infinite"):
+        merge_adapters([adapters[0], not_finite], tmp_path / "o6", progress=False)
+
     with pytest.raises(MergeError, match="TIES needs at least 2 sources"):
         merge_adapters(adapters[:1], tmp_path / "o5", progress=False)
     assert not (tmp_path / "o4").exists()

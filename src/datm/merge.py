@@ -3,8 +3,10 @@
 What to do is planned apart from doing it (as mergekit does): `plan_merge` reads only the sources'
 configs and safetensors headers and returns one small `ModuleTask` per LoRA module; `execute` then
 streams the modules one by one, loading each source's A and B for that module alone with
-`safe_open`, merging, writing the result to disk and dropping it before the next module. Peak memory
-is therefore one module's tensors from all sources, whatever the model size.
+`safe_open`, merging, writing the result to disk and dropping it before the next module. Each source's
+dense ΔW is formed from its factors only while it is used (TIES takes two passes and recomputes it), so
+peak memory is the module's small factors plus about four of its out×in matrices, whatever the model
+size and the number of sources.
 
 The merge works on ΔW_i = scaling_i · B_i A_i (out×in, float32), not on A and B separately. The
 merged ΔW is written in one of four forms:
@@ -57,6 +59,9 @@ EXACT_SVD_MAX_DIM = 1024
 SVD_OVERSAMPLE = 16
 SVD_NITER = 8  # TIES output has a flat spectrum: 4 iterations cost ~0.2% extra error, 8 ~0.02%
 SVD_SEED = 0
+# Above 8× this many entries, trim thresholds are found among the entries above a sampled lower bound.
+THRESHOLD_SAMPLE = 1 << 16
+THRESHOLD_SEED = 0
 
 
 class MergeError(ValueError):
@@ -74,13 +79,49 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     Entries tied in magnitude with the last kept one are all kept, so the result is deterministic.
     """
     _check_density(density)
+    return _zero_below(delta.clone(), _trim_threshold(delta, density))
+
+
+def _trim_threshold(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The smallest magnitude `trim` keeps (the keep-th largest), or None when it keeps everything."""
     n = delta.numel()
     if n == 0 or density >= 1.0:
-        return delta.clone()
+        return None
     keep = max(1, math.ceil(density * n - 1e-6))  # the epsilon absorbs float error in density·n
-    magnitude = delta.abs()
-    threshold = torch.kthvalue(magnitude.reshape(-1), n - keep + 1).values  # the keep-th largest magnitude
-    return torch.where(magnitude >= threshold, delta, 0.0)
+    return _kth_largest(delta.abs().reshape(-1), keep)
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of the 1-D `values` (no NaN), exactly what torch.kthvalue gives.
+
+    kthvalue copies its whole input and an int64 index per entry. On large inputs a lower bound is
+    taken from a seeded random sample, a few standard errors below the k-th largest, and kthvalue
+    runs on the entries at or above it only. When at least k entries pass the bound, all k largest
+    are among them, so the answer is exact; if the sample misled (very rare), the full kthvalue runs.
+    """
+    n = values.numel()
+    if n > 8 * THRESHOLD_SAMPLE:
+        generator = torch.Generator().manual_seed(THRESHOLD_SEED)
+        sample = values[torch.randint(n, (THRESHOLD_SAMPLE,), generator=generator)]
+        fraction = k / n
+        margin = 6 * math.sqrt(fraction * (1 - fraction) / THRESHOLD_SAMPLE) + 2 / THRESHOLD_SAMPLE
+        sample_k = min(THRESHOLD_SAMPLE, math.ceil((fraction + margin) * THRESHOLD_SAMPLE))
+        bound = torch.kthvalue(sample, THRESHOLD_SAMPLE - sample_k + 1).values
+        candidates = values[values >= bound]
+        if candidates.numel() >= k:
+            return torch.kthvalue(candidates, candidates.numel() - k + 1).values
+        del candidates
+    return torch.kthvalue(values, n - k + 1).values
+
+
+def _zero_below(delta: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+    """Set `delta`'s entries of magnitude below `threshold` to 0, in place (None keeps all); returns it."""
+    if threshold is None:
+        return delta
+    # |x| >= t as (x >= t or x <= -t): two boolean masks instead of a float copy of |delta|.
+    keep = delta.ge(threshold)
+    keep.logical_or_(delta.le(-threshold))
+    return delta.masked_fill_(keep.logical_not_(), 0.0)
 
 
 def ties_merge(
@@ -109,6 +150,55 @@ def ties_merge(
     return total.div_(count.clamp_(min=1))  # entries no source agrees on stay 0
 
 
+def ties_merge_factored(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    density: float,
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """`ties_merge` of LoRA deltas ΔW_i = s_i · B_i @ A_i given as factors (A_i, B_i, s_i).
+
+    The result equals ``ties_merge([delta_of(a, b, s) for a, b, s in factors], density, weights)``
+    bit for bit (for finite deltas), but no two ΔW_i exist at once: pass 1 forms each ΔW_i, finds its
+    trim threshold and adds its weighted trimmed values to the sign-electing sum; pass 2 forms each
+    ΔW_i again from its (small) factors, trims it with the stored threshold and adds the entries that
+    agree with the elected sign. Peak: about four out×in matrices whatever the number of sources.
+    """
+    _check_density(density)
+    if not factors:
+        raise MergeError("nothing to merge: no deltas given")
+    shapes = {(b.shape[0], a.shape[-1]) for a, b, _ in factors}
+    if len(shapes) != 1:
+        raise MergeError(f"deltas to merge must share one shape, got {sorted(shapes)}")
+    weights = _resolve_weights(weights, len(factors), default=1.0)
+
+    thresholds: list[torch.Tensor | None] = []
+    elected: torch.Tensor | None = None
+    for (a, b, scaling), w in zip(factors, weights, strict=True):
+        delta = delta_of(a, b, scaling)
+        thresholds.append(_trim_threshold(delta, density))
+        trimmed = _zero_below(delta, thresholds[-1]).mul_(w)
+        if elected is None:
+            elected = torch.zeros_like(trimmed)
+        elected.add_(trimmed)
+        del delta, trimmed
+    assert elected is not None
+    elected.sign_()
+
+    total = torch.zeros_like(elected)
+    count = torch.zeros(elected.shape, dtype=torch.uint8 if len(factors) < 256 else torch.int32)
+    for (a, b, scaling), w, threshold in zip(factors, weights, thresholds, strict=True):
+        trimmed = _zero_below(delta_of(a, b, scaling), threshold).mul_(w)
+        # Multiplying by the elected sign (±1 or 0) in place: > 0 marks the agreeing entries, and a
+        # second multiplication restores them exactly (x · ±1 · ±1 = x); the rest are zeroed.
+        agrees = trimmed.mul_(elected) > 0
+        count.add_(agrees)
+        trimmed.mul_(elected).masked_fill_(agrees.logical_not_(), 0.0)
+        total.add_(trimmed)
+        del trimmed, agrees
+    del elected
+    return total.div_(count.clamp_(min=1))  # entries no source agrees on stay 0
+
+
 def linear_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Task arithmetic: Σ w_i Δ_i in float32 (weights default to 1/n, i.e. the mean)."""
     _check_same_shape(deltas)
@@ -126,6 +216,35 @@ def merge_deltas(
         return ties_merge(deltas, density, weights)
     if method == "linear":
         return linear_merge(deltas, weights)
+    raise MergeError(f"unknown merge method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def merge_factored(
+    method: str,
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    density: float,
+    weights: Sequence[float] | None,
+) -> torch.Tensor:
+    """`merge_deltas` on the LoRA deltas s_i · B_i @ A_i of factors (A_i, B_i, s_i), forming one at a time."""
+    if method == "ties":
+        return ties_merge_factored(factors, density, weights)
+    if method == "linear":
+        if not factors:
+            raise MergeError("nothing to merge: no deltas given")
+        weights = _resolve_weights(weights, len(factors), default=1.0 / len(factors))
+        merged: torch.Tensor | None = None
+        for (a, b, scaling), w in zip(factors, weights, strict=True):
+            delta = delta_of(a, b, scaling)
+            if merged is None:
+                merged = torch.zeros_like(delta)
+            if merged.shape != delta.shape:
+                raise MergeError(
+                    f"deltas to merge must share one shape, got {list(merged.shape)} and {list(delta.shape)}"
+                )
+            merged.add_(delta, alpha=w)
+            del delta
+        assert merged is not None
+        return merged
     raise MergeError(f"unknown merge method {method!r}; expected one of {', '.join(METHODS)}")
 
 
@@ -500,7 +619,8 @@ def execute(
 ) -> dict[str, ModuleReport]:
     """Merge module by module into the safetensors file `out_file`; returns a report per module.
 
-    Only the current module's tensors (from every source) are in memory at any time.
+    Only the current module's tensors are in memory at any time: every source's A and B, and a few
+    out×in matrices (the sources' ΔW are formed one at a time, see `ties_merge_factored`).
     """
     dtype = sources[0].dtype
     fan_in_fan_out = sources[0].fan_in_fan_out
@@ -511,11 +631,11 @@ def execute(
             stack.enter_context(safe_open(src.weights_file, framework="pt", device="cpu")) for src in sources
         ]
         for task in tqdm(tasks, desc=f"merge ({settings.method}, {settings.form})", disable=not progress):
-            a_list = [h.get_tensor(key).float() for h, key in zip(handles, task.a_keys, strict=True)]
-            b_list = [h.get_tensor(key).float() for h, key in zip(handles, task.b_keys, strict=True)]
-            deltas = [delta_of(a, b, s) for a, b, s in zip(a_list, b_list, task.scalings, strict=True)]
-            merged = merge_deltas(settings.method, deltas, settings.density, settings.weights)
-            del deltas
+            a_list = [_load_factor(h, k, s) for h, k, s in zip(handles, task.a_keys, sources, strict=True)]
+            b_list = [_load_factor(h, k, s) for h, k, s in zip(handles, task.b_keys, sources, strict=True)]
+            factors = list(zip(a_list, b_list, task.scalings, strict=True))
+            merged = merge_factored(settings.method, factors, settings.density, settings.weights)
+            del factors
             if settings.form == "lowrank":
                 assert settings.rank is not None
                 a, b = lowrank_factor(merged, settings.rank)
@@ -552,6 +672,13 @@ def execute(
     return reports
 
 
+def _load_factor(handle: Any, key: str, source: LoraSource) -> torch.Tensor:
+    tensor = handle.get_tensor(key).float()
+    if not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"{source.weights_file}: {key} holds NaN or infinite values; it cannot be merged")
+    return tensor
+
+
 def _factor_merge(
     task: ModuleTask, a_list: list[torch.Tensor], b_list: list[torch.Tensor], settings: MergeSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -576,8 +703,10 @@ def _factor_merge(
 
 
 def _compare(merged: torch.Tensor, written: torch.Tensor, params: int) -> ModuleReport:
+    """How far `written` is from `merged`. `written` is overwritten with the error (no extra matrix)
+    unless it is `merged` itself (a float32 dense/sparse form), whose error is then 0."""
     delta_norm = float(torch.linalg.matrix_norm(merged))
-    error_norm = float(torch.linalg.matrix_norm(merged - written))
+    error_norm = 0.0 if written is merged else float(torch.linalg.matrix_norm(written.sub_(merged)))
     rel = error_norm / delta_norm if delta_norm > 0 else 0.0
     return ModuleReport(
         shape=list(merged.shape),
