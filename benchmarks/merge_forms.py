@@ -50,8 +50,9 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.work)
     sep = work / "separate"
-    if not (sep / "scores.json").is_file():
-        raise SystemExit(f"{sep} is not finished: run benchmarks/asymmetry_cpu.py first")
+    needed = [sep / "adapters" / f"{x}-en" for g in GROUPS.values() for x in g]
+    if not all(artifacts.is_done(a) for a in needed):
+        raise SystemExit(f"{sep}: XX->En adapters not finished; run benchmarks/asymmetry_cpu.py first")
     cfg = artifacts.read_json(sep / "config.json")
     out = work / "merge_forms"
     out.mkdir(parents=True, exist_ok=True)
