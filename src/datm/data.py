@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,42 +72,44 @@ def _record_pair(rec: Any, a: str, b: str, origin: str) -> tuple[str, str] | str
     return tr[a], tr[b]
 
 
-def _read_alma(
-    path: Path, a: str, b: str, on_bad: str, report: ReadReport | None
+def _keep_good(
+    records: Iterable[tuple[str, Any]], a: str, b: str, on_bad: str, report: ReadReport | None
 ) -> list[tuple[str, str, str]]:
-    text = path.read_text(encoding="utf-8")
-    out: list[tuple[str, str, str]] = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a JSON list
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{e.lineno}: broken JSON ({e.msg}); expected a JSON list of ALMA records"
-            ) from None
-        for i, rec in enumerate(records):
-            origin = f"{path}[{i}]"
-            got = _record_pair(rec, a, b, origin)
-            if isinstance(got, str):
-                _bad(origin, got, on_bad, report)
-            else:
-                out.append((got[0], got[1], origin))
-        return out
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        origin = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            _bad(origin, f"broken JSON ({e.msg}); expected one ALMA record per line", on_bad, report)
-            continue
+    """(a, b, origin) of every good (origin, record); bad ones stop the read or are counted."""
+    out = []
+    for origin, rec in records:
         got = _record_pair(rec, a, b, origin)
         if isinstance(got, str):
             _bad(origin, got, on_bad, report)
         else:
             out.append((got[0], got[1], origin))
     return out
+
+
+def _read_alma(
+    path: Path, a: str, b: str, on_bad: str, report: ReadReport | None
+) -> list[tuple[str, str, str]]:
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # a JSON list
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{e.lineno}: broken JSON ({e.msg}); expected a JSON list of ALMA records"
+            ) from None
+        return _keep_good(((f"{path}[{i}]", rec) for i, rec in enumerate(records)), a, b, on_bad, report)
+
+    def jsonl() -> Iterator[tuple[str, Any]]:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{lineno}"
+            try:
+                yield origin, json.loads(line)
+            except json.JSONDecodeError as e:
+                _bad(origin, f"broken JSON ({e.msg}); expected one ALMA record per line", on_bad, report)
+
+    return _keep_good(jsonl(), a, b, on_bad, report)
 
 
 def _read_tsv(path: Path, on_bad: str, report: ReadReport | None) -> list[tuple[str, str, str]]:
@@ -148,15 +150,7 @@ def _read_datasets(spec: str, a: str, b: str, split: str, on_bad: str, report: R
         if split not in ds:
             raise DataError(f"dataset {spec!r} has no split {split!r} (has {list(ds)})")
         ds = ds[split]
-    out = []
-    for i, rec in enumerate(ds):
-        origin = f"{spec}[{split}]:{i}"
-        got = _record_pair(rec, a, b, origin)
-        if isinstance(got, str):
-            _bad(origin, got, on_bad, report)
-        else:
-            out.append((got[0], got[1], origin))
-    return out
+    return _keep_good(((f"{spec}[{split}]:{i}", rec) for i, rec in enumerate(ds)), a, b, on_bad, report)
 
 
 def _flores_file(root: Path, code: str, split: str) -> Path | None:
