@@ -72,6 +72,19 @@ def share_adapters(work: Path, system: str) -> None:
         if artifacts.is_done(src) and not dst.exists() and (keep is None or keep(src.name)):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src, dst, copy_function=os.link)
+    # A direction served by the same (shared) adapter in both systems translates identically
+    # (greedy, same batches): reuse the donor's finished translation instead of recomputing it.
+    from datm.plan import make_plan
+
+    mine, theirs = make_plan(system, LANGS, GROUPS), make_plan(donor, LANGS, GROUPS)
+    adapters = {a.name for a in mine.adapters}
+    for d, module in mine.routes.items():
+        src_dir, dst_dir = work / donor / "translations", work / system / "translations"
+        if module in adapters and theirs.routes.get(d) == module and (src_dir / f"{d}.hyp.txt").is_file():
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            for kind in ("src", "ref", "hyp"):
+                if not (dst_dir / f"{d}.{kind}.txt").exists():
+                    shutil.copyfile(src_dir / f"{d}.{kind}.txt", dst_dir / f"{d}.{kind}.txt")
 
 
 def main() -> int:
