@@ -148,11 +148,11 @@ def summarize(args: argparse.Namespace, work: Path, timings: dict[str, float]) -
     for name, res in analyses.items():
         analyze.write_analysis(res, work / "analysis" / name)
     probe_file = work / "probe" / "probe.json"
-    if not probe_file.is_file():
+    if not probe_file.is_file() and not args.summarize_only:
         t0 = time.perf_counter()
         probe.probe_config(make_config(args, "dat"), work / "probe")
         timings["probe"] = round(time.perf_counter() - t0, 1)
-    probe_res = artifacts.read_json(probe_file)
+    probe_res = artifacts.read_json(probe_file) if probe_file.is_file() else None
     payload = {
         "command": " ".join(["python"] + sys.argv),
         "setting": {
@@ -220,6 +220,14 @@ def render(p: dict[str, Any]) -> str:
                 f"| **{fam}** | {r['delta']:+.2f} | [{r.get('low', float('nan')):+.2f}, "
                 f"{r.get('high', float('nan')):+.2f}] |"
             )
+        out.append("")
+    if p["probe"]:
+        pr = p["probe"]
+        out += ["## Gradient probe (cosine of LoRA-B gradients, whole model, before training)", ""]
+        out.append("| | " + " | ".join(pr["directions"]) + " |")
+        out.append("|---" * (len(pr["directions"]) + 1) + "|")
+        for d, row in zip(pr["directions"], pr["matrix"], strict=True):
+            out.append(f"| {d} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
         out.append("")
     out += ["## Wall time (s)", "", "| step | seconds |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in p["wall_seconds"].items()]
