@@ -113,3 +113,18 @@ def test_bad_groups_and_languages():
         resolve_groups(["de", "is"], {"a": ["de"]})
     with pytest.raises(ValueError, match="unknown strategy"):
         make_plan("nope", LANGS, GROUPS)
+
+
+def test_shipped_size_follows_the_merge_form():
+    from datm.plan import merged_module_parameters
+
+    p = make_plan("datm", LANGS, GROUPS)
+    low = merged_module_parameters(p, "lowrank", 10, 1000, 0.2)
+    assert low == {"xx-en.germanic": 10, "xx-en.slavic": 10}
+    assert shipped_parameters(p, 5000, 10, low) == 5000 + 6 * 10
+    dense = merged_module_parameters(p, "dense", 10, 1000, 0.2)
+    assert shipped_parameters(p, 5000, 10, dense) == 5000 + 4 * 10 + 2 * 1000
+    sparse = merged_module_parameters(p, "sparse", 10, 1000, 0.2)
+    assert sparse["xx-en.slavic"] == 400  # at most density x sources of the entries
+    text = format_plan(p, 5000, 10, sparse, "sparse")
+    assert "merged (sparse): ≤ 400, ≤ 400" in text and f"{5000 + 40 + 800:,}" in text

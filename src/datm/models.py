@@ -134,19 +134,27 @@ def load_model(model_path: str, dtype: Any = None, device: str | None = None) ->
     return model
 
 
-def lora_parameter_count(model: Any, r: int, target_modules: list[str] | str) -> int:
-    """Parameters of one LoRA adapter of rank r on the given (or all linear) modules."""
+def _targeted_linears(model: Any, target_modules: list[str] | str) -> list[Any]:
     import torch
 
-    total = 0
     out_emb = model.get_output_embeddings()
+    found = []
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or mod is out_emb:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if target_modules == "all-linear" or leaf in target_modules:
-            total += r * (mod.in_features + mod.out_features)
-    return total
+        if target_modules == "all-linear" or name.rsplit(".", 1)[-1] in target_modules:
+            found.append(mod)
+    return found
+
+
+def lora_parameter_count(model: Any, r: int, target_modules: list[str] | str) -> int:
+    """Parameters of one LoRA adapter of rank r on the given (or all linear) modules."""
+    return sum(r * (m.in_features + m.out_features) for m in _targeted_linears(model, target_modules))
+
+
+def linear_parameter_count(model: Any, target_modules: list[str] | str) -> int:
+    """Weights of the targeted linear modules: the size of a dense weight delta over them."""
+    return sum(m.in_features * m.out_features for m in _targeted_linears(model, target_modules))
 
 
 def meta_model(model_path: str) -> Any:

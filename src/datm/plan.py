@@ -275,12 +275,38 @@ def make_plan(
     return STRATEGIES[strategy](list(languages), groups, method)
 
 
-def shipped_parameters(plan: Plan, base_params: int, module_params: int) -> int:
-    """The paper's efficiency measure: base + every shipped module."""
-    return base_params + module_params * len(plan.shipped)
+def shipped_parameters(
+    plan: Plan, base_params: int, module_params: int, merge_params: dict[str, int] | None = None
+) -> int:
+    """The paper's efficiency measure: base + every shipped module (merged modules may differ in
+    size from adapters, depending on the merge form)."""
+    merge_params = merge_params or {}
+    return base_params + sum(merge_params.get(m, module_params) for m in plan.shipped)
 
 
-def format_plan(plan: Plan, base_params: int | None = None, module_params: int | None = None) -> str:
+def merged_module_parameters(
+    plan: Plan, form: str, lowrank_params: int, dense_params: int, density: float
+) -> dict[str, int]:
+    """Stored parameters of each merged module under a merge form. `sparse` is an upper bound:
+    TIES keeps at most density x sources of the entries (fewer where the sources overlap)."""
+    out = {}
+    for m in plan.merges:
+        if form in ("lowrank", "factor"):
+            out[m.name] = lowrank_params
+        elif form == "dense":
+            out[m.name] = dense_params
+        else:
+            out[m.name] = int(min(1.0, density * len(m.sources)) * dense_params)
+    return out
+
+
+def format_plan(
+    plan: Plan,
+    base_params: int | None = None,
+    module_params: int | None = None,
+    merge_params: dict[str, int] | None = None,
+    merge_form: str = "lowrank",
+) -> str:
     lines = [f"strategy: {plan.strategy}    groups: " + ", ".join(f"{g}={m}" for g, m in plan.groups.items())]
     lines.append("")
     lines.append(f"{'module':<22} {'kind':<8} {'built from':<40} serves")
@@ -296,10 +322,17 @@ def format_plan(plan: Plan, base_params: int | None = None, module_params: int |
         f"modules shipped: {len(plan.shipped)}"
     )
     if base_params is not None and module_params is not None:
-        total = shipped_parameters(plan, base_params, module_params)
-        lines.append(
-            f"parameters shipped: {total:,} = base {base_params:,} + {len(plan.shipped)} x {module_params:,}"
-        )
+        merge_params = merge_params or {}
+        total = shipped_parameters(plan, base_params, module_params, merge_params)
+        shipped_merges = [m for m in plan.shipped if m in merge_params]
+        n_adapters = len(plan.shipped) - len(shipped_merges)
+        parts = f"base {base_params:,} + {n_adapters} x {module_params:,}"
+        if shipped_merges:
+            bound = "≤ " if merge_form == "sparse" else ""
+            parts += f" + merged ({merge_form}): " + ", ".join(
+                f"{bound}{merge_params[m]:,}" for m in shipped_merges
+            )
+        lines.append(f"parameters shipped: {total:,} = {parts}")
     for d, why in plan.notes.items():
         lines.append(f"  {d}: {why}")
     return "\n".join(lines)

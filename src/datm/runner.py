@@ -16,7 +16,7 @@ from typing import Any
 from datm import artifacts, data, models
 from datm import languages as L
 from datm.config import Config, ConfigError
-from datm.plan import BASE, Plan, format_plan, make_plan
+from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters
 
 
 def build_plan(cfg: Config) -> Plan:
@@ -34,13 +34,22 @@ def describe_plan(cfg: Config, as_json: bool = False) -> str:
     if as_json:
         return json.dumps(plan.to_dict(), indent=2)
     base_params = module_params = None
+    merge_params: dict[str, int] = {}
     try:
         meta = models.meta_model(models.resolve(cfg.base_model))
         base_params = sum(p.numel() for p in meta.parameters())
         module_params = models.lora_parameter_count(meta, cfg.lora.r, cfg.lora.target_modules)
+        rank = cfg.merge.rank or cfg.lora.r
+        merge_params = merged_module_parameters(
+            plan,
+            cfg.merge.form,
+            models.lora_parameter_count(meta, rank, cfg.lora.target_modules),
+            models.linear_parameter_count(meta, cfg.lora.target_modules),
+            cfg.merge.density,
+        )
     except Exception as e:  # counting is informative only; the plan itself is still valid
         print(f"(parameter counts unavailable: {e})")
-    return format_plan(plan, base_params, module_params)
+    return format_plan(plan, base_params, module_params, merge_params, cfg.merge.form)
 
 
 def _check_same(path: Path, new: dict[str, Any], what: str, ignore: tuple[str, ...] = ()) -> None:
