@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from datm import artifacts
+from datm.errors import DatmError
 from datm.evaluate import _interval, _metric, paired_bootstrap, read_lines, score_bleu, score_chrf
 from datm.languages import Direction
 from datm.plan import Plan
@@ -36,7 +37,7 @@ METRICS = ("chrf", "bleu")
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF++"}
 
 
-class AnalysisError(ValueError):
+class AnalysisError(DatmError):
     pass
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import yaml
 
 from datm import languages as L
+from datm.errors import DatmError
 
 
-class ConfigError(ValueError):
+class ConfigError(DatmError):
     pass
 
 

