@@ -1,4 +1,5 @@
-"""Artifacts on disk: atomic writes, completion markers, fingerprints and provenance.
+"""Artifacts on disk: atomic writes, completion markers, claims, the run directory's layout
+(`RunDir`), fingerprints and provenance.
 
 A stage whose output directory holds a DONE marker (written last, atomically) is complete and is
 never redone; that one rule gives resume for free and guards finished adapters from being
@@ -7,14 +8,19 @@ overwritten.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -119,3 +125,235 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+# --- The run directory -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TranslationFiles:
+    """One direction's test sources, references and hypotheses (hyp is written last: it marks completion)."""
+
+    src: Path
+    ref: Path
+    hyp: Path
+
+
+class RunDir:
+    """The one description of a run directory's layout; every stage asks it where things go.
+
+    plan.json, config.json, adapters/NAME/, merged/NAME/, translations/DIR.{src,ref,hyp}.txt,
+    scores.json, report.md, probe/, and .claims/ (one lock file and one record per task).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def probe(self) -> Path:
+        return self.root / "probe"
+
+    @property
+    def translations_dir(self) -> Path:
+        return self.root / "translations"
+
+    @property
+    def claims(self) -> Path:
+        return self.root / ".claims"
+
+    def adapter(self, name: str) -> Path:
+        return self.root / "adapters" / name
+
+    def merged(self, name: str) -> Path:
+        return self.root / "merged" / name
+
+    def module(self, name: str, merges: Iterable[str] | None = None) -> Path:
+        """Where a shipped module lives: merged/ for the plan's merges, adapters/ otherwise.
+        `merges` (the plan's merge names) defaults to those in plan.json."""
+        if merges is None:
+            plan = read_json(self.plan) if self.plan.is_file() else {}
+            merges = [m["name"] for m in plan.get("merges", [])]
+        return self.merged(name) if name in set(merges) else self.adapter(name)
+
+    def translations(self, direction: object) -> TranslationFiles:
+        d = str(direction)
+        t = self.translations_dir
+        return TranslationFiles(t / f"{d}.src.txt", t / f"{d}.ref.txt", t / f"{d}.hyp.txt")
+
+    def claim(self, task_id: str) -> Path:
+        """The lock file of a task's claim (its record is the same name with .json)."""
+        return self.claims / (task_id.replace(":", ".").replace("/", "_") + ".lock")
+
+
+# --- Claims ------------------------------------------------------------------------------------------
+#
+# A task claims its artifact before building it, so that concurrent `datm run`s, Ray workers and
+# SLURM array jobs never build the same thing twice. The claim is a POSIX record lock
+# (fcntl.lockf) on a lock file, held on an open descriptor for as long as the task runs: the kernel
+# drops it when its holder exits or is killed, so a dead holder never blocks anyone. POSIX locks
+# rather than flock(2): NFS implements POSIX locks across hosts (NLM on v3, natively on v4; Linux
+# emulates flock on NFS with them anyway), as do Lustre (mounted with `-o flock`), GPFS, BeeGFS and
+# CephFS. On a mount without coherent locks (NFS `nolock`, Lustre `localflock`) claims only
+# coordinate processes of one host. A record next to the lock (host, pid, started_at) says who
+# holds it; a record that was never marked released belonged to a holder that died, and the next
+# holder takes over (the task then resumes from its checkpoint).
+#
+# POSIX locks belong to a process, and closing *any* descriptor of the file drops them, so each
+# lock file is opened once per process (held claims are tracked below) and never elsewhere.
+
+_HELD: dict[str, Claim] = {}
+_HELD_LOCK = threading.Lock()
+
+
+@dataclass
+class Claim:
+    """A held claim. `took_over` is the record of a holder that died before finishing."""
+
+    path: Path
+    record: dict[str, Any]
+    took_over: dict[str, Any] | None
+    _fd: int
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            atomic_write_json(_record_path(self.path), {**self.record, "released_at": _now()})
+        finally:
+            with _HELD_LOCK:
+                _HELD.pop(str(self.path.resolve()), None)
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = -1
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _record_path(lock: Path) -> Path:
+    return lock.with_suffix(".json")
+
+
+def _read_record(lock: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(_record_path(lock).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def describe_holder(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "another process"
+    return f"{record.get('host', '?')}:{record.get('pid', '?')} (since {record.get('started_at', '?')})"
+
+
+def try_claim(lock: str | Path, task: str) -> Claim | None:
+    """Claim now, or None when a live holder (another process, or this one) has it."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    key = str(lock.resolve())
+    with _HELD_LOCK:
+        if key in _HELD:
+            return None
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                return None
+            raise
+        try:
+            previous = _read_record(lock)
+            took_over = previous if previous and not previous.get("released_at") else None
+            record = {
+                "task": task,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_at": _now(),
+                "released_at": None,
+            }
+            if took_over:
+                record["took_over_from"] = {k: took_over.get(k) for k in ("host", "pid", "started_at")}
+            atomic_write_json(_record_path(lock), record)
+        except BaseException:
+            os.close(fd)
+            raise
+        held = Claim(lock, record, took_over, fd)
+        _HELD[key] = held
+        return held
+
+
+def claim(
+    lock: str | Path,
+    task: str,
+    poll: float = 1.0,
+    timeout: float | None = None,
+    say: Callable[[str], None] = print,
+) -> Claim:
+    """Claim, waiting (with one message) while a live holder has it."""
+    start = time.monotonic()
+    announced = None
+    while True:
+        held = try_claim(lock, task)
+        if held is not None:
+            return held
+        holder = describe_holder(_read_record(Path(lock)))
+        if holder != announced:
+            say(f"{task}: claimed by {holder}; waiting for it")
+            announced = holder
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise TimeoutError(f"{task}: still claimed by {holder} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def holder(lock: str | Path) -> dict[str, Any] | None:
+    """The record of the live holder of a claim, or None when nobody holds it."""
+    lock = Path(lock)
+    if not lock.is_file():
+        return None
+    with _HELD_LOCK:
+        mine = _HELD.get(str(lock.resolve()))
+        if mine is not None:
+            return mine.record
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                return _read_record(lock) or {}
+            raise
+        finally:
+            os.close(fd)  # also drops the probe lock, if it was taken
+        return None

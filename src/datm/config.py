@@ -50,6 +50,9 @@ class TrainConfig:
     seed: int = 1
     precision: str = "auto"  # auto | bf16 | fp32
     checkpoint_every: int = 50
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn and a CUDA GPU)
+    packing: bool = False  # pack each batch's examples into few rows (attention isolated per example)
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
+    executor: str = "local"  # local | ray (datm.tasks.executors)
+    resources: dict[str, dict[str, float]] = field(default_factory=dict)  # per task kind, for ray
     source: str = "<dict>"  # the file it came from, for error messages
 
     def resolved_groups(self) -> dict[str, list[str]]:
@@ -213,3 +218,43 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{s}: merge.density must be in (0, 1], got {m.density}")
     if m.form not in ("lowrank", "factor", "dense", "sparse"):
         raise ConfigError(f"{s}: merge.form must be lowrank, factor, dense or sparse")
+    validate_scaleout(cfg)
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "max_retries")
+
+
+def validate_scaleout(cfg: Config) -> None:
+    """The executor, its resources per task kind, and the training options for GPUs."""
+    from datm.tasks.executors import EXECUTORS  # local: the executors import config types
+    from datm.tasks.graph import KINDS
+
+    s = cfg.source
+    if cfg.executor not in EXECUTORS:
+        raise ConfigError(f"{s}: executor must be one of {sorted(EXECUTORS)}, got {cfg.executor!r}")
+    if not isinstance(cfg.resources, dict):
+        raise ConfigError(
+            f"{s}: resources: expected a mapping of task kind to resources, e.g. {{train: {{num_gpus: 1}}}}"
+        )
+    for kind, res in cfg.resources.items():
+        if kind not in KINDS:
+            raise ConfigError(f"{s}: resources.{kind}: unknown task kind; expected some of {list(KINDS)}")
+        if not isinstance(res, dict):
+            raise ConfigError(f"{s}: resources.{kind}: expected a mapping such as {{num_gpus: 1}}")
+        for key, value in res.items():
+            if key not in RESOURCE_KEYS:
+                raise ConfigError(
+                    f"{s}: resources.{kind}.{key}: unknown; expected some of {list(RESOURCE_KEYS)}"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{s}: resources.{kind}.{key}: expected a number >= 0, got {value!r}")
+    t = cfg.train
+    if t.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"{s}: train.attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, "
+            f"got {t.attn_implementation!r}"
+        )
+    for key in ("gradient_checkpointing", "packing"):
+        if not isinstance(getattr(t, key), bool):
+            raise ConfigError(f"{s}: train.{key} must be true or false, got {getattr(t, key)!r}")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from datm import artifacts
 from datm.config import LoraConfig, TrainConfig
 from datm.data import IGNORE_INDEX, Example, length_batches
+from datm.device import cpu_has_fast_bf16, pick_precision  # noqa: F401 (their home was here)
 
 CHECKPOINT = ".checkpoint"
 
@@ -40,23 +41,6 @@ class TrainResult:
         d = asdict(self)
         d["out"] = str(self.out)
         return d
-
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def pick_precision(precision: str, device: torch.device) -> str:
-    """'bf16' or 'no' for accelerate. bf16 autocast only where the hardware runs it fast."""
-    if precision != "auto":
-        return "bf16" if precision == "bf16" else "no"
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_has_fast_bf16() else "no"
 
 
 def steps_for(n_examples: int, cfg: TrainConfig, world_size: int = 1) -> int:
@@ -79,11 +63,56 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices grouped into rows of at most `capacity` tokens (a longer
+    example gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(examples: Sequence[Example], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """The same examples as `collate`, packed several to a row. Position ids restart at every
+    example and no attention mask is given, so transformers isolates the examples from each other
+    (a block-diagonal causal mask with sdpa/eager, variable-length kernels with flash-attention).
+    Every example starts with prompt tokens (label ignored), so no loss crosses a boundary."""
+    rows = pack_rows([len(e.input_ids) for e in examples], capacity)
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e = examples[i]
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at : at + n] = torch.tensor(e.labels)
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        # the padding tail is a sequence of its own (positions from 0), with no labels
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
 def target_loss(causal_lm: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over target tokens, projecting only those positions through
-    the LM head (same value as the full-logits loss, a fraction of the cost)."""
+    the LM head (same value as the full-logits loss, a fraction of the cost). A packed batch
+    (`collate_packed`) carries position_ids instead of an attention mask."""
     hidden = causal_lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
     ).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
@@ -102,11 +131,29 @@ class TargetLoss(torch.nn.Module):
         self.causal_lm = causal_lm
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return target_loss(
-            self.causal_lm, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        )
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return target_loss(self.causal_lm, {**batch, "position_ids": position_ids})
+
+
+def set_activation_checkpointing(model: Any, on: bool) -> None:
+    """Gradient (activation) checkpointing: recompute each layer's activations in backward.
+    Non-reentrant, so inputs need not require grad and dropout's RNG is replayed exactly."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _lora_config(cfg: LoraConfig) -> Any:
@@ -180,6 +227,8 @@ def train_adapter(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     peft_model = get_peft_model(base_model, _lora_config(lora))
+    if cfg.gradient_checkpointing:
+        set_activation_checkpointing(base_model, True)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     names = {"inverse_sqrt": "inverse_sqrt", "cosine": "cosine", "constant": "constant_with_warmup"}
@@ -220,7 +269,9 @@ def train_adapter(
         step_loss = 0.0
         for micro in range(micro_per_step):
             idx = order[step * micro_per_step + micro]
-            batch = {k: v.to(accel.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            chosen = [examples[i] for i in idx]
+            packed = collate_packed(chosen, pad_id, cfg.max_length) if cfg.packing else None
+            batch = {k: v.to(accel.device) for k, v in (packed or collate(chosen, pad_id)).items()}
             with accel.accumulate(loss_module), autocast:
                 loss = loss_module(**batch)
                 accel.backward(loss)
@@ -275,4 +326,6 @@ def train_adapter(
     accel.wait_for_everyone()
     accel.free_memory()  # accelerate keeps references to what it prepared; this adapter is done
     peft_model.unload()  # give the base model back without LoRA layers
+    if cfg.gradient_checkpointing:
+        set_activation_checkpointing(base_model, False)
     return result

@@ -1,0 +1,44 @@
+"""The one place that picks the device and the dtypes a process computes in.
+
+Under `accelerate launch` (and FSDP / DeepSpeed through it) every process gets its own GPU; under
+Ray a task sees the GPUs it was given (CUDA_VISIBLE_DEVICES); otherwise the first GPU, else the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def current() -> torch.device:
+    """This process's device: accelerate's choice (cuda:LOCAL_RANK, mps, or cpu)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    """'bf16' or 'no' for accelerate. bf16 autocast only where the hardware runs it fast."""
+    if precision != "auto":
+        return "bf16" if precision == "bf16" else "no"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+def base_dtype(train_precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the frozen base weights during LoRA training: bf16 on a GPU that trains in bf16
+    (half the memory, no per-step casts; LoRA weights stay fp32 in peft), fp32 elsewhere (on a CPU,
+    bf16 autocast over fp32 weights measured faster and keeps today's numbers)."""
+    if device.type == "cuda" and pick_precision(train_precision, device) == "bf16":
+        return torch.bfloat16
+    return torch.float32
