@@ -61,7 +61,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from datm import runner
 
     cfg = C.load(args.config)
-    runner.run(cfg)
+    runner.run(cfg, executor=args.executor, address=args.address, only=args.only)
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from datm import config as C
+    from datm import runner
+
+    print(runner.describe_tasks(C.load(args.config), as_json=args.json))
     return 0
 
 
@@ -137,7 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a config end to end (resumes where it stopped)")
     s.add_argument("config")
+    s.add_argument(
+        "--executor", choices=["local", "ray"], help="where tasks run (default: the config's executor, local)"
+    )
+    s.add_argument("--address", help="ray: join this Ray cluster (default: start one on this machine)")
+    s.add_argument("--only", metavar="TASK", help="run one task, e.g. train:de-en (see `datm tasks`)")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("tasks", help="the plan's tasks, their dependencies and status")
+    s.add_argument("config")
+    s.add_argument("--json", action="store_true", help="as JSON (for job arrays)")
+    s.set_defaults(func=_cmd_tasks)
 
     s = sub.add_parser("train", help="train the plan's adapters only")
     s.add_argument("config")

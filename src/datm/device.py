@@ -7,8 +7,10 @@ Ray a task sees the GPUs it was given (CUDA_VISIBLE_DEVICES); otherwise the firs
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def current() -> torch.device:
@@ -28,6 +30,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def pick_precision(precision: str, device: torch.device) -> str:
     """'bf16' or 'no' for accelerate. bf16 autocast only where the hardware runs it fast."""
+    import torch
+
     if precision != "auto":
         return "bf16" if precision == "bf16" else "no"
     if device.type == "cuda":
@@ -39,6 +43,8 @@ def base_dtype(train_precision: str, device: torch.device) -> torch.dtype:
     """The dtype of the frozen base weights during LoRA training: bf16 on a GPU that trains in bf16
     (half the memory, no per-step casts; LoRA weights stay fp32 in peft), fp32 elsewhere (on a CPU,
     bf16 autocast over fp32 weights measured faster and keeps today's numbers)."""
+    import torch
+
     if device.type == "cuda" and pick_precision(train_precision, device) == "bf16":
         return torch.bfloat16
     return torch.float32

@@ -122,12 +122,34 @@ def load_tokenizer(model_path: str) -> Any:
     return tok
 
 
-def load_model(model_path: str, dtype: Any = None, device: str | None = None) -> Any:
+def check_attn_implementation(name: str | None) -> None:
+    """Fail early, and clearly, when an attention implementation cannot run here."""
+    if name != "flash_attention_2":
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ModelError(
+            "train.attn_implementation: flash_attention_2 needs the flash-attn package "
+            "(pip install flash-attn --no-build-isolation) and a CUDA GPU; it is not installed here. "
+            "Use sdpa (the default)."
+        )
+    if not torch.cuda.is_available():
+        raise ModelError("train.attn_implementation: flash_attention_2 runs on CUDA GPUs only; use sdpa here")
+
+
+def load_model(
+    model_path: str, dtype: Any = None, device: str | None = None, attn_implementation: str | None = None
+) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_attn_implementation(attn_implementation)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32, **extra)
     except OSError as e:
         raise ModelError(f"cannot load a causal LM from {model_path!r}: {e}") from None
     if device:

@@ -1,22 +1,21 @@
-"""Executes a plan: train → merge → translate → score → report, each step skipped when its
-artifact is already complete. The runner never decides *what* to train; the plan does.
-
-Layout of a run directory (the contract other tools read):
-  plan.json, config.json, adapters/NAME/, merged/NAME/, translations/DIR.{src,ref,hyp}.txt,
-  scores.json, report.md
+"""Runs a config: plans it, checks that the output_dir belongs to it, expands the plan to tasks
+(train → merge → translate → score → report) and hands them to an executor; a task is skipped when
+its artifact is already complete. The runner never decides *what* to train; the plan does.
+The run directory's layout is `datm.artifacts.RunDir`; the tasks and executors are `datm.tasks`.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, data, models
-from datm import languages as L
+from datm import artifacts, models
+from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters
+from datm.tasks import Task, Worker, build_tasks, execute, task_status
+from datm.tasks.graph import format_status, is_done
+from datm.tasks.work import BODIES, test_pairs, train_pairs  # noqa: F401 (their home was here)
 
 
 def build_plan(cfg: Config) -> Plan:
@@ -80,180 +79,15 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def _prepare(cfg: Config) -> tuple[Path, Plan]:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare(cfg: Config) -> tuple[RunDir, Plan]:
+    run = RunDir(cfg.output_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
     plan = build_plan(cfg)
-    _check_same(out / "plan.json", plan.to_dict(), "plan")
-    # eval settings may change between invocations (they only affect the stages that follow)
-    _check_same(out / "config.json", cfg.to_dict(), "config", ignore=("eval",))
-    return out, plan
-
-
-def train_pairs(cfg: Config, directions: list[str], report: data.ReadReport) -> list[data.Pair]:
-    if not cfg.data.train:
-        raise ConfigError(f"{cfg.source}: data.train is required to train adapters")
-    pairs: list[data.Pair] = []
-    for d in directions:
-        got = data.read_direction(
-            cfg.data.train, L.Direction.parse(d), cfg.data.format, cfg.data.on_bad_record, report, "train"
-        )
-        pairs += data.select(got, cfg.train.max_examples_per_pair, cfg.train.seed)
-    return pairs
-
-
-def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
-    if not cfg.data.test:
-        raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
-    fmt = (
-        cfg.data.format
-        if cfg.data.format != "auto"
-        else data.detect_format(data.pattern_path(cfg.data.test, direction))
-    )
-    split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
-    got = data.read_direction(cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split)
-    return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
-
-
-class Session:
-    """The loaded base model and tokenizer, shared by every stage of one invocation."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.model_path = models.resolve(cfg.base_model)
-        self.tokenizer = models.load_tokenizer(self.model_path)
-        self.model = models.load_model(self.model_path)
-        self.fingerprint = models.fingerprint(self.model_path)
-
-
-def train_stage(cfg: Config, plan: Plan, out: Path, session: Session, only: list[str] | None = None) -> None:
-    from datm.train import train_adapter
-
-    fmt = data.PromptFormat(session.tokenizer, cfg.prompt)
-    for spec in plan.adapters:
-        if only and spec.name not in only:
-            continue
-        target = out / "adapters" / spec.name
-        if artifacts.is_done(target):
-            print(f"adapter {spec.name}: done, reused")
-            continue
-        report = data.ReadReport()
-        pairs = train_pairs(cfg, spec.directions, report)
-        examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
-        if report.skipped:
-            print(
-                f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}"
-            )
-        if tok_report.truncated or tok_report.dropped:
-            print(
-                f"adapter {spec.name}: {tok_report.truncated} truncated, "
-                f"{tok_report.dropped} dropped (prompt alone too long)"
-            )
-        provenance = {
-            "model": session.model_path,
-            "model_fingerprint": session.fingerprint,
-            "data_fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in pairs),
-            "data_origin": sorted({p.origin.rsplit(":", 1)[0] for p in pairs}),
-            "skipped_records": report.skipped,
-            "tokenize": asdict(tok_report),
-            "prompt": cfg.prompt,
-        }
-        train_adapter(session.model, session.tokenizer, examples, target, cfg.lora, cfg.train, provenance)
-
-
-def merge_stage(cfg: Config, plan: Plan, out: Path) -> None:
-    from datm.merge import merge_adapters
-
-    for spec in plan.merges:
-        target = out / "merged" / spec.name
-        if artifacts.is_done(target):
-            print(f"merge {spec.name}: done, reused")
-            continue
-        res = merge_adapters(
-            [out / "adapters" / s for s in spec.sources],
-            target,
-            method=spec.method,
-            density=cfg.merge.density,
-            rank=cfg.merge.rank,
-            form=cfg.merge.form,
-            weights=cfg.merge.weights,
-        )
-        err = f", relative reconstruction error {res.rel_error:.3f}" if res.rel_error is not None else ""
-        print(f"merge {spec.name}: {spec.method}/{res.form} of {len(spec.sources)} adapters{err}")
-
-
-def module_dirs(plan: Plan, out: Path) -> dict[str, Path]:
-    return {n: out / ("merged" if plan.kind(n) == "merge" else "adapters") / n for n in plan.shipped}
-
-
-def translate_stage(cfg: Config, plan: Plan, out: Path, session: Session) -> None:
-    from datm.translate import Request, Translator
-
-    tdir = out / "translations"
-    todo = [d for d in plan.directions() if not (tdir / f"{d}.hyp.txt").is_file()]
-    if not todo:
-        return
-    from datm.translate import inference_dtype
-
-    # Translation is the last use of the model in a run: serve it in bf16 where that is fast.
-    session.model.to(inference_dtype(cfg.eval.precision, session.model.device))
-    translator = Translator(session.model, session.tokenizer, module_dirs(plan, out), cfg.prompt)
-    try:
-        for d in todo:
-            pairs = test_pairs(cfg, d)
-            hyps = translator.translate(
-                [Request(d, p.src) for p in pairs],
-                plan.routes,
-                beams=cfg.eval.beams,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                batch_size=cfg.eval.batch_size,
-            )
-            artifacts.atomic_write_text(tdir / f"{d}.src.txt", data.write_text(p.src for p in pairs))
-            artifacts.atomic_write_text(tdir / f"{d}.ref.txt", data.write_text(p.tgt for p in pairs))
-            # hyp last: its presence marks the direction complete
-            artifacts.atomic_write_text(tdir / f"{d}.hyp.txt", data.write_text(hyps))
-            print(f"translated {d}: {len(hyps)} segments (module {plan.routes[str(d)]})")
-    finally:
-        from peft import PeftModel
-
-        if isinstance(translator.model, PeftModel):
-            translator.model.unload()  # give the shared base model back without adapters
-
-
-def score_stage(cfg: Config, plan: Plan, out: Path, session: Session | None) -> dict[str, Any]:
-    from datm import evaluate
-
-    tdir = out / "translations"
-    directions: dict[str, Any] = {}
-    signatures: dict[str, str] = {}
-    for d in plan.directions():
-        read = evaluate.read_lines
-        srcs, refs, hyps = (read(tdir / f"{d}.{k}.txt") for k in ("src", "ref", "hyp"))
-        s = evaluate.score_direction(hyps, refs, d.tgt, srcs=srcs, comet_model=cfg.eval.comet)
-        row = s.to_dict()
-        row["test_fingerprint"] = artifacts.fingerprint_texts(srcs + refs)
-        directions[str(d)] = row
-        signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in s.signatures.items()})
-    scores = {
-        "directions": directions,
-        "averages": evaluate.averages(directions),
-        "signatures": signatures,
-        "provenance": {
-            "strategy": plan.strategy,
-            "config": cfg.to_dict(),
-            "seed": cfg.train.seed,
-            "model": session.model_path if session else cfg.base_model,
-            "model_fingerprint": session.fingerprint if session else None,
-            "modules": {n: _module_fingerprint(p) for n, p in module_dirs(plan, out).items()},
-            "versions": artifacts.library_versions(),
-            "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        },
-    }
-    artifacts.atomic_write_json(out / "scores.json", scores)
-    return scores
-
-
-def _module_fingerprint(path: Path) -> str:
-    return artifacts.fingerprint_files(sorted(p for p in path.glob("*.safetensors")))
+    _check_same(run.plan, plan.to_dict(), "plan")
+    # eval settings may change between invocations (they only affect the stages that follow), and
+    # where the tasks run changes nothing they produce
+    _check_same(run.config, cfg.to_dict(), "config", ignore=("eval", "executor", "resources"))
+    return run, plan
 
 
 def print_scores(scores: dict[str, Any]) -> None:
@@ -275,23 +109,88 @@ def _probe_if_auto(cfg: Config) -> None:
         probe.probe_config(cfg, probe.default_probe_path(cfg).parent)
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    _probe_if_auto(cfg)
-    out, plan = _prepare(cfg)
-    print(format_plan(plan))
-    session = Session(cfg)
-    train_stage(cfg, plan, out, session)
-    if not _is_main_process():
-        return {}  # under `accelerate launch`, the other processes only help train
-    merge_stage(cfg, plan, out)
-    translate_stage(cfg, plan, out, session)
-    scores = score_stage(cfg, plan, out, session)
-    from datm import report
+def run(
+    cfg: Config, executor: str | None = None, address: str | None = None, only: str | None = None
+) -> dict[str, Any]:
+    """Every task of the config's plan (or, with `only`, one task), on the chosen executor."""
+    from datm.tasks.executors import EXECUTORS
 
-    report.run_report(out)
+    _probe_if_auto(cfg)
+    run_dir, plan = _prepare(cfg)
+    tasks = build_tasks(plan, run_dir)
+    if only is not None:
+        run_one(cfg, plan, tasks, only)
+        return {}
+    print(format_plan(plan))
+    name = executor or cfg.executor
+    if name not in EXECUTORS:
+        raise ConfigError(f"--executor {name!r}: expected one of {sorted(EXECUTORS)}")
+    if _num_processes() > 1:  # `accelerate launch`: every process trains; the main one does the rest
+        if name != "local":
+            raise ConfigError(f"executor {name!r} cannot run under accelerate launch; use executor local")
+        _train_all_processes(cfg, plan, [t for t in tasks if t.kind == "train"])
+        if not _is_main_process():
+            return {}
+        tasks = [t for t in tasks if t.kind != "train"]
+    EXECUTORS[name](cfg, plan, tasks, address=address)
+    scores = artifacts.read_json(run_dir.scores)
     print_scores(scores)
-    print(f"\nresults: {out / 'scores.json'}   report: {out / 'report.md'}")
+    print(f"\nresults: {run_dir.scores}   report: {run_dir.report}")
     return scores
+
+
+def run_one(cfg: Config, plan: Plan, tasks: list[Task], task_id: str) -> str:
+    """One task, here (what a SLURM array line runs); everything it needs must be done."""
+    by_id = {t.id: t for t in tasks}
+    if task_id not in by_id:
+        some = ", ".join(t.id for t in tasks[:4])
+        raise ConfigError(f"--only {task_id!r}: no such task in this plan (e.g. {some}; `datm tasks CONFIG`)")
+    task = by_id[task_id]
+    run_dir = RunDir(cfg.output_dir)
+    missing = [d for d in task.deps if not is_done(run_dir, by_id[d])]
+    if missing:
+        raise ConfigError(f"--only {task_id}: needs {missing}, not done yet; run those tasks first")
+    return execute(cfg, plan, task, Worker(cfg))
+
+
+def describe_tasks(cfg: Config, as_json: bool = False) -> str:
+    """The task graph with each task's status, as a table or as JSON (for job arrays)."""
+    import json
+
+    plan = build_plan(cfg)
+    run_dir = RunDir(cfg.output_dir)
+    rows = task_status(run_dir, build_tasks(plan, run_dir))
+    if as_json:
+        doc = {"config": cfg.source, "output_dir": str(run_dir.root), "executor": cfg.executor, "tasks": rows}
+        return json.dumps(doc, indent=2)
+    return format_status(rows)
+
+
+def _train_all_processes(cfg: Config, plan: Plan, tasks: list[Task]) -> None:
+    """Data-parallel training: the main process claims each adapter, then all processes train it
+    together (or all skip it, when it turned out done)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    run_dir = RunDir(cfg.output_dir)
+    worker = Worker(cfg)
+    for t in tasks:
+        held = artifacts.claim(run_dir.claim(t.id), t.id) if state.is_main_process else None
+        state.wait_for_everyone()
+        try:
+            if not is_done(run_dir, t):
+                BODIES[t.kind](cfg, plan, run_dir, t, worker)
+            elif state.is_main_process:
+                print(f"{t.id}: done, reused")
+        finally:
+            if held is not None:
+                held.release()
+
+
+def _num_processes() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
 
 
 def _is_main_process() -> bool:
@@ -301,14 +200,20 @@ def _is_main_process() -> bool:
 
 
 def train_only(cfg: Config, only: list[str] | None = None) -> None:
+    from datm.tasks.executors import run_local
+
     _probe_if_auto(cfg)
-    out, plan = _prepare(cfg)
+    run_dir, plan = _prepare(cfg)
     unknown = sorted(set(only or []) - {a.name for a in plan.adapters})
     if unknown:
         raise ConfigError(
             f"--adapter {unknown}: not in the plan; adapters are {[a.name for a in plan.adapters]}"
         )
-    train_stage(cfg, plan, out, Session(cfg), only)
+    tasks = [t for t in build_tasks(plan, run_dir) if t.kind == "train" and (not only or t.name in only)]
+    if _num_processes() > 1:
+        _train_all_processes(cfg, plan, tasks)
+    else:
+        run_local(cfg, plan, tasks)
 
 
-__all__ = ["BASE", "run", "train_only", "describe_plan", "build_plan"]
+__all__ = ["BASE", "run", "run_one", "train_only", "describe_plan", "describe_tasks", "build_plan"]

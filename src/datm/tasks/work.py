@@ -1,0 +1,289 @@
+"""What each kind of task does, and `execute`: claim the task's artifact, build it, release it.
+
+The same functions run in `datm run` (local executor), in a Ray worker and under `--only`, so all
+executors produce the same bytes. A `Worker` is what one process keeps between tasks: the
+tokenizer and the base model, loaded once (on this process's device) and reused.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from datm import artifacts, data, device, models
+from datm import languages as L
+from datm.artifacts import RunDir
+from datm.config import Config, ConfigError
+from datm.plan import BASE, Plan
+from datm.tasks.graph import ALWAYS_RUN, Task, is_done
+
+
+class Worker:
+    """The base model and tokenizer of one process, shared by the tasks it runs."""
+
+    def __init__(self, cfg: Config, progress: bool = True) -> None:
+        self.base_model = cfg.base_model
+        self.attn_implementation = cfg.train.attn_implementation
+        self.progress = progress
+        self._path: str | None = None
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._fingerprint: str | None = None
+
+    def serves(self, cfg: Config) -> bool:
+        return (cfg.base_model, cfg.train.attn_implementation) == (self.base_model, self.attn_implementation)
+
+    @property
+    def model_path(self) -> str:
+        if self._path is None:
+            self._path = models.resolve(self.base_model)
+        return self._path
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = models.fingerprint(self.model_path)
+        return self._fingerprint
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = models.load_tokenizer(self.model_path)
+        return self._tokenizer
+
+    def model(self, dtype: Any) -> Any:
+        """The base model in `dtype`. A model trained in fp32 is converted in place for bf16
+        inference (as a single run always did); going back to fp32 reloads it."""
+        import torch
+
+        if self._model is not None and self._model.dtype != dtype:
+            if self._model.dtype == torch.float32:
+                self._model.to(dtype)
+            else:
+                self.forget_model()
+        if self._model is None:
+            models.check_attn_implementation(self.attn_implementation)
+            self._model = models.load_model(
+                self.model_path,
+                dtype=dtype,
+                device=str(device.current()),
+                attn_implementation=self.attn_implementation,
+            )
+        return self._model
+
+    def forget_model(self) -> None:
+        """Drop the model (e.g. after a failed task may have left adapter layers in it)."""
+        self._model = None
+        gc.collect()
+
+
+# --- data of a config --------------------------------------------------------------------------------
+
+
+def train_pairs(cfg: Config, directions: list[str], report: data.ReadReport) -> list[data.Pair]:
+    if not cfg.data.train:
+        raise ConfigError(f"{cfg.source}: data.train is required to train adapters")
+    pairs: list[data.Pair] = []
+    for d in directions:
+        got = data.read_direction(
+            cfg.data.train, L.Direction.parse(d), cfg.data.format, cfg.data.on_bad_record, report, "train"
+        )
+        pairs += data.select(got, cfg.train.max_examples_per_pair, cfg.train.seed)
+    return pairs
+
+
+def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
+    if not cfg.data.test:
+        raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
+    fmt = (
+        cfg.data.format
+        if cfg.data.format != "auto"
+        else data.detect_format(data.pattern_path(cfg.data.test, direction))
+    )
+    split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
+    got = data.read_direction(cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split)
+    return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
+
+
+# --- the task bodies ---------------------------------------------------------------------------------
+
+
+def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
+    from datm.train import train_adapter
+
+    spec = next(a for a in plan.adapters if a.name == task.name)
+    fmt = data.PromptFormat(worker.tokenizer, cfg.prompt)
+    report = data.ReadReport()
+    pairs = train_pairs(cfg, spec.directions, report)
+    examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
+    if report.skipped:
+        print(f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}")
+    if tok_report.truncated or tok_report.dropped:
+        print(
+            f"adapter {spec.name}: {tok_report.truncated} truncated, "
+            f"{tok_report.dropped} dropped (prompt alone too long)"
+        )
+    provenance = {
+        "model": worker.model_path,
+        "model_fingerprint": worker.fingerprint,
+        "data_fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in pairs),
+        "data_origin": sorted({p.origin.rsplit(":", 1)[0] for p in pairs}),
+        "skipped_records": report.skipped,
+        "tokenize": asdict(tok_report),
+        "prompt": cfg.prompt,
+    }
+    model = worker.model(device.base_dtype(cfg.train.precision, device.current()))
+    train_adapter(
+        model,
+        worker.tokenizer,
+        examples,
+        run.adapter(spec.name),
+        cfg.lora,
+        cfg.train,
+        provenance,
+        progress=worker.progress,
+    )
+
+
+def merge_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
+    from datm.merge import merge_adapters
+
+    spec = next(m for m in plan.merges if m.name == task.name)
+    res = merge_adapters(
+        [run.adapter(s) for s in spec.sources],
+        run.merged(spec.name),
+        method=spec.method,
+        density=cfg.merge.density,
+        rank=cfg.merge.rank,
+        form=cfg.merge.form,
+        weights=cfg.merge.weights,
+    )
+    err = f", relative reconstruction error {res.rel_error:.3f}" if res.rel_error is not None else ""
+    print(f"merge {spec.name}: {spec.method}/{res.form} of {len(spec.sources)} adapters{err}")
+
+
+def module_dirs(plan: Plan, run: RunDir) -> dict[str, Any]:
+    merges = [m.name for m in plan.merges]
+    return {n: run.module(n, merges) for n in plan.shipped}
+
+
+def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
+    """One direction, through the one module its route names (mixed-batch code path as serving)."""
+    from peft import PeftModel
+
+    from datm.translate import Request, Translator, inference_dtype
+
+    direction = L.Direction.parse(task.name)
+    module = plan.routes[task.name]
+    modules = {} if module == BASE else {module: run.module(module, [m.name for m in plan.merges])}
+    model = worker.model(inference_dtype(cfg.eval.precision, device.current()))
+    translator = Translator(model, worker.tokenizer, modules, cfg.prompt)
+    try:
+        pairs = test_pairs(cfg, direction)
+        hyps = translator.translate(
+            [Request(direction, p.src) for p in pairs],
+            plan.routes,
+            beams=cfg.eval.beams,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            progress=worker.progress,
+        )
+        files = run.translations(direction)
+        artifacts.atomic_write_text(files.src, data.write_text(p.src for p in pairs))
+        artifacts.atomic_write_text(files.ref, data.write_text(p.tgt for p in pairs))
+        artifacts.atomic_write_text(files.hyp, data.write_text(hyps))  # last: marks the direction done
+        print(f"translated {direction}: {len(hyps)} segments (module {module})")
+    finally:
+        if isinstance(translator.model, PeftModel):
+            translator.model.unload()  # give the shared base model back without adapters
+
+
+def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> dict[str, Any]:
+    from datm import evaluate
+
+    directions: dict[str, Any] = {}
+    signatures: dict[str, str] = {}
+    for d in plan.directions():
+        files = run.translations(d)
+        srcs, refs, hyps = (evaluate.read_lines(p) for p in (files.src, files.ref, files.hyp))
+        s = evaluate.score_direction(hyps, refs, d.tgt, srcs=srcs, comet_model=cfg.eval.comet)
+        row = s.to_dict()
+        row["test_fingerprint"] = artifacts.fingerprint_texts(srcs + refs)
+        directions[str(d)] = row
+        signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in s.signatures.items()})
+    scores = {
+        "directions": directions,
+        "averages": evaluate.averages(directions),
+        "signatures": signatures,
+        "provenance": {
+            "strategy": plan.strategy,
+            "config": cfg.to_dict(),
+            "seed": cfg.train.seed,
+            "model": worker.model_path,
+            "model_fingerprint": worker.fingerprint,
+            "modules": {
+                n: artifacts.fingerprint_files(sorted(p.glob("*.safetensors")))
+                for n, p in module_dirs(plan, run).items()
+            },
+            "versions": artifacts.library_versions(),
+            "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    }
+    artifacts.atomic_write_json(run.scores, scores)
+    return scores
+
+
+def write_report(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
+    from datm import report
+
+    report.run_report(run.root)
+
+
+BODIES: dict[str, Callable[[Config, Plan, RunDir, Task, Worker], Any]] = {
+    "train": train_one,
+    "merge": merge_one,
+    "translate": translate_one,
+    "score": score_all,
+    "report": write_report,
+}
+
+
+def execute(
+    cfg: Config,
+    plan: Plan,
+    task: Task,
+    worker: Worker,
+    wait: bool = True,
+    say: Callable[[str], None] = print,
+) -> str:
+    """Build one task's artifact under its claim: 'built', 'reused' (complete already, perhaps
+    by another process), or 'busy' (claimed by a live holder and `wait` is False)."""
+    run = RunDir(cfg.output_dir)
+    always = task.kind in ALWAYS_RUN
+    if not always and is_done(run, task):
+        say(f"{task.id}: done, reused")
+        return "reused"
+    lock = run.claim(task.id)
+    held = artifacts.claim(lock, task.id, say=say) if wait else artifacts.try_claim(lock, task.id)
+    if held is None:
+        return "busy"
+    with held:
+        if held.took_over:
+            say(
+                f"{task.id}: taking over from {artifacts.describe_holder(held.took_over)}, which stopped "
+                "before finishing; resuming from its checkpoint"
+            )
+        if not always and is_done(run, task):
+            say(f"{task.id}: done by another process, reused")
+            return "reused"
+        t0 = time.perf_counter()
+        try:
+            BODIES[task.kind](cfg, plan, run, task, worker)
+        except BaseException:
+            worker.forget_model()  # a task stopped midway may have left adapter layers in it
+            raise
+        say(f"{task.id}: built in {time.perf_counter() - t0:.1f} s")
+    return "built"
