@@ -1,0 +1,181 @@
+"""The task graph, `datm tasks`, `datm run --only`, and cooperating runs on one output_dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from datm.cli import main
+
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+def write_config(
+    tmp_path: Path, model_dir: Path, data_dir: Path, out: str, train: str = "", extra: str = ""
+) -> Path:
+    cfg = tmp_path / f"{out}.yaml"
+    cfg.write_text(
+        f"""
+base_model: {model_dir}
+languages: [de, cs, ru]
+groups: {{germanic: [de], slavic: [cs, ru]}}
+data:
+  train: {data_dir}/train.{{xx}}-en.jsonl
+  test: {data_dir}/test.{{src}}-{{tgt}}.jsonl
+strategy: datm
+lora: {{r: 4, alpha: 8, dropout: 0.0}}
+train: {{steps: 3, batch_size: 4, lr: 0.002, max_examples_per_pair: 8, seed: 1, checkpoint_every: 0{train}}}
+merge: {{method: ties, density: 0.5}}
+eval: {{max_examples: 3, beams: 1, max_new_tokens: 6}}
+output_dir: {out}
+{extra}
+"""
+    )
+    return cfg
+
+
+def artifacts_of(out: Path) -> dict[str, bytes]:
+    """Every adapter, merged module and translation of a run, by relative path."""
+    files = [*out.glob("adapters/*/*.safetensors"), *out.glob("merged/*/*.safetensors")]
+    files += out.glob("translations/*.txt")
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(files)}
+
+
+def test_tasks_lists_the_graph_with_dependencies_and_status(tmp_path, tiny_model_dir, alma_dir, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "t")
+    assert main(["tasks", str(cfg), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {r["id"]: r for r in doc["tasks"]}
+    assert list(rows)[:5] == [
+        "train:de-en",
+        "train:cs-en",
+        "train:ru-en",
+        "train:en-xx.germanic",
+        "train:en-xx.slavic",
+    ]
+    assert rows["merge:xx-en.slavic"]["deps"] == ["train:cs-en", "train:ru-en"]
+    assert rows["translate:cs-en"]["deps"] == ["merge:xx-en.slavic"]
+    assert rows["translate:de-en"]["deps"] == ["train:de-en"]  # a one-language group ships its adapter
+    assert rows["translate:en-ru"]["outputs"][-1] == "translations/en-ru.hyp.txt"
+    assert len(rows["score"]["deps"]) == 6 and rows["report"]["deps"] == ["score"]
+    assert {r["status"] for r in rows.values()} == {"waiting"}
+    assert rows["train:de-en"]["ready"] and not rows["merge:xx-en.slavic"]["ready"]
+    assert not (tmp_path / "t").exists()  # listing runs nothing
+
+    assert main(["run", str(cfg), "--only", "train:cs-en"]) == 0
+    assert main(["tasks", str(cfg)]) == 0
+    table = capsys.readouterr().out
+    assert "train:cs-en                  done" in table and "train:ru-en                  ready" in table
+    assert "14 tasks: 1 done, 0 running, 13 waiting" in table
+
+
+def test_only_runs_one_task_and_checks_what_it_needs(tmp_path, tiny_model_dir, alma_dir, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "o")
+    out = tmp_path / "o"
+    assert main(["run", str(cfg), "--only", "merge:xx-en.slavic"]) == 2
+    err = capsys.readouterr().err
+    assert "needs ['train:cs-en', 'train:ru-en'], not done yet" in err
+    assert main(["run", str(cfg), "--only", "train:xx"]) == 2
+    assert "no such task" in capsys.readouterr().err
+    for t in ("train:cs-en", "train:ru-en", "merge:xx-en.slavic"):
+        assert main(["run", str(cfg), "--only", t]) == 0
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["cs-en", "ru-en"]
+    assert (out / "merged" / "xx-en.slavic" / "DONE.json").is_file()
+    assert not (out / "translations").exists()
+    assert main(["run", str(cfg), "--only", "train:cs-en"]) == 0
+    assert "train:cs-en: done, reused" in capsys.readouterr().out
+
+
+def _datm(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "datm.cli", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
+
+
+def test_two_concurrent_runs_build_every_artifact_once(tmp_path, tiny_model_dir, alma_dir):
+    """Measured before claims: both runs trained the same adapter, then one failed ('refusing to
+    overwrite'). Now they split the tasks, each artifact is built once, and both finish."""
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "shared", train=", steps: 12")
+    procs = [_datm(["run", str(cfg)], tmp_path) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    lines = [line for log in logs for line in log.splitlines()]
+    for a in ("de-en", "cs-en", "ru-en", "en-xx.germanic", "en-xx.slavic"):
+        assert sum(line.startswith(f"train:{a}: built") for line in lines) == 1, a
+    assert sum(line.startswith("merge:xx-en.slavic: built") for line in lines) == 1
+    for d in ("de-en", "cs-en", "ru-en", "en-de", "en-cs", "en-ru"):
+        assert sum(line.startswith(f"translate:{d}: built") for line in lines) == 1, d
+
+    single = write_config(tmp_path, tiny_model_dir, alma_dir, "single", train=", steps: 12")
+    assert main(["run", str(single)]) == 0
+    a, b = artifacts_of(tmp_path / "shared"), artifacts_of(tmp_path / "single")
+    assert a.keys() == b.keys() and len(a) == 5 + 1 + 18
+    assert [k for k in a if a[k] != b[k]] == []
+    sa, sb = (json.loads((tmp_path / o / "scores.json").read_text()) for o in ("shared", "single"))
+    assert sa["directions"] == sb["directions"]
+
+
+STOP_AT_CHECKPOINT = """
+import pathlib, sys, time
+import datm.train as T
+save = T._save_checkpoint
+def save_then_hang(*args, **kw):
+    save(*args, **kw)
+    pathlib.Path(sys.argv[1]).write_text("checkpointed")
+    time.sleep(600)
+T._save_checkpoint = save_then_hang
+from datm.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_a_killed_worker_is_taken_over_and_its_checkpoint_resumed(tmp_path, tiny_model_dir, alma_dir, capsys):
+    train = ", steps: 8, checkpoint_every: 3"
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "k", train=train)
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    marker = tmp_path / "checkpointed"
+    victim = subprocess.Popen(
+        [sys.executable, "-c", STOP_AT_CHECKPOINT, str(marker), "run", str(cfg), "--only", "train:de-en"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.is_file():
+            assert victim.poll() is None and time.monotonic() < deadline, "the worker never checkpointed"
+            time.sleep(0.1)
+        assert main(["tasks", str(cfg)]) == 0
+        assert f":{victim.pid} (since" in capsys.readouterr().out  # listed as running, with its holder
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    out = tmp_path / "k"
+    assert (out / "adapters" / "de-en" / ".checkpoint" / "state.pt").is_file()
+    assert main(["run", str(cfg), "--only", "train:de-en"]) == 0
+    said = capsys.readouterr().out
+    assert "train:de-en: taking over from" in said and f":{victim.pid}" in said
+    info = json.loads((out / "adapters" / "de-en" / "train_info.json").read_text())
+    assert info["result"]["resumed_from"] == 3 and info["result"]["steps"] == 8
+
+    ref = write_config(tmp_path, tiny_model_dir, alma_dir, "kref", train=train)
+    assert main(["run", str(ref), "--only", "train:de-en"]) == 0
+    a = load_file(str(out / "adapters" / "de-en" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "kref" / "adapters" / "de-en" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
