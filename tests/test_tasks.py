@@ -179,3 +179,18 @@ def test_a_killed_worker_is_taken_over_and_its_checkpoint_resumed(tmp_path, tiny
     a = load_file(str(out / "adapters" / "de-en" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "kref" / "adapters" / "de-en" / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_xalma50_example_plans_the_papers_run_from_a_config_only_base(capsys):
+    example = Path(__file__).parents[1] / "examples" / "xalma50-datm.yaml"
+    assert main(["plan", str(example)]) == 0
+    text = capsys.readouterr().out
+    assert "adapters trained: 57   merges: 8   modules shipped: 16" in text
+    assert "tasks: 165 = 57 train, 8 merge, 98 translate, 1 score, 1 report" in text
+    assert "base 13,015,864,320" in text  # Llama-2-13B's shape, counted without weights
+    assert "DATM 17B vs X-ALMA 29B" in text and "datm (datm): 17.02B" in text
+    assert main(["tasks", str(example), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["tasks"]) == 165 and doc["executor"] == "ray"
+    merge = next(t for t in doc["tasks"] if t["id"] == "merge:xx-en.group8")
+    assert len(merge["deps"]) == 8

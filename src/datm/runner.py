@@ -6,13 +6,14 @@ The run directory's layout is `datm.artifacts.RunDir`; the tasks and executors a
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from datm import artifacts, models
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
-from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters
+from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters, shipped_parameters
 from datm.tasks import Task, Worker, build_tasks, execute, task_status
 from datm.tasks.graph import format_status, is_done
 from datm.tasks.work import BODIES, test_pairs, train_pairs  # noqa: F401 (their home was here)
@@ -48,7 +49,44 @@ def describe_plan(cfg: Config, as_json: bool = False) -> str:
         )
     except Exception as e:  # counting is informative only; the plan itself is still valid
         print(f"(parameter counts unavailable: {e})")
-    return format_plan(plan, base_params, module_params, merge_params, cfg.merge.form)
+    text = format_plan(plan, base_params, module_params, merge_params, cfg.merge.form)
+    kinds = Counter(t.kind for t in build_tasks(plan, RunDir(cfg.output_dir)))
+    text += f"\ntasks: {sum(kinds.values())} = " + ", ".join(f"{n} {k}" for k, n in kinds.items())
+    if base_params is not None and module_params is not None:
+        total = shipped_parameters(plan, base_params, module_params, merge_params)
+        text += "".join(
+            f"\n{line}" for line in paper_comparison(plan, cfg, base_params, module_params, total)
+        )
+    return text
+
+
+# Parameters shipped at X-ALMA's setting (its 49 languages and 8 groups, a 13B Llama-2 base), as
+# published: Zheng et al. (2025) compare DATM's 17B with X-ALMA's 29B.
+PAPER_SHIPPED = {"datm": 17e9, "group": 29e9}
+XALMA_MODULES = 8  # X-ALMA ships one module per group
+
+
+def paper_comparison(plan: Plan, cfg: Config, base: int, module: int, total: int) -> list[str]:
+    """datm's count next to the paper's, where the plan is the paper's setting."""
+    from datm.languages import XALMA_GROUPS
+
+    xalma_langs = sorted(x for members in XALMA_GROUPS.values() for x in members)
+    if sorted(plan.languages) != xalma_langs or plan.groups != XALMA_GROUPS or not 12e9 < base < 14e9:
+        return []
+    per_rank = module / cfg.lora.r  # a LoRA's size grows linearly with its rank
+    r_datm = (PAPER_SHIPPED["datm"] - base) / 16 / per_rank
+    xalma_module = (PAPER_SHIPPED["group"] - base) / XALMA_MODULES
+    return [
+        "paper (Zheng et al. 2025; X-ALMA's 50 languages, 13B base): DATM 17B vs X-ALMA 29B shipped",
+        f"datm ({plan.strategy}): {total / 1e9:.2f}B = base {base / 1e9:.2f}B + {len(plan.shipped)} modules "
+        f"x {module / 1e6:.1f}M (LoRA r={cfg.lora.r}, {cfg.lora.target_modules})",
+        f"  a module is r x {per_rank / 1e6:.2f}M parameters on this base: the paper's 17B = base + 16 "
+        "modules "
+        f"means r ~ {r_datm:.0f}; X-ALMA's 29B = base + {XALMA_MODULES} group modules of "
+        f"~{xalma_module / 1e9:.1f}B (r ~ {xalma_module / per_rank:.0f} by the same count). DATM ships twice "
+        "as many modules, each a fraction of the size; with another lora.r, datm's count is "
+        f"base + {len(plan.shipped)} x r x {per_rank / 1e6:.2f}M.",
+    ]
 
 
 def _check_same(path: Path, new: dict[str, Any], what: str, ignore: tuple[str, ...] = ()) -> None:
