@@ -113,3 +113,25 @@ def test_train_adapter_with_packing_and_checkpointing_matches_plain(tiny_model_d
     wb = load_file(str(tmp_path / "fast" / "adapter_model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_fsdp_gathered_state_saves_the_same_adapter(tiny_model_dir, tmp_path):
+    """Under FSDP the main process writes the adapter from a gathered state dict; its keys must map
+    onto peft's so that the files are those peft writes from the model itself."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from datm.train import TargetLoss, gathered_lora_state
+
+    base, model = _lora_model(tiny_model_dir)
+    loss_module = TargetLoss(model.get_base_model())
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, get_state_dict=lambda m: m.state_dict())
+    state = gathered_lora_state(fsdp, loss_module)
+    assert state and all("lora_" in k for k in state)
+    assert gathered_lora_state(SimpleNamespace(distributed_type=DistributedType.NO), loss_module) is None
+    model.save_pretrained(tmp_path / "own")
+    model.save_pretrained(tmp_path / "gathered", state_dict=state)
+    a = load_file(str(tmp_path / "own" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "gathered" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

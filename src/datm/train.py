@@ -156,6 +156,18 @@ def set_activation_checkpointing(model: Any, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def gathered_lora_state(accel: Any, loss_module: Any) -> dict[str, torch.Tensor] | None:
+    """Under FSDP each process holds a shard of every weight: gather the adapter's weights whole
+    (a collective, so every process calls this) for the main process to write. None elsewhere:
+    the main process's model holds them whole (DDP, DeepSpeed ZeRO-2, one process)."""
+    from accelerate.utils import DistributedType
+
+    if accel.distributed_type != DistributedType.FSDP:
+        return None
+    full = accel.get_state_dict(loss_module)  # TargetLoss: keys start with "causal_lm."
+    return {"base_model.model." + k.removeprefix("causal_lm."): v for k, v in full.items() if "lora_" in k}
+
+
 def _lora_config(cfg: LoraConfig) -> Any:
     from peft import LoraConfig as PeftLoraConfig
 
@@ -305,9 +317,10 @@ def train_adapter(
         examples_per_second=round(seen / seconds, 3) if seconds > 0 else 0.0,
         resumed_from=start,
     )
+    full_state = gathered_lora_state(accel, loss_module)  # every process takes part (FSDP)
     if accel.is_main_process:
         stage = artifacts.staging_dir(out.parent / f"{out.name}.final")
-        peft_model.save_pretrained(stage)
+        peft_model.save_pretrained(stage, state_dict=full_state)
         info = {
             "result": {k: v for k, v in result.to_dict().items() if k != "out"},
             "losses": losses,
