@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import test_run
 import torch
 from safetensors.torch import load_file
 
@@ -21,24 +22,10 @@ SRC = str(Path(__file__).parents[1] / "src")
 def write_config(
     tmp_path: Path, model_dir: Path, data_dir: Path, out: str, train: str = "", extra: str = ""
 ) -> Path:
-    cfg = tmp_path / f"{out}.yaml"
-    cfg.write_text(
-        f"""
-base_model: {model_dir}
-languages: [de, cs, ru]
-groups: {{germanic: [de], slavic: [cs, ru]}}
-data:
-  train: {data_dir}/train.{{xx}}-en.jsonl
-  test: {data_dir}/test.{{src}}-{{tgt}}.jsonl
-strategy: datm
-lora: {{r: 4, alpha: 8, dropout: 0.0}}
-train: {{steps: 3, batch_size: 4, lr: 0.002, max_examples_per_pair: 8, seed: 1, checkpoint_every: 0{train}}}
-merge: {{method: ties, density: 0.5}}
-eval: {{max_examples: 3, beams: 1, max_new_tokens: 6}}
-output_dir: {out}
-{extra}
-"""
-    )
+    """test_run's DATM config, with settings added to `train:` and lines added at the end."""
+    cfg = test_run.write_config(tmp_path, model_dir, data_dir, "datm", out)
+    text = cfg.read_text().replace("checkpoint_every: 0}", f"checkpoint_every: 0{train}}}")
+    cfg.write_text(text + extra + "\n")
     return cfg
 
 
@@ -194,3 +181,23 @@ def test_xalma50_example_plans_the_papers_run_from_a_config_only_base(capsys):
     assert len(doc["tasks"]) == 165 and doc["executor"] == "ray"
     merge = next(t for t in doc["tasks"] if t["id"] == "merge:xx-en.group8")
     assert len(merge["deps"]) == 8
+
+
+def test_worker_keeps_one_model_converting_for_inference_and_reloading_for_training(tmp_path, tiny_model_dir):
+    """A Ray worker may translate (bf16) and then train (fp32): it must not train on bf16 weights."""
+    from datm import config as C
+    from datm.tasks import Worker
+
+    cfg = C.from_dict(
+        {"languages": ["de"], "data": {}, "train": {"steps": 1}, "base_model": str(tiny_model_dir)}
+    )
+    worker = Worker(cfg, progress=False)
+    fp32 = worker.model(torch.float32)
+    reference = {k: v.clone() for k, v in fp32.state_dict().items()}
+    assert worker.model(torch.float32) is fp32  # loaded once
+    bf16 = worker.model(torch.bfloat16)
+    assert bf16 is fp32 and bf16.dtype == torch.bfloat16  # converted in place, as a single run does
+    again = worker.model(torch.float32)
+    assert again is not bf16 and again.dtype == torch.float32
+    assert all(torch.equal(v, reference[k]) for k, v in again.state_dict().items())  # reloaded, not upcast
+    assert worker.serves(cfg) and worker.fingerprint

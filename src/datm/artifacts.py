@@ -139,6 +139,7 @@ class TranslationFiles:
     hyp: Path
 
 
+@dataclass(frozen=True)
 class RunDir:
     """The one description of a run directory's layout; every stage asks it where things go.
 
@@ -146,17 +147,10 @@ class RunDir:
     scores.json, report.md, probe/, and .claims/ (one lock file and one record per task).
     """
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    root: Path
 
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.root)!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RunDir) and other.root == self.root
-
-    def __hash__(self) -> int:
-        return hash(self.root)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def plan(self) -> Path:
@@ -272,6 +266,17 @@ def _read_record(lock: Path) -> dict[str, Any] | None:
         return None
 
 
+def _lock(fd: int) -> bool:
+    """Take the POSIX lock of an open file now; False when another process holds it."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
 def describe_holder(record: dict[str, Any] | None) -> str:
     if not record:
         return "another process"
@@ -287,13 +292,9 @@ def try_claim(lock: str | Path, task: str) -> Claim | None:
         if key in _HELD:
             return None
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        if not _lock(fd):
             os.close(fd)
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                return None
-            raise
+            return None
         try:
             previous = _read_record(lock)
             took_over = previous if previous and not previous.get("released_at") else None
@@ -349,11 +350,7 @@ def holder(lock: str | Path) -> dict[str, Any] | None:
             return mine.record
         fd = os.open(lock, os.O_RDWR)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                return _read_record(lock) or {}
-            raise
+            free = _lock(fd)
         finally:
-            os.close(fd)  # also drops the probe lock, if it was taken
-        return None
+            os.close(fd)  # also drops the probing lock, if it was taken
+        return None if free else (_read_record(lock) or {})
