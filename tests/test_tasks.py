@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import test_run
 import torch
 from safetensors.torch import load_file
@@ -201,3 +202,21 @@ def test_worker_keeps_one_model_converting_for_inference_and_reloading_for_train
     assert again is not bf16 and again.dtype == torch.float32
     assert all(torch.equal(v, reference[k]) for k, v in again.state_dict().items())  # reloaded, not upcast
     assert worker.serves(cfg) and worker.fingerprint
+
+
+def test_local_executor_runs_part_of_the_graph_whose_needs_are_done(tmp_path, tiny_model_dir, alma_dir):
+    """As the main process does after data-parallel training: the merge's trains are not in its list."""
+    from datm import config as C
+    from datm.artifacts import RunDir
+    from datm.runner import build_plan
+    from datm.tasks import build_tasks
+    from datm.tasks.executors import TaskFailed, run_local
+
+    cfg = C.load(write_config(tmp_path, tiny_model_dir, alma_dir, "part"))
+    plan = build_plan(cfg)
+    tasks = {t.id: t for t in build_tasks(plan, RunDir(cfg.output_dir))}
+    with pytest.raises(TaskFailed, match="no task can start"):
+        run_local(cfg, plan, [tasks["merge:xx-en.slavic"]], poll=0.01)  # its trains were never run
+    run_local(cfg, plan, [tasks["train:cs-en"], tasks["train:ru-en"]])
+    run_local(cfg, plan, [tasks["merge:xx-en.slavic"]])
+    assert (tmp_path / "part" / "merged" / "xx-en.slavic" / "DONE.json").is_file()

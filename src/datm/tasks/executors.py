@@ -20,7 +20,7 @@ from datm.artifacts import RunDir, describe_holder, holder
 from datm.config import Config
 from datm.errors import DatmError
 from datm.plan import Plan
-from datm.tasks.graph import Task, is_done
+from datm.tasks.graph import Task, build_tasks, is_done
 from datm.tasks.work import Worker, execute
 
 DEFAULT_RESOURCES: dict[str, float] = {"num_cpus": 1}
@@ -34,16 +34,19 @@ class TaskFailed(DatmError):
 def run_local(
     cfg: Config, plan: Plan, tasks: list[Task], address: str | None = None, poll: float = 1.0
 ) -> None:
-    """Run the tasks here, in order; tasks claimed by other processes are done last (or waited for)."""
+    """Run the tasks here, in order; tasks claimed by other processes are done last (or waited for).
+    A task starts once what it needs is done, here or by anyone else (`tasks` may be part of the
+    plan's graph)."""
     if address:
         raise DatmError("--address is for the ray executor; the local executor runs in this process")
     run = RunDir(cfg.output_dir)
+    graph = {t.id: t for t in build_tasks(plan, run)}
     worker = Worker(cfg)
     pending = list(tasks)
     told: set[str] = set()
     while pending:
         for t in pending:
-            if not all(is_done(run, d) for d in _deps(t, tasks)):
+            if not all(is_done(run, graph[d]) for d in t.deps):
                 continue
             if execute(cfg, plan, t, worker, wait=False) != "busy":
                 pending.remove(t)
@@ -54,19 +57,9 @@ def run_local(
                 )
                 told.add(t.id)
         else:
-            _check_progress_possible(run, pending, tasks)
+            if not any(holder(run.claim(t)) is not None for t in graph):
+                raise TaskFailed(f"no task can start and none is running: {[t.id for t in pending]}")
             time.sleep(poll)
-
-
-def _deps(task: Task, tasks: list[Task]) -> list[Task]:
-    by_id = {t.id: t for t in tasks}
-    return [by_id[d] for d in task.deps]
-
-
-def _check_progress_possible(run: RunDir, pending: list[Task], tasks: list[Task]) -> None:
-    """Nothing could start: fine while someone holds a claim we wait on, a bug otherwise."""
-    if not any(holder(run.claim(t.id)) is not None for t in tasks):
-        raise TaskFailed(f"no task can start and none is running: {[t.id for t in pending]}")
 
 
 def worker_threads() -> int:
