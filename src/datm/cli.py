@@ -145,9 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a config end to end (resumes where it stopped)")
     s.add_argument("config")
-    s.add_argument(
-        "--executor", choices=["local", "ray"], help="where tasks run (default: the config's executor, local)"
-    )
+    s.add_argument("--executor", help="local or ray: where tasks run (default: the config's executor, local)")
     s.add_argument("--address", help="ray: join this Ray cluster (default: start one on this machine)")
     s.add_argument("--only", metavar="TASK", help="run one task, e.g. train:de-en (see `datm tasks`)")
     s.set_defaults(func=_cmd_run)

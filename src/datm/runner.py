@@ -153,6 +153,9 @@ def run(
     """Every task of the config's plan (or, with `only`, one task), on the chosen executor."""
     from datm.tasks.executors import EXECUTORS
 
+    name = executor or cfg.executor
+    if name not in EXECUTORS:
+        raise ConfigError(f"--executor {name!r}: expected one of {sorted(EXECUTORS)}")
     _probe_if_auto(cfg)
     run_dir, plan = _prepare(cfg)
     tasks = build_tasks(plan, run_dir)
@@ -160,9 +163,6 @@ def run(
         run_one(cfg, plan, tasks, only)
         return {}
     print(format_plan(plan))
-    name = executor or cfg.executor
-    if name not in EXECUTORS:
-        raise ConfigError(f"--executor {name!r}: expected one of {sorted(EXECUTORS)}")
     if _num_processes() > 1:  # `accelerate launch`: every process trains; the main one does the rest
         if name != "local":
             raise ConfigError(f"executor {name!r} cannot run under accelerate launch; use executor local")
