@@ -151,11 +151,13 @@ def run(
     cfg: Config, executor: str | None = None, address: str | None = None, only: str | None = None
 ) -> dict[str, Any]:
     """Every task of the config's plan (or, with `only`, one task), on the chosen executor."""
-    from datm.tasks.executors import EXECUTORS
+    from datm.tasks.executors import EXECUTORS, REQUIREMENTS
 
     name = executor or cfg.executor
     if name not in EXECUTORS:
         raise ConfigError(f"--executor {name!r}: expected one of {sorted(EXECUTORS)}")
+    if name in REQUIREMENTS and only is None:
+        REQUIREMENTS[name]()
     _probe_if_auto(cfg)
     run_dir, plan = _prepare(cfg)
     tasks = build_tasks(plan, run_dir)

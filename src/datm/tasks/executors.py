@@ -99,11 +99,16 @@ def ray_options(cfg: Config, kind: str) -> dict[str, Any]:
     return {**res, "max_retries": retries, "retry_exceptions": False}
 
 
-def run_ray(cfg: Config, plan: Plan, tasks: list[Task], address: str | None = None) -> None:
+def ray_module() -> Any:
     try:
         import ray
     except ImportError:
         raise DatmError("executor ray needs Ray: pip install 'datm[ray]'") from None
+    return ray
+
+
+def run_ray(cfg: Config, plan: Plan, tasks: list[Task], address: str | None = None) -> None:
+    ray = ray_module()
     started = not ray.is_initialized()
     if started:
         ray.init(
@@ -147,3 +152,5 @@ def run_ray(cfg: Config, plan: Plan, tasks: list[Task], address: str | None = No
 
 
 EXECUTORS: dict[str, Callable[..., None]] = {"local": run_local, "ray": run_ray}
+# What each executor needs installed, checked before any work starts.
+REQUIREMENTS: dict[str, Callable[[], Any]] = {"ray": ray_module}
