@@ -230,8 +230,11 @@ def test_dare_ties_drops_at_its_rate_and_rescales() -> None:
     assert abs(float((single != 0).float().mean()) - 0.5) < 0.02  # dropped at rate 1 − density
     assert abs(float(single.mean()) - 2.0) < 0.05  # rescaled by 1/density: unbiased for one source
     pair = dare_ties([(row, column, 1.0), (row, column, 3.0)], density=0.5, seed=1)
-    # The disjoint mean of rescaled entries is biased: E = (x1 + x2)(1 − p/2) = 3, not the mean 2.
+    # The disjoint mean of rescaled entries is biased: E = (x1 + x2)(1 − p/2) = 3, not the mean 2;
+    # the agreeing entries' sum (mergekit's normalize: false) is unbiased: E = x1 + x2 = 4.
     assert abs(float(pair.mean()) - 3.0) < 0.05
+    summed = dare_ties([(row, column, 1.0), (row, column, 3.0)], density=0.5, seed=1, normalize=False)
+    assert abs(float(summed.mean()) - 4.0) < 0.05
 
 
 # ---- bad input ------------------------------------------------------------------------------------

@@ -3,12 +3,12 @@
 Every method takes one module's sources as factors ``[(A_i, B_i, s_i)]`` (A_i r_i×in, B_i out×r_i,
 ΔW_i = s_i · B_i @ A_i), one weight per source (default 1) and its own parameters, and returns
 float32. The SVD-based ones never form a source's out×in ΔW: QRs of the stacked factors reduce every
-decomposition to a core of at most Σr×Σr, computed in float64 (cheap at these sizes; float32 round-off
-there reaches 1e-4 of the largest singular value, enough to move TIES's elementwise choices), and
-`*_svd` returns the result as a float32 thin SVD (`LowRank`),
-from which `LowRank.factors(k)` gives the exact rank-k LoRA with no SVD of a dense matrix; the plain
-name returns the dense merged ΔW (out×in). `cat` returns exact LoRA factors. All are deterministic
-(`dare_ties` through its seed).
+decomposition to a core of at most Σr×Σr. They compute in float64, which is cheap at these sizes:
+in float32, round-off moves KnOTS's coefficients by ~1e-5 of the largest singular value, enough to
+change TIES's elementwise choices and the merged ΔW by 0.2–0.9% (7 sources of rank 16, 2048×640).
+`*_svd` returns the result as a float32 thin SVD (`LowRank`), from which `LowRank.factors(k)` gives
+the best rank-k LoRA with no SVD of a dense matrix; the plain name returns the dense merged ΔW
+(out×in). `cat` returns exact LoRA factors. All are deterministic (`dare_ties` through its seed).
 
 Singular values below RANK_RTOL × the largest count as zero everywhere (round-off of a product of
 lower rank); "the sources' span" below means the column/row spaces the sources' factors span.
@@ -108,16 +108,22 @@ def cat(factors: Factors, weights: Sequence[float] | None = None) -> tuple[torch
 
 
 def dare_ties(
-    factors: Factors, weights: Sequence[float] | None = None, density: float = 0.5, seed: int = 0
+    factors: Factors,
+    weights: Sequence[float] | None = None,
+    density: float = 0.5,
+    seed: int = 0,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """DARE then TIES (Yu et al. 2024, "Language Models are Super Mario", ICML; as mergekit's and
-    peft's ``dare_ties``) on the dense ΔW_i.
+    """DARE then TIES (Yu et al., ICML 2024, "Language Models are Super Mario"; peft's and mergekit's
+    ``dare_ties``) on the dense ΔW_i.
 
     1. Drop and rescale: each entry of ΔW_i is kept with probability `density` and divided by it
        (so E[kept] = ΔW_i); no magnitude trim.
-    2. TIES election and weighted disjoint mean (see `_elect_and_average`).
-    With density 1 nothing is dropped and this is TIES at density 1. Note the disjoint mean of rescaled
-    entries is not unbiased: E[result] ≠ the mean of the ΔW_i where sources agree.
+    2. TIES election and weighted disjoint mean (see `_elect_and_average`); with normalize=False the
+       agreeing entries' weighted sum instead (mergekit's default for dare_ties).
+    With density 1 nothing is dropped and this is TIES at density 1. The mean of rescaled entries is
+    biased: two agreeing sources x1, x2 give E = (x1 + x2)(1 − density/2), not their mean; the sum
+    (normalize=False) is unbiased where all sources agree.
 
     Randomness: source i's keep-mask comes from a CPU generator seeded with derive_seed(seed, i), so
     the result depends only on (seed, sources, weights, density). Merging a model, pass
@@ -137,7 +143,7 @@ def dare_ties(
         keep = torch.rand(delta.shape, generator=generator) < density
         return delta.mul_(keep).div_(density)
 
-    return _elect_and_average(dropped, weights)
+    return _elect_and_average(dropped, weights, normalize)
 
 
 def knots_svd(factors: Factors, weights: Sequence[float] | None = None, density: float = 1.0) -> LowRank:
@@ -290,14 +296,16 @@ def _zero_round_off(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
     return [b.masked_fill(b.abs() <= ZERO_RTOL * scale, 0.0) for b in blocks]
 
 
-def _elect_and_average(source: Callable[[int], torch.Tensor], weights: list[float]) -> torch.Tensor:
+def _elect_and_average(
+    source: Callable[[int], torch.Tensor], weights: list[float], normalize: bool = True
+) -> torch.Tensor:
     """TIES steps 2–3 (Yadav et al. 2023) over sources source(0..n-1), weights > 0.
 
     Each entry's sign is elected from Σ w_i x_i; the result is the weighted disjoint mean of the
     sources that agree with it, Σ_agree w_i x_i / Σ_agree w_i (mergekit's TIES with normalize: true);
     an entry whose sum is 0 or that no source agrees with is 0. With equal weights it is peft's mean
-    of the agreeing values. `source(i)` returns a new tensor (modified here) and is called twice per
-    source, so only a few result-sized tensors exist at once.
+    of the agreeing values; normalize=False returns Σ_agree w_i x_i. `source(i)` returns a new tensor
+    (modified here) and is called twice per source, so only a few result-sized tensors exist at once.
     """
     elected = source(0).mul_(weights[0])
     for i, w in enumerate(weights[1:], start=1):
@@ -310,7 +318,7 @@ def _elect_and_average(source: Callable[[int], torch.Tensor], weights: list[floa
         agrees = x > 0
         weight_sum.add_(agrees, alpha=w)
         total.add_(x.mul_(elected).masked_fill_(agrees.logical_not_(), 0.0), alpha=w)  # ×(±1)² = x
-    return total.div_(weight_sum.masked_fill_(weight_sum == 0, 1.0))
+    return total.div_(weight_sum.masked_fill_(weight_sum == 0, 1.0)) if normalize else total
 
 
 def _svd_of_product(left: torch.Tensor, right: torch.Tensor) -> LowRank:
