@@ -55,7 +55,8 @@ def describe_plan(cfg: Config, as_json: bool = False) -> str:
 def _check_same(path: Path, new: dict[str, Any], what: str, ignore: tuple[str, ...] = ()) -> None:
     """An output dir belongs to one experiment: refuse to mix results of different configs."""
     if not path.is_file():
-        artifacts.atomic_write_json(path, new)
+        if _is_main_process():  # the others check it once the main process has written it
+            artifacts.atomic_write_json(path, new)
         return
     old = artifacts.read_json(path)
     diff = [k for k in _differences(old, new) if k.split(".")[0] not in ignore]
@@ -129,22 +130,23 @@ def train_stage(cfg: Config, plan: Plan, out: Path, session: Session, only: list
     from datm.train import train_adapter
 
     fmt = data.PromptFormat(session.tokenizer, cfg.prompt)
+    say = print if _is_main_process() else _quiet  # one log for a multi-process launch
     for spec in plan.adapters:
         if only and spec.name not in only:
             continue
         target = out / "adapters" / spec.name
         if artifacts.is_done(target):
-            print(f"adapter {spec.name}: done, reused")
+            say(f"adapter {spec.name}: done, reused")
             continue
         report = data.ReadReport()
         pairs = train_pairs(cfg, spec.directions, report)
         examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
         if report.skipped:
-            print(
+            say(
                 f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}"
             )
         if tok_report.truncated or tok_report.dropped:
-            print(
+            say(
                 f"adapter {spec.name}: {tok_report.truncated} truncated, "
                 f"{tok_report.dropped} dropped (prompt alone too long)"
             )
@@ -158,6 +160,10 @@ def train_stage(cfg: Config, plan: Plan, out: Path, session: Session, only: list
             "prompt": cfg.prompt,
         }
         train_adapter(session.model, session.tokenizer, examples, target, cfg.lora, cfg.train, provenance)
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 def merge_stage(cfg: Config, plan: Plan, out: Path) -> None:
@@ -275,14 +281,31 @@ def _probe_if_auto(cfg: Config) -> None:
         probe.probe_config(cfg, probe.default_probe_path(cfg).parent)
 
 
+def _start(cfg: Config, only: list[str] | None = None) -> tuple[Path, Plan, Session]:
+    """Probe (auto), plan, load the model. Under a multi-process launch the main process goes
+    first, so that it alone writes (probe, plan.json, config.json, a converted base model) and the
+    others find those written."""
+    from datm.train import process_state
+
+    with process_state().main_process_first():
+        _probe_if_auto(cfg)
+        out, plan = _prepare(cfg)
+    unknown = sorted(set(only or []) - {a.name for a in plan.adapters})
+    if unknown:
+        raise ConfigError(
+            f"--adapter {unknown}: not in the plan; adapters are {[a.name for a in plan.adapters]}"
+        )
+    with process_state().main_process_first():
+        return out, plan, Session(cfg)
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    _probe_if_auto(cfg)
-    out, plan = _prepare(cfg)
-    print(format_plan(plan))
-    session = Session(cfg)
+    out, plan, session = _start(cfg)
+    if _is_main_process():
+        print(format_plan(plan))
     train_stage(cfg, plan, out, session)
     if not _is_main_process():
-        return {}  # under `accelerate launch`, the other processes only help train
+        return {}  # in a multi-process launch, the other processes only help train
     merge_stage(cfg, plan, out)
     translate_stage(cfg, plan, out, session)
     scores = score_stage(cfg, plan, out, session)
@@ -295,20 +318,14 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
+    from datm.train import process_state
 
-    return PartialState().is_main_process
+    return bool(process_state().is_main_process)
 
 
 def train_only(cfg: Config, only: list[str] | None = None) -> None:
-    _probe_if_auto(cfg)
-    out, plan = _prepare(cfg)
-    unknown = sorted(set(only or []) - {a.name for a in plan.adapters})
-    if unknown:
-        raise ConfigError(
-            f"--adapter {unknown}: not in the plan; adapters are {[a.name for a in plan.adapters]}"
-        )
-    train_stage(cfg, plan, out, Session(cfg), only)
+    out, plan, session = _start(cfg, only)
+    train_stage(cfg, plan, out, session, only)
 
 
 __all__ = ["BASE", "run", "train_only", "describe_plan", "build_plan"]
