@@ -142,9 +142,7 @@ def train_stage(cfg: Config, plan: Plan, out: Path, session: Session, only: list
         pairs = train_pairs(cfg, spec.directions, report)
         examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
         if report.skipped:
-            say(
-                f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}"
-            )
+            say(f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}")
         if tok_report.truncated or tok_report.dropped:
             say(
                 f"adapter {spec.name}: {tok_report.truncated} truncated, "

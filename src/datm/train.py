@@ -189,8 +189,9 @@ def _load_checkpoint(path: Path, accel: Any) -> dict[str, Any]:
     saved = state.get("world_size", 1)
     if saved != accel.num_processes:
         raise TrainError(
-            f"{path}: checkpoint written by {saved} process(es), resumed by {accel.num_processes}; the global "
-            f"batches would differ. Launch {saved} process(es) again, or delete {path.parent} to restart"
+            f"{path}: checkpoint written by {saved} process(es), resumed by {accel.num_processes}; the "
+            f"global batches would differ. Launch {saved} process(es) again, or delete {path.parent} to "
+            "restart"
         )
     rng = state["rng"]
     state["rng"] = rng[accel.process_index] if isinstance(rng, list) else rng
