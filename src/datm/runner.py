@@ -224,19 +224,25 @@ def translate_stage(cfg: Config, plan: Plan, out: Path, session: Session) -> Non
 
 
 def score_stage(cfg: Config, plan: Plan, out: Path, session: Session | None) -> dict[str, Any]:
-    from datm import evaluate
+    from datm import comet, evaluate
 
     tdir = out / "translations"
+    texts: dict[str, comet.Texts] = {}
+    for d in plan.directions():
+        srcs, refs, hyps = (evaluate.read_lines(tdir / f"{d}.{k}.txt") for k in ("src", "ref", "hyp"))
+        texts[str(d)] = comet.Texts(srcs, hyps, refs)
+    rows, comet_provenance = evaluate.score_directions(
+        texts, {str(d): d.tgt for d in plan.directions()}, cfg.eval.comet
+    )
     directions: dict[str, Any] = {}
     signatures: dict[str, str] = {}
     for d in plan.directions():
-        read = evaluate.read_lines
-        srcs, refs, hyps = (read(tdir / f"{d}.{k}.txt") for k in ("src", "ref", "hyp"))
-        s = evaluate.score_direction(hyps, refs, d.tgt, srcs=srcs, comet_model=cfg.eval.comet)
-        row = s.to_dict()
-        row["test_fingerprint"] = artifacts.fingerprint_texts(srcs + refs)
+        row = rows[str(d)].to_dict()
+        t = texts[str(d)]
+        row["test_fingerprint"] = artifacts.fingerprint_texts(list(t.srcs) + list(t.refs))
         directions[str(d)] = row
-        signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in s.signatures.items()})
+        sigs = rows[str(d)].signatures
+        signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in sigs.items()})
     scores = {
         "directions": directions,
         "averages": evaluate.averages(directions),
@@ -249,6 +255,7 @@ def score_stage(cfg: Config, plan: Plan, out: Path, session: Session | None) -> 
             "model_fingerprint": session.fingerprint if session else None,
             "modules": {n: _module_fingerprint(p) for n, p in module_dirs(plan, out).items()},
             "versions": artifacts.library_versions(),
+            **({"comet": comet_provenance} if comet_provenance else {}),
             "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     }
@@ -298,6 +305,10 @@ def _start(cfg: Config, only: list[str] | None = None) -> tuple[Path, Plan, Sess
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    if cfg.eval.comet is not None:
+        from datm import comet
+
+        comet.check(cfg.eval.comet)  # COMET's environment and model, before hours of training
     out, plan, session = _start(cfg)
     if _is_main_process():
         print(format_plan(plan))
