@@ -201,3 +201,10 @@ def test_eval_comet_config_forms(tmp_path):
     ):
         with pytest.raises(C.ConfigError, match=f"eval.comet: .*{why}"):
             C.from_dict({**base, "eval": {"comet": bad}})
+
+
+def test_comet_env_refuses_a_folder_that_is_not_an_environment(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["comet-env", str(tmp_path)]) == 2
+    assert "is not a Python environment; give a new folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing installed over it

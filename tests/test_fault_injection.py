@@ -21,6 +21,12 @@ ADAPTERS = ("de-en", "cs-en", "en-xx.g")
 DIRECTIONS = ("de-en", "cs-en", "en-de", "en-cs")
 
 
+@dataclass
+class Kill:
+    mark: str  # wait for this to appear ...
+    delay: float  # ... then this long, then SIGKILL
+
+
 def _config(path: Path, model: Path, data: Path) -> Path:
     path.write_text(
         json.dumps(
@@ -64,14 +70,26 @@ def _start(cfg: Path) -> subprocess.Popen:
 
 
 # Progress marks: paths that appear in this order in an uninterrupted run (a checkpoint comes and
-# goes; the others stay).
+# goes; the others stay). `merged` appears when the merge starts writing.
 def _marks() -> list[str]:
     marks = []
     for a in ADAPTERS:
         marks += [f"adapters/{a}", f"adapters/{a}/.checkpoint", f"adapters/{a}/DONE.json"]
-    marks += ["merged/xx-en.g/DONE.json"]
+    marks += ["merged", "merged/xx-en.g/DONE.json"]
     marks += [f"translations/{d}.hyp.txt" for d in DIRECTIONS]
     return [*marks, "scores.json"]
+
+
+def _next_kill(out: Path, kill: Kill) -> Kill:
+    """The kill as planned, unless a run resumed past its mark: then at the next mark to come.
+    (Passed: the mark or a later one is on disk.)"""
+    marks = _marks()
+    present = [(out / m).exists() for m in marks]
+    passed = [any(present[i:]) for i in range(len(marks))]
+    i = marks.index(kill.mark)
+    if not passed[i]:
+        return kill
+    return Kill(next(m for m, p in zip(marks[i:], passed[i:], strict=True) if not p), 0.0)
 
 
 def _stage(out: Path) -> str:
@@ -100,12 +118,6 @@ def _timeline(cfg: Path) -> dict[str, float]:
     return seen
 
 
-@dataclass
-class Kill:
-    mark: str  # wait for this to appear ...
-    delay: float  # ... then this long, then SIGKILL
-
-
 def _schedule(timeline: dict[str, float], rng: random.Random) -> list[Kill]:
     """Random moments inside each aimed-at stage of the uninterrupted run, each expressed as the
     last progress mark before it plus a delay (times shift when a run resumes; marks do not)."""
@@ -121,12 +133,14 @@ def _schedule(timeline: dict[str, float], rng: random.Random) -> list[Kill]:
     for stage in KILLS:
         lo, hi = windows[stage]
         while True:  # one kill per mark, so that every kill interrupts new work
-            moment = lo + (hi - lo) * rng.uniform(0.05, 0.95)
+            moment = lo + (hi - lo) * rng.random()
             mark = max((m for m in order if t[m] <= moment), key=t.get)
             if mark not in used:
                 break
         used.add(mark)
-        kills.append(Kill(mark, moment - t[mark]))
+        gap = min(t[m] for m in order if t[m] > t[mark]) - t[mark]
+        # at most half way to the next mark: a resumed run may go faster than the measured one
+        kills.append(Kill(mark, min(moment - t[mark], gap / 2)))
     return sorted(kills, key=lambda k: t[k.mark])
 
 
@@ -163,7 +177,8 @@ def test_sigkill_at_random_moments_then_rerun_gives_bit_identical_results(tmp_pa
     timeline = _timeline(ref)
     kills = _schedule(timeline, random.Random(SEED))
     out, landed = killed.parent / "out", []
-    for kill in kills:
+    for planned in kills:
+        kill = _next_kill(out, planned)
         proc = _start(killed)
         while not (out / kill.mark).exists() and proc.poll() is None:
             time.sleep(0.001)
@@ -174,7 +189,6 @@ def test_sigkill_at_random_moments_then_rerun_gives_bit_identical_results(tmp_pa
     proc = _start(killed)
     assert proc.wait(timeout=300) == 0, (killed.parent / "log.txt").read_text()[-3000:]
 
-    print("kills", kills, "landed", landed)
     assert len(landed) >= 5 and {"train", "merge", "translate"} <= set(landed), (landed, kills)
     want, got = _outputs(ref.parent / "out"), _outputs(out)
     assert want.keys() == got.keys()
