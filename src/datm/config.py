@@ -187,7 +187,8 @@ def comet_config(raw: Any, where: str, base: Path) -> CometConfig | None:
     comet.model = str(_resolve_path(comet.model, base))
     if comet.python is not None:
         # a path (relative to the config's folder), or a command looked up on PATH
-        comet.python = str(base / comet.python) if "/" in comet.python else comet.python
+        python = Path(comet.python).expanduser()
+        comet.python = str(base / python) if "/" in comet.python else comet.python
     if comet.device not in ("cpu", "cuda"):
         raise ConfigError(f"{where}: device must be 'cpu' or 'cuda', got {comet.device!r}")
     if not isinstance(comet.batch_size, int) or comet.batch_size < 1:

@@ -203,17 +203,6 @@ def score_chrf(hyps: list[str], refs: list[str]) -> tuple[float, str]:
     return s.score, s.signature
 
 
-# ----------------------------------------------------------------------------------- COMET
-
-
-def comet_score(srcs: list[str], hyps: list[str], refs: list[str], comet: CometConfig) -> float:
-    """System-level COMET score (mean of segment scores), computed in COMET's own environment
-    (`datm.comet`: `eval.comet.python`, created by `datm comet-env DIR`)."""
-    _check_lengths(hyps, refs)
-    _check_lengths(srcs, refs, what="sources")
-    return comet_env.score({"texts": comet_env.Texts(srcs, hyps, refs)}, comet).system["texts"]
-
-
 # ----------------------------------------------------------------------------------- directions
 
 
