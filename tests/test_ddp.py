@@ -46,10 +46,14 @@ def _config(path: Path, model: Path, data: Path, out: str, **train: object) -> P
                 "base_model": str(model),
                 "languages": ["de", "cs"],
                 "groups": {"g": ["de", "cs"]},
-                "data": {"train": str(data / "train.{xx}-en.jsonl")},
+                "data": {
+                    "train": str(data / "train.{xx}-en.jsonl"),
+                    "test": str(data / "test.{src}-{tgt}.jsonl"),
+                },
                 "strategy": "multilingual",
                 "lora": {"r": 4, "alpha": 8, "dropout": dropout},
                 "train": settings,
+                "eval": {"max_examples": 2, "max_new_tokens": 4, "precision": "fp32"},
                 "output_dir": out,
             }
         )
@@ -57,10 +61,10 @@ def _config(path: Path, model: Path, data: Path, out: str, **train: object) -> P
     return path
 
 
-def _launch(cfg: Path, cwd: Path) -> subprocess.Popen:
-    """`datm train CFG` in two processes, printing to CFG.log (a file: a pipe nobody reads fills up)."""
+def _launch(cfg: Path, cwd: Path, command: str = "train") -> subprocess.Popen:
+    """`datm COMMAND CFG` in two processes, printing to CFG.log (a file: a pipe nobody reads fills up)."""
     with cfg.with_suffix(".log").open("a") as log:
-        return subprocess.Popen([*LAUNCH, "train", str(cfg)], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([*LAUNCH, command, str(cfg)], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _log(proc: subprocess.Popen) -> str:
@@ -91,8 +95,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_mode
     """Each step, rank r trains on micro batch r of the global batch; DDP averages the gradients.
     One process accumulating the same two micro batches (grad_accum 2) takes the same steps."""
     two = _config(tmp_path / "two.json", tiny_model_dir, alma_dir, "two")
-    log = _finish(_launch(two, tmp_path))
-    assert "File exists" not in log
+    log = _finish(_launch(two, tmp_path, "run"))  # the README's command: train, then the rest on rank 0
+    assert "File exists" not in log and log.count("translated de-en") == 1
     w2, info2 = _adapter(tmp_path / "two")
     assert info2["world_size"] == 2  # seen inside the run, by accelerate
     assert info2["result"]["examples"] == 48
@@ -109,8 +113,9 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, tiny_mode
         moved += int("lora_B" in k and w2[k].abs().max() > 0)
     assert moved > 0  # the steps changed the adapter (LoRA B starts at zero)
     assert info1["losses"] == pytest.approx(info2["losses"], rel=1e-5)  # the global batches' losses
-    # one writer: no staging or checkpoint left behind, one adapter directory
+    # one writer: no staging or checkpoint left behind, one adapter directory; rank 0 went on
     assert sorted(p.name for p in (tmp_path / "two" / "adapters").iterdir()) == ["multilingual"]
+    assert len(json.loads((tmp_path / "two" / "scores.json").read_text())["directions"]) == 4
 
 
 def test_two_process_training_resumes_after_a_kill(tmp_path, tiny_model_dir, alma_dir):
