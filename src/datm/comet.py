@@ -175,7 +175,7 @@ def create_env(directory: Path, torch: str, packages: Sequence[str] = PACKAGES) 
 
 def main_env(args: Any) -> int:
     """`datm comet-env DIR [--torch SPEC]`."""
-    python, version = create_env(Path(args.dir), args.torch or default_torch())
+    python, version = create_env(Path(args.dir).absolute(), args.torch or default_torch())
     print(f"COMET {version} in {python}")
     print(f"use it with:  eval: {{comet: {{model: MODEL, python: {python}}}}}   or   --comet-python {python}")
     return 0
