@@ -110,6 +110,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate.main(args)
 
 
+def _cmd_comet_env(args: argparse.Namespace) -> int:
+    from datm import comet
+
+    return comet.main_env(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from datm import report
 
@@ -186,9 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hyp", required=True, help="hypotheses, one per line")
     s.add_argument("--ref", required=True, help="references: plain text or ALMA records (JSON/JSONL)")
     s.add_argument("--src", help="sources (plain text), needed for COMET")
-    s.add_argument("--comet", help="COMET model name or checkpoint path")
+    s.add_argument("--comet", help="COMET model: hub name, model directory or .ckpt file")
+    s.add_argument(
+        "--comet-python", help="Python of an environment with unbabel-comet (`datm comet-env DIR`)"
+    )
+    s.add_argument("--comet-batch-size", type=int, default=8)
+    s.add_argument("--comet-device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("comet-env", help="create a virtual environment with COMET for eval.comet.python")
+    s.add_argument("dir", help="where the environment goes (kept if it already has COMET)")
+    s.add_argument("--torch", help="torch requirement to install (default: the torch datm runs on)")
+    s.set_defaults(func=_cmd_comet_env)
 
     s = sub.add_parser("report", help="compare run directories in Markdown/HTML tables and plots")
     s.add_argument("runs", nargs="+")

@@ -65,13 +65,23 @@ class MergeConfig:
 
 
 @dataclass
+class CometConfig:
+    """`eval.comet`: a model name or path, or a mapping with these keys."""
+
+    model: str  # hub name (Unbabel/wmt22-comet-da), model directory or .ckpt file
+    python: str | None = None  # interpreter of an environment with unbabel-comet (`datm comet-env DIR`)
+    batch_size: int = 8
+    device: str = "cpu"  # cpu | cuda
+
+
+@dataclass
 class EvalConfig:
     max_examples: int | None = 100
     beams: int = 1
     max_new_tokens: int = 128
     batch_size: int = 8
     precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
-    comet: str | None = None  # model name or local checkpoint path
+    comet: CometConfig | None = None  # YAML: a model name/path, or {model, python, batch_size, device}
 
 
 @dataclass
@@ -162,8 +172,33 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None
     )
     if cfg.base_model is not None:
         cfg.base_model = _resolve_path(cfg.base_model, base)
+    cfg.eval.comet = comet_config(cfg.eval.comet, f"{source}: eval.comet", base)
     validate(cfg)
     return cfg
+
+
+def comet_config(raw: Any, where: str, base: Path) -> CometConfig | None:
+    """`eval.comet` as given (a model, or a mapping), with paths resolved against `base`."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"model": raw}
+    comet = _section(CometConfig, raw, where) if isinstance(raw, dict) and "model" in raw else None
+    if comet is None or not isinstance(comet.model, str) or not comet.model:
+        raise ConfigError(
+            f"{where}: expected a COMET model (name or path) or a mapping with 'model' and optionally "
+            "'python', 'batch_size', 'device'"
+        )
+    comet.model = str(_resolve_path(comet.model, base))
+    if comet.python is not None:
+        # a path (relative to the config's folder), or a command looked up on PATH
+        python = Path(comet.python).expanduser()
+        comet.python = str(base / python) if "/" in comet.python else comet.python
+    if comet.device not in ("cpu", "cuda"):
+        raise ConfigError(f"{where}: device must be 'cpu' or 'cuda', got {comet.device!r}")
+    if not isinstance(comet.batch_size, int) or comet.batch_size < 1:
+        raise ConfigError(f"{where}: batch_size must be an integer >= 1, got {comet.batch_size!r}")
+    return comet
 
 
 def load(path: str | Path) -> Config:

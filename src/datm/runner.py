@@ -92,7 +92,8 @@ def paper_comparison(plan: Plan, cfg: Config, base: int, module: int, total: int
 def _check_same(path: Path, new: dict[str, Any], what: str, ignore: tuple[str, ...] = ()) -> None:
     """An output dir belongs to one experiment: refuse to mix results of different configs."""
     if not path.is_file():
-        artifacts.atomic_write_json(path, new)
+        if _is_main_process():  # the others check it once the main process has written it
+            artifacts.atomic_write_json(path, new)
         return
     old = artifacts.read_json(path)
     diff = [k for k in _differences(old, new) if k.split(".")[0] not in ignore]
@@ -158,13 +159,17 @@ def run(
         raise ConfigError(f"--executor {name!r}: expected one of {sorted(EXECUTORS)}")
     if name in REQUIREMENTS and only is None:
         REQUIREMENTS[name]()
-    _probe_if_auto(cfg)
-    run_dir, plan = _prepare(cfg)
+    if cfg.eval.comet is not None:
+        from datm import comet
+
+        comet.check(cfg.eval.comet)  # COMET's environment and model, before hours of training
+    run_dir, plan = _start(cfg)
     tasks = build_tasks(plan, run_dir)
     if only is not None:
         run_one(cfg, plan, tasks, only)
         return {}
-    print(format_plan(plan))
+    if _is_main_process():
+        print(format_plan(plan))
     if _num_processes() > 1:  # `accelerate launch`: every process trains; the main one does the rest
         if name != "local":
             raise ConfigError(f"executor {name!r} cannot run under accelerate launch; use executor local")
@@ -209,11 +214,13 @@ def describe_tasks(cfg: Config, as_json: bool = False) -> str:
 def _train_all_processes(cfg: Config, plan: Plan, tasks: list[Task]) -> None:
     """Data-parallel training: the main process claims each adapter, then all processes train it
     together (or all skip it, when it turned out done)."""
-    from accelerate import PartialState
+    from datm.train import process_state
 
-    state = PartialState()
+    state = process_state()
     run_dir = RunDir(cfg.output_dir)
     worker = Worker(cfg)
+    with state.main_process_first():
+        worker.model_path  # noqa: B018 (resolving may convert a GGUF model once, on the main process)
     for t in tasks:
         held = artifacts.claim(run_dir.claim(t.id), t.id) if state.is_main_process else None
         state.wait_for_everyone()
@@ -227,23 +234,32 @@ def _train_all_processes(cfg: Config, plan: Plan, tasks: list[Task]) -> None:
                 held.release()
 
 
-def _num_processes() -> int:
-    from accelerate import PartialState
+def _start(cfg: Config) -> tuple[RunDir, Plan]:
+    """Probe (auto) and plan. Under a multi-process launch the main process goes first, so that it
+    alone writes (probe, plan.json, config.json) and the others find those written."""
+    from datm.train import process_state
 
-    return PartialState().num_processes
+    with process_state().main_process_first():
+        _probe_if_auto(cfg)
+        return _prepare(cfg)
+
+
+def _num_processes() -> int:
+    from datm.train import process_state
+
+    return int(process_state().num_processes)
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
+    from datm.train import process_state
 
-    return PartialState().is_main_process
+    return bool(process_state().is_main_process)
 
 
 def train_only(cfg: Config, only: list[str] | None = None) -> None:
     from datm.tasks.executors import run_local
 
-    _probe_if_auto(cfg)
-    run_dir, plan = _prepare(cfg)
+    run_dir, plan = _start(cfg)
     unknown = sorted(set(only or []) - {a.name for a in plan.adapters})
     if unknown:
         raise ConfigError(

@@ -202,18 +202,25 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
 
 
 def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> dict[str, Any]:
-    from datm import evaluate
+    from datm import comet, evaluate
 
-    directions: dict[str, Any] = {}
-    signatures: dict[str, str] = {}
+    texts: dict[str, comet.Texts] = {}
     for d in plan.directions():
         files = run.translations(d)
         srcs, refs, hyps = (evaluate.read_lines(p) for p in (files.src, files.ref, files.hyp))
-        s = evaluate.score_direction(hyps, refs, d.tgt, srcs=srcs, comet_model=cfg.eval.comet)
-        row = s.to_dict()
-        row["test_fingerprint"] = artifacts.fingerprint_texts(srcs + refs)
+        texts[str(d)] = comet.Texts(srcs, hyps, refs)
+    rows, comet_provenance = evaluate.score_directions(
+        texts, {str(d): d.tgt for d in plan.directions()}, cfg.eval.comet
+    )
+    directions: dict[str, Any] = {}
+    signatures: dict[str, str] = {}
+    for d in plan.directions():
+        row = rows[str(d)].to_dict()
+        t = texts[str(d)]
+        row["test_fingerprint"] = artifacts.fingerprint_texts(list(t.srcs) + list(t.refs))
         directions[str(d)] = row
-        signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in s.signatures.items()})
+        sigs = rows[str(d)].signatures
+        signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in sigs.items()})
     scores = {
         "directions": directions,
         "averages": evaluate.averages(directions),
@@ -229,6 +236,7 @@ def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: W
                 for n, p in module_dirs(plan, run).items()
             },
             "versions": artifacts.library_versions(),
+            **({"comet": comet_provenance} if comet_provenance else {}),
             "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     }
