@@ -9,11 +9,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from datm.analyze import analyze
 from datm.data import write_text
 from datm.plan import make_plan
+from datm.significance import paired_bootstrap
 
 PINS = json.loads((Path(__file__).parent / "data" / "bootstrap_pins.json").read_text(encoding="utf-8"))
 WORDS = "the cat sat on a mat while dog ran to house in garden near old tree".split()
@@ -34,14 +33,12 @@ def systems(seed: int, n: int) -> tuple[list[str], list[str], list[str]]:
 
 
 def bootstrap_cases() -> dict[str, dict[str, Any]]:
-    from datm.evaluate import paired_bootstrap
-
     refs, weak, strong = systems(7, 40)
     out = {}
     for metric in ("bleu", "chrf"):
         for seed in (12345, 3):
             r = paired_bootstrap(weak, strong, refs, "en", metric=metric, n_samples=150, seed=seed)
-            out[f"{metric}:{seed}"] = dict(r)
+            out[f"{metric}:{seed}"] = r.to_json()
     return out
 
 
@@ -74,7 +71,7 @@ def analysis_case(tmp_path: Path) -> dict[str, Any]:
         {"de-en": "weak", "cs-en": "ref", "en-de": "weak", "en-cs": "weak"},
     )
     result = analyze(sep, jnt, mrg, sep, n_samples=120, seed=11)
-    data = result if isinstance(result, dict) else result.to_json()
+    data = result.to_json()
     data = json.loads(json.dumps(data))
     data["runs"] = {role: run["strategy"] for role, run in data["runs"].items()}  # paths differ per test
     return data
