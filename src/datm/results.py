@@ -80,8 +80,8 @@ class RunScores:
             for metric in ("bleu", "chrf"):
                 if not isinstance(entry, Mapping) or not isinstance(entry.get(metric), (int, float)):
                     raise ResultsError(f"{path}: directions.{key}.{metric} must be a number")
-            if not isinstance(entry.get("n", 0), int):
-                raise ResultsError(f"{path}: directions.{key}.n must be an integer")
+            if not isinstance(entry.get("n", 0), (int, float)):
+                raise ResultsError(f"{path}: directions.{key}.n must be a number")
         return cls(
             {k: DirectionScores.from_dict({"n": 0, **v}) for k, v in directions.items()},
             dict(data.get("averages") or {}),

@@ -16,6 +16,8 @@ import numpy as np
 from datm.evaluate import EvaluationError, make_metric
 from datm.results import BootstrapResult
 
+DEFAULT_SEED = 12345
+
 
 class Statistics:
     """One metric's per-segment sufficient statistics and the corpus score computed from their sum.
@@ -29,8 +31,14 @@ class Statistics:
         self.metric = metric
         self._scorer = make_metric(metric, tgt_lang)
 
-    def segments(self, hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
+    def segments(self, hyps: Sequence[str], refs: Sequence[str], what: str = "hypotheses") -> np.ndarray:
         """(segments × statistics) for one system."""
+        if len(hyps) != len(refs):
+            raise EvaluationError(
+                f"{len(hyps)} {what} but {len(refs)} references; they must pair up line by line"
+            )
+        if not refs:
+            raise EvaluationError("paired bootstrap needs at least one segment")
         return np.asarray(self._scorer._extract_corpus_statistics(list(hyps), [list(refs)]), dtype=np.float64)
 
     def score(self, summed: np.ndarray) -> float:
@@ -62,16 +70,9 @@ class Paired:
     def of(
         cls, hyps_a: Sequence[str], hyps_b: Sequence[str], refs: Sequence[str], tgt_lang: str, metric: str
     ) -> Paired:
-        for hyps, what in ((hyps_a, "system a"), (hyps_b, "system b")):
-            if len(hyps) != len(refs):
-                raise EvaluationError(
-                    f"{len(hyps)} hypotheses ({what}) but {len(refs)} references; "
-                    "they must pair up line by line"
-                )
-        if not refs:
-            raise EvaluationError("paired bootstrap needs at least one segment")
         stats = Statistics(metric, tgt_lang)
-        return cls(stats, stats.segments(hyps_a, refs), stats.segments(hyps_b, refs))
+        a = stats.segments(hyps_a, refs, "hypotheses (system a)")
+        return cls(stats, a, stats.segments(hyps_b, refs, "hypotheses (system b)"))
 
     def sampled(self, system: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """The system's corpus score on each resample (one row of `indices` per resample)."""
@@ -122,10 +123,10 @@ def paired_bootstrap(
     tgt_lang: str,
     metric: str = "bleu",
     n_samples: int = 1000,
-    seed: int = 12345,
+    seed: int = DEFAULT_SEED,
 ) -> BootstrapResult:
     """Paired bootstrap of system b against system a on one test set (see `Paired.bootstrap`)."""
     return Paired.of(hyps_a, hyps_b, refs, tgt_lang, metric).bootstrap(n_samples, seed)
 
 
-__all__ = ["Paired", "Statistics", "interval", "paired_bootstrap", "resample"]
+__all__ = ["DEFAULT_SEED", "Paired", "Statistics", "interval", "paired_bootstrap", "resample"]
