@@ -1,9 +1,10 @@
-"""Paired bootstrap resampling: the one place significance is computed (for evaluate, analyze, report).
+"""Paired bootstrap resampling: the one place significance is computed (analyze and report use it).
 
 Each system's per-segment sufficient statistics are computed once (`Statistics`, an adapter over
 sacrebleu's metric classes); a resample sums the statistics of the drawn segments and scores the
 sum, so resampling never re-tokenises. Draws come from a seeded numpy generator, the same draw as
-sacrebleu's `--paired-bs` for the same seed.
+sacrebleu's `--paired-bs` for the same seed. The metrics themselves are evaluate's
+(`datm.evaluate.make_metric`), so a bootstrap scores exactly as `datm evaluate` does.
 """
 
 from __future__ import annotations
@@ -33,17 +34,21 @@ class Statistics:
 
     def segments(self, hyps: Sequence[str], refs: Sequence[str], what: str = "hypotheses") -> np.ndarray:
         """(segments × statistics) for one system."""
-        if len(hyps) != len(refs):
-            raise EvaluationError(
-                f"{len(hyps)} {what} but {len(refs)} references; they must pair up line by line"
-            )
-        if not refs:
-            raise EvaluationError("paired bootstrap needs at least one segment")
+        _check_pairing(hyps, refs, what)
         return np.asarray(self._scorer._extract_corpus_statistics(list(hyps), [list(refs)]), dtype=np.float64)
 
     def score(self, summed: np.ndarray) -> float:
         """The corpus score of summed statistics."""
         return float(self._scorer._compute_score_from_stats(summed).score)
+
+
+def _check_pairing(hyps: Sequence[str], refs: Sequence[str], what: str) -> None:
+    if len(hyps) != len(refs):
+        raise EvaluationError(
+            f"{len(hyps)} {what} but {len(refs)} references; they must pair up line by line"
+        )
+    if not refs:
+        raise EvaluationError("paired bootstrap needs at least one segment")
 
 
 def resample(n_segments: int, n_samples: int, seed: int | Sequence[int]) -> np.ndarray:
@@ -70,6 +75,8 @@ class Paired:
     def of(
         cls, hyps_a: Sequence[str], hyps_b: Sequence[str], refs: Sequence[str], tgt_lang: str, metric: str
     ) -> Paired:
+        for hyps, what in ((hyps_a, "hypotheses (system a)"), (hyps_b, "hypotheses (system b)")):
+            _check_pairing(hyps, refs, what)  # both checked before any scoring
         stats = Statistics(metric, tgt_lang)
         a = stats.segments(hyps_a, refs, "hypotheses (system a)")
         return cls(stats, a, stats.segments(hyps_b, refs, "hypotheses (system b)"))
