@@ -16,6 +16,7 @@ from sacrebleu.significance import PairedTest
 
 from datm import cli
 from datm import evaluate as E
+from datm import significance as S
 
 SACREBLEU_CLI = Path(sys.executable).parent / "sacrebleu"
 
@@ -149,7 +150,7 @@ def test_length_mismatch_names_both_counts() -> None:
     with pytest.raises(ValueError, match="3 hypotheses but 2 references"):
         E.score_direction(["a", "b", "c"], ["a", "b"], "en")
     with pytest.raises(ValueError, match="2 hypotheses .*but 4 references"):
-        E.paired_bootstrap(["a", "b"], ["a", "b", "c", "d"], ["a", "b", "c", "d"], "en")
+        S.paired_bootstrap(["a", "b"], ["a", "b", "c", "d"], ["a", "b", "c", "d"], "en")
 
 
 def test_score_direction_and_averages() -> None:
@@ -188,16 +189,16 @@ def _systems(seed: int, n: int = 80) -> tuple[list[str], list[str], list[str]]:
 @pytest.mark.parametrize("metric", ["bleu", "chrf"])
 def test_paired_bootstrap_identical_and_clearly_better(metric: str) -> None:
     refs, weak, strong = _systems(0)
-    same = E.paired_bootstrap(weak, list(weak), refs, "en", metric=metric)
-    assert same["delta"] == 0 and same["p_value"] > 0.9
+    same = S.paired_bootstrap(weak, list(weak), refs, "en", metric=metric)
+    assert same.delta == 0 and same.p_value > 0.9
 
-    better = E.paired_bootstrap(weak, strong, refs, "en", metric=metric)
-    assert better["p_value"] < 0.05 and better["delta"] > 0
-    assert better["a"] < better["b"]
-    assert better["ci_low"] < better["mean_b"] < better["ci_high"]
-    assert 0 < better["delta_low"] < better["delta"] < better["delta_high"]
-    worse = E.paired_bootstrap(strong, weak, refs, "en", metric=metric)
-    assert worse["p_value"] < 0.05 and worse["delta"] == pytest.approx(-better["delta"])
+    better = S.paired_bootstrap(weak, strong, refs, "en", metric=metric)
+    assert better.p_value < 0.05 and better.delta > 0
+    assert better.a < better.b
+    assert better.ci_low < better.mean_b < better.ci_high
+    assert 0 < better.delta_low < better.delta < better.delta_high
+    worse = S.paired_bootstrap(strong, weak, refs, "en", metric=metric)
+    assert worse.p_value < 0.05 and worse.delta == pytest.approx(-better.delta)
 
 
 def test_paired_bootstrap_p_value_equals_sacrebleu() -> None:
@@ -209,10 +210,10 @@ def test_paired_bootstrap_p_value_equals_sacrebleu() -> None:
         test = PairedTest([("a", weak), ("b", close)], {"m": scorer}, [refs], test_type="bs", n_samples=1000)
         _, results = test()
         theirs = list(results.values())[1][1]
-        ours = E.paired_bootstrap(weak, close, refs, "en", metric=metric)
-        assert 0.01 < ours["p_value"] < 0.9
-        assert ours["p_value"] == pytest.approx(theirs.p_value)
-        assert ours["b"] == pytest.approx(theirs.score) and ours["mean_b"] == pytest.approx(theirs.mean)
+        ours = S.paired_bootstrap(weak, close, refs, "en", metric=metric)
+        assert 0.01 < ours.p_value < 0.9
+        assert ours.p_value == pytest.approx(theirs.p_value)
+        assert ours.b == pytest.approx(theirs.score) and ours.mean_b == pytest.approx(theirs.mean)
 
 
 def test_cli_evaluate_json_equals_api(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""Scoring translations against references: BLEU, chrF++, optional COMET, paired bootstrap.
+"""Scoring translations against references: BLEU, chrF++, optional COMET (bootstrap: `datm.significance`).
 
 COMET runs in an environment of its own (see `datm.comet`), never in this process.
 
@@ -23,7 +23,7 @@ from sacrebleu.metrics.base import Metric
 from datm import comet as comet_env
 from datm.config import CometConfig
 from datm.errors import DatmError
-from datm.languages import Direction, bleu_tokenizer
+from datm.languages import Direction, bleu_tokenizer, by_family
 
 
 class EvaluationError(DatmError):
@@ -179,7 +179,8 @@ def _chrf_metric() -> CHRF:
     return CHRF(word_order=2)  # chrF++
 
 
-def _metric(name: str, tgt_lang: str) -> Metric:
+def make_metric(name: str, tgt_lang: str) -> Metric:
+    """The sacrebleu metric object datm scores `name` ("bleu" or "chrf") with for a target language."""
     if name == "bleu":
         return _bleu_metric(tgt_lang)
     if name == "chrf":
@@ -286,11 +287,8 @@ def averages(directions: Mapping[str, DirectionScores | Mapping[str, Any]]) -> d
     averaged only where every direction of the family has it.
     """
     rows = {k: _as_scores(v) for k, v in directions.items()}
-    families = {
-        "xx-en": [s for k, s in rows.items() if Direction.parse(k).family == "xx-en"],
-        "en-xx": [s for k, s in rows.items() if Direction.parse(k).family == "en-xx"],
-        "all": list(rows.values()),
-    }
+    families = {f: [rows[d] for d in ds] for f, ds in by_family(rows).items()}
+    families["all"] = list(rows.values())
     out: dict[str, dict[str, float]] = {}
     for family, members in families.items():
         if not members:
@@ -303,74 +301,6 @@ def averages(directions: Mapping[str, DirectionScores | Mapping[str, Any]]) -> d
         if all(c is not None for c in comets):
             out[family]["comet"] = float(np.mean(comets))
     return out
-
-
-# ----------------------------------------------------------------------------------- significance
-
-
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    """95% bootstrap interval: drop 1/40 of the sorted samples on each side (as sacrebleu does)."""
-    ordered = np.sort(samples)
-    cut = len(ordered) // 40
-    return float(ordered[cut]), float(ordered[len(ordered) - cut - 1])
-
-
-def paired_bootstrap(
-    hyps_a: list[str],
-    hyps_b: list[str],
-    refs: list[str],
-    tgt_lang: str,
-    metric: str = "bleu",
-    n_samples: int = 1000,
-    seed: int = 12345,
-) -> dict[str, float]:
-    """Paired bootstrap resampling of system b against system a (sacrebleu's `--paired-bs`).
-
-    Both systems are scored on the same resampled segment sets, from per-segment sufficient
-    statistics. The p-value is sacrebleu's two-sided one: the share of samples whose mean-centred
-    absolute difference reaches the observed absolute difference, (count + 1) / (n_samples + 1). The
-    one departure: sacrebleu counts samples strictly above the observed difference, so a system
-    compared with itself gets p = 1/(n+1); counting ties too gives it p = 1 (no evidence of a
-    difference). Whether b is better or worse is the sign of `delta`.
-    """
-    _check_lengths(hyps_a, refs, what="hypotheses (system a)")
-    _check_lengths(hyps_b, refs, what="hypotheses (system b)")
-    if not refs:
-        raise EvaluationError("paired bootstrap needs at least one segment")
-    scorer = _metric(metric, tgt_lang)
-    stats_a = np.asarray(scorer._extract_corpus_statistics(list(hyps_a), [list(refs)]), dtype=np.float64)
-    stats_b = np.asarray(scorer._extract_corpus_statistics(list(hyps_b), [list(refs)]), dtype=np.float64)
-
-    def corpus(stats: np.ndarray) -> float:
-        return float(scorer._compute_score_from_stats(stats).score)
-
-    score_a, score_b = corpus(stats_a.sum(0)), corpus(stats_b.sum(0))
-    # Same draw as sacrebleu for the same seed, so its p-values can be reproduced.
-    rng = np.random.default_rng(seed)
-    samples = rng.choice(len(refs), size=(n_samples, len(refs)), replace=True)
-    sampled_a = np.array([corpus(stats_a[idx].sum(0)) for idx in samples])
-    sampled_b = np.array([corpus(stats_b[idx].sum(0)) for idx in samples])
-    deltas = sampled_b - sampled_a
-    centred = np.abs(deltas) - np.abs(deltas).mean()
-    observed = abs(score_b - score_a)
-    # Tolerance: identical systems give exact zeros, but keep float noise from breaking ties.
-    count = int(np.sum(centred >= observed - 1e-9))
-    ci_low, ci_high = _interval(sampled_b)
-    delta_low, delta_high = _interval(deltas)
-    return {
-        "metric": metric,
-        "n_samples": n_samples,
-        "seed": seed,
-        "a": score_a,
-        "b": score_b,
-        "delta": score_b - score_a,
-        "mean_b": float(sampled_b.mean()),
-        "ci_low": ci_low,
-        "ci_high": ci_high,
-        "delta_low": delta_low,
-        "delta_high": delta_high,
-        "p_value": (count + 1) / (n_samples + 1),
-    }
 
 
 # ----------------------------------------------------------------------------------- CLI
