@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,8 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None
 
 def load(path: str | Path) -> Config:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the path of a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -192,8 +195,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{s}: data.on_bad_record must be 'error' or 'skip'")
     if cfg.data.format not in ("auto", "alma", "tsv", "datasets", "flores"):
         raise ConfigError(f"{s}: data.format must be auto, alma, tsv, datasets or flores")
+    _validate_numbers(cfg)
     t = cfg.train
-    if t.steps is None and t.epochs is None:
+    if t.steps is None and t.epochs is None and _trains(cfg):
         raise ConfigError(
             f"{s}: train: give 'steps' (per adapter) or 'epochs' (passes over each adapter's data)"
         )
@@ -204,12 +208,131 @@ def validate(cfg: Config) -> None:
     for section, value in (("train", t.precision), ("eval", cfg.eval.precision)):
         if value not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{s}: {section}.precision must be auto, bf16 or fp32, got {value!r}")
-    if t.batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError(f"{s}: train.batch_size and train.grad_accum must be >= 1")
     m = cfg.merge
     if m.method not in ("ties", "linear"):
         raise ConfigError(f"{s}: merge.method must be 'ties' or 'linear', got {m.method!r}")
-    if not 0 < m.density <= 1:
-        raise ConfigError(f"{s}: merge.density must be in (0, 1], got {m.density}")
     if m.form not in ("lowrank", "factor", "dense", "sparse"):
         raise ConfigError(f"{s}: merge.form must be lowrank, factor, dense or sparse")
+
+
+@dataclass(frozen=True)
+class Number:
+    """What a numeric setting may hold: integer or real, its bounds, and whether it may be null."""
+
+    integer: bool
+    low: float | None = None  # None: unbounded
+    high: float | None = None
+    low_open: bool = False  # the bound itself is excluded
+    high_open: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return kind + (" " + " and ".join(bounds) if bounds else "") + (" (or null)" if self.optional else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        # YAML's true/false are not numbers, whatever Python's bool says.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+POSITIVE_INT = Number(integer=True, low=1)
+POSITIVE_INT_OR_NULL = Number(integer=True, low=1, optional=True)
+
+# Every numeric setting, by its dotted key.
+NUMERIC_SETTINGS: dict[str, Number] = {
+    "lora.r": POSITIVE_INT,
+    "lora.alpha": Number(integer=False, low=0, low_open=True),
+    "lora.dropout": Number(integer=False, low=0, high=1, high_open=True),
+    "train.steps": POSITIVE_INT_OR_NULL,
+    "train.epochs": Number(integer=False, low=0, low_open=True, optional=True),
+    "train.batch_size": POSITIVE_INT,
+    "train.grad_accum": POSITIVE_INT,
+    "train.lr": Number(integer=False, low=0, low_open=True),
+    "train.warmup_ratio": Number(integer=False, low=0, high=1),
+    "train.weight_decay": Number(integer=False, low=0),
+    "train.max_examples_per_pair": POSITIVE_INT_OR_NULL,
+    "train.max_length": Number(integer=True, low=2),
+    "train.seed": Number(integer=True, low=0),
+    "train.checkpoint_every": Number(integer=True, low=0),
+    "merge.density": Number(integer=False, low=0, high=1, low_open=True),
+    "merge.rank": POSITIVE_INT_OR_NULL,
+    "eval.max_examples": POSITIVE_INT_OR_NULL,
+    "eval.beams": POSITIVE_INT,
+    "eval.max_new_tokens": POSITIVE_INT,
+    "eval.batch_size": POSITIVE_INT,
+}
+
+MERGE_WEIGHT = Number(integer=False, low=0)
+
+
+def _setting(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _validate_numbers(cfg: Config) -> None:
+    s = cfg.source
+    for key, rule in NUMERIC_SETTINGS.items():
+        value = _setting(cfg, key)
+        if not rule.accepts(value):
+            raise ConfigError(f"{s}: {key} must be {rule.describe()}, got {value!r}")
+    weights = cfg.merge.weights
+    if weights is None:
+        return
+    if not isinstance(weights, list) or not weights:
+        raise ConfigError(
+            f"{s}: merge.weights must be a list of numbers (one per merged source), got {weights!r}"
+        )
+    for i, w in enumerate(weights):
+        if not MERGE_WEIGHT.accepts(w):
+            raise ConfigError(f"{s}: merge.weights[{i}] must be {MERGE_WEIGHT.describe()}, got {w!r}")
+    if sum(weights) <= 0:
+        raise ConfigError(f"{s}: merge.weights must not all be 0, got {weights}")
+    check_merge_weights(cfg, _planned_merges(cfg))
+
+
+def check_merge_weights(cfg: Config, merges: dict[str, int]) -> None:
+    """merge.weights weighs each merge's sources in order: every merge needs as many sources."""
+    weights = cfg.merge.weights
+    if weights is None:
+        return
+    wrong = {name: n for name, n in merges.items() if n != len(weights)}
+    if wrong:
+        raise ConfigError(
+            f"{cfg.source}: merge.weights has {len(weights)} value(s), but merge(s) {wrong} "
+            f"(name: number of sources) need one weight per source"
+        )
+
+
+def _planned_merges(cfg: Config) -> dict[str, int]:
+    """Merge name -> number of sources of the config's plan (none known before `auto` measures)."""
+    from datm.plan import make_plan
+
+    if cfg.strategy == "auto":
+        return {}  # checked when the auto plan is built
+    plan = make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
+    return {m.name: len(m.sources) for m in plan.merges}
+
+
+def _trains(cfg: Config) -> bool:
+    """Whether the config's plan trains anything (zero_shot does not, so it needs no train budget)."""
+    from datm.plan import make_plan
+
+    if cfg.strategy == "auto":
+        return True
+    return bool(make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method).adapters)
