@@ -111,8 +111,33 @@ def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
         else data.detect_format(data.pattern_path(cfg.data.test, direction))
     )
     split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
-    got = data.read_direction(cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split)
+    got = data.read_direction(
+        cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split, allow_reverse=False
+    )
     return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
+
+
+def check_data(cfg: Config, plan: Plan, out: Path, train: bool = True, test: bool = True) -> None:
+    """Pre-flight: every data file the remaining work reads exists and is readable, before a model
+    loads. Training files of every adapter not yet trained; test files of every direction not yet
+    translated (never the reverse direction's set)."""
+    todo_train = [a for a in plan.adapters if not artifacts.is_done(out / "adapters" / a.name)]
+    if train and todo_train:
+        if not cfg.data.train:
+            raise ConfigError(f"{cfg.source}: data.train is required to train adapters")
+        for d in dict.fromkeys(d for a in todo_train for d in a.directions):
+            data.check_readable(cfg.data.train, L.Direction.parse(d), cfg.data.format, split="train")
+    tdir = out / "translations"
+    todo_test = [d for d in plan.directions() if not (tdir / f"{d}.hyp.txt").is_file()]
+    if test and todo_test:
+        if not cfg.data.test:
+            raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
+        for d in todo_test:
+            fmt = cfg.data.format
+            if fmt == "auto":
+                fmt = data.detect_format(data.pattern_path(cfg.data.test, d))
+            split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
+            data.check_readable(cfg.data.test, d, fmt, allow_reverse=False, split=split)
 
 
 class Session:
@@ -139,6 +164,8 @@ def train_stage(cfg: Config, plan: Plan, out: Path, session: Session, only: list
         report = data.ReadReport()
         pairs = train_pairs(cfg, spec.directions, report)
         examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
+        for d, file in report.reversed_files.items():
+            print(f"adapter {spec.name}: {d} is trained on the reverse direction's file {file}")
         if report.skipped:
             print(
                 f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}"
@@ -154,6 +181,7 @@ def train_stage(cfg: Config, plan: Plan, out: Path, session: Session, only: list
             "data_fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in pairs),
             "data_origin": sorted({p.origin.rsplit(":", 1)[0] for p in pairs}),
             "skipped_records": report.skipped,
+            "reversed_files": report.reversed_files,  # direction -> reverse direction's file it read
             "tokenize": asdict(tok_report),
             "prompt": cfg.prompt,
         }
@@ -279,6 +307,7 @@ def run(cfg: Config) -> dict[str, Any]:
     _probe_if_auto(cfg)
     out, plan = _prepare(cfg)
     print(format_plan(plan))
+    check_data(cfg, plan, out)
     session = Session(cfg)
     train_stage(cfg, plan, out, session)
     if not _is_main_process():
@@ -308,6 +337,7 @@ def train_only(cfg: Config, only: list[str] | None = None) -> None:
         raise ConfigError(
             f"--adapter {unknown}: not in the plan; adapters are {[a.name for a in plan.adapters]}"
         )
+    check_data(cfg, plan, out, test=False)
     train_stage(cfg, plan, out, Session(cfg), only)
 
 
