@@ -73,10 +73,32 @@ class EvalConfig:
 
 
 @dataclass
+class PilotConfig:
+    """`auto.source: pilot`: short separate and joint trainings, scored on the dev split."""
+
+    fraction: float = 0.25  # of each adapter's training budget (train.steps or train.epochs)
+    max_examples: int | None = None  # dev segments scored per direction; default eval.max_examples
+    metric: str = "chrf"  # chrf | bleu: the Δ that decides
+    samples: int = 1000  # bootstrap resamples of the Δ intervals (reported; the decision is on Δ)
+
+
+@dataclass
+class AutoConfig:
+    """How `strategy: auto` measures, per direction, whether joint training helps."""
+
+    source: str = "pilot"  # pilot | probe | file (datm.auto.SOURCES)
+    threshold: float = 0.0  # a direction whose measurement is above it is trained jointly
+    measurements: str | None = None  # source file: a probe.json or a pilot's analysis.json
+    pilot: PilotConfig = field(default_factory=PilotConfig)
+    probe_examples: int = 32  # source probe: training examples per direction
+
+
+@dataclass
 class Config:
     languages: list[str]
     data: DataConfig
     strategy: str = "datm"
+    auto: AutoConfig = field(default_factory=AutoConfig)
     base_model: str | None = None
     groups: dict[str, list[str]] | None = None
     prompt: str = "alma"  # alma | chat
@@ -103,6 +125,13 @@ _SECTIONS = {
     "merge": MergeConfig,
     "eval": EvalConfig,
 }
+
+
+def _auto_section(raw: Any, source: str) -> AutoConfig:
+    auto = _section(AutoConfig, raw, f"{source}: auto")
+    if not isinstance(auto.pilot, PilotConfig):
+        auto.pilot = _section(PilotConfig, auto.pilot, f"{source}: auto.pilot")
+    return auto
 
 
 def _section(cls: type, raw: Any, where: str) -> Any:
@@ -148,6 +177,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None
     kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k not in _SECTIONS}
     for key, cls in _SECTIONS.items():
         kwargs[key] = _section(cls, raw.get(key), f"{source}: {key}")
+    kwargs["auto"] = _auto_section(raw.get("auto"), source)
     cfg = Config(**kwargs, source=source)
     base = base_dir or Path.cwd()
     cfg.data.train = _resolve_path(cfg.data.train, base) if cfg.data.format != "datasets" else cfg.data.train
@@ -158,11 +188,20 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None
     )
     if cfg.base_model is not None:
         cfg.base_model = _resolve_path(cfg.base_model, base)
+    if cfg.auto.measurements is not None:
+        if not isinstance(cfg.auto.measurements, str):
+            raise ConfigError(
+                f"{source}: auto.measurements must be a file path, got {cfg.auto.measurements!r}"
+            )
+        cfg.auto.measurements = str(base / Path(cfg.auto.measurements).expanduser())
     validate(cfg)
     return cfg
 
 
-def load(path: str | Path) -> Config:
+def load(path: str | Path, auto_overrides: dict[str, Any] | None = None) -> Config:
+    """The config in a YAML file. `auto_overrides` (the command line's `--measurements`,
+    `--threshold`) replace keys of its `auto` section before it is parsed and validated, so every
+    command builds its plan from the same keys."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give the path of a YAML file")
@@ -174,6 +213,18 @@ def load(path: str | Path) -> Config:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if auto_overrides:
+        if not isinstance(raw, dict) or raw.get("strategy") != "auto":
+            keys = ", ".join(f"auto.{k}" for k in sorted(auto_overrides))
+            strategy = raw.get("strategy", "datm") if isinstance(raw, dict) else None
+            raise ConfigError(
+                f"{path}: --measurements and --threshold (overriding {keys}) are for strategy auto; "
+                f"the config has strategy {strategy!r}"
+            )
+        section = raw.get("auto") or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: auto: expected a mapping, got {type(section).__name__}")
+        raw = {**raw, "auto": {**section, **auto_overrides}}
     return from_dict(raw, source=str(path), base_dir=path.resolve().parent)
 
 
@@ -196,6 +247,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.format not in ("auto", "alma", "tsv", "datasets", "flores"):
         raise ConfigError(f"{s}: data.format must be auto, alma, tsv, datasets or flores")
     _validate_numbers(cfg)
+    validate_auto(cfg)
     t = cfg.train
     if t.steps is None and t.epochs is None and _trains(cfg):
         raise ConfigError(
@@ -275,14 +327,21 @@ NUMERIC_SETTINGS: dict[str, Number] = {
     "eval.beams": POSITIVE_INT,
     "eval.max_new_tokens": POSITIVE_INT,
     "eval.batch_size": POSITIVE_INT,
+    "auto.threshold": Number(integer=False),
+    "auto.probe_examples": POSITIVE_INT,
+    "auto.pilot.fraction": Number(integer=False, low=0, high=1, low_open=True),
+    "auto.pilot.max_examples": POSITIVE_INT_OR_NULL,
+    "auto.pilot.samples": POSITIVE_INT,
 }
 
 MERGE_WEIGHT = Number(integer=False, low=0)
 
 
 def _setting(cfg: Config, dotted: str) -> Any:
-    section, key = dotted.split(".")
-    return getattr(getattr(cfg, section), key)
+    value: Any = cfg
+    for key in dotted.split("."):
+        value = getattr(value, key)
+    return value
 
 
 def _validate_numbers(cfg: Config) -> None:
@@ -336,3 +395,36 @@ def _trains(cfg: Config) -> bool:
     if cfg.strategy == "auto":
         return True
     return bool(make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method).adapters)
+
+
+def validate_auto(cfg: Config) -> None:
+    """The `auto` section: its source, and what that source needs (read only by strategy auto)."""
+    from datm.auto import SOURCES  # local: datm.auto imports this module
+
+    s, a = cfg.source, cfg.auto
+    if not isinstance(a.source, str) or a.source not in SOURCES:
+        raise ConfigError(f"{s}: auto.source must be one of {sorted(SOURCES)}, got {a.source!r}")
+    if a.pilot.metric not in ("chrf", "bleu"):
+        raise ConfigError(f"{s}: auto.pilot.metric must be 'chrf' or 'bleu', got {a.pilot.metric!r}")
+    if a.measurements is not None and a.source != "file":
+        raise ConfigError(
+            f"{s}: auto.measurements is read only with auto.source: file (source is {a.source!r}); "
+            "the pilot and the probe write their own measurements under output_dir"
+        )
+    if cfg.strategy != "auto":
+        return
+    if a.source == "file":
+        if a.measurements is None:
+            raise ConfigError(
+                f"{s}: auto.source file needs auto.measurements: a probe.json (`datm probe`) or an "
+                "analysis.json (`datm analyze`)"
+            )
+        if not Path(a.measurements).is_file():
+            raise ConfigError(f"{s}: auto.measurements: file {a.measurements} does not exist")
+    if a.source == "pilot" and not cfg.data.valid:
+        raise ConfigError(
+            f"{s}: auto.source pilot scores its trainings on the dev split: give data.valid "
+            "(the test split never decides the plan), or choose auto.source probe or file"
+        )
+    if a.source in ("pilot", "probe") and not cfg.data.train:
+        raise ConfigError(f"{s}: auto.source {a.source} trains or probes on data.train: give data.train")

@@ -216,16 +216,16 @@ def direction_file(pattern: str, direction: Direction, allow_reverse: bool = Tru
     (WMT's de-en and en-de sets hold different documents), so it never is.
     """
     path = Path(pattern_path(pattern, direction))
-    if path.exists() or "{xx}" in pattern:
+    if path.exists():
         return path, False
     backwards = Direction(direction.tgt, direction.src)
     reverse = Path(pattern_path(pattern, backwards))
-    if reverse.exists() and allow_reverse:
+    if "{xx}" not in pattern and reverse.exists() and allow_reverse:
         return reverse, True
     hint = (
         f"; {reverse} (the reverse direction's set) exists but a test set is not read backwards: "
         f"datm never scores {direction} on the {backwards} set"
-        if reverse.exists()
+        if "{xx}" not in pattern and reverse.exists()
         else ""
     )
     raise DataError(f"no data for {direction}: file {path} does not exist (pattern {pattern!r}){hint}")

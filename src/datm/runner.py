@@ -13,17 +13,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, data, models
+from datm import artifacts, auto, data, models, preflight
 from datm import languages as L
 from datm.config import Config, ConfigError
 from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters
 
 
 def build_plan(cfg: Config) -> Plan:
+    """The one plan builder of every command (`auto`: from the measurements its config names)."""
     if cfg.strategy == "auto":
-        from datm.probe import auto_plan_for_config
-
-        return auto_plan_for_config(cfg)  # from <output_dir>/probe/probe.json
+        return auto.build_plan(cfg)
     return make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
 
 
@@ -105,39 +104,11 @@ def train_pairs(cfg: Config, directions: list[str], report: data.ReadReport) -> 
 def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
     if not cfg.data.test:
         raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
-    fmt = (
-        cfg.data.format
-        if cfg.data.format != "auto"
-        else data.detect_format(data.pattern_path(cfg.data.test, direction))
-    )
-    split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
+    fmt, split = preflight.eval_split(cfg, cfg.data.test, direction)
     got = data.read_direction(
         cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split, allow_reverse=False
     )
     return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
-
-
-def check_data(cfg: Config, plan: Plan, out: Path, train: bool = True, test: bool = True) -> None:
-    """Pre-flight: every data file the remaining work reads exists and is readable, before a model
-    loads. Training files of every adapter not yet trained; test files of every direction not yet
-    translated (never the reverse direction's set)."""
-    todo_train = [a for a in plan.adapters if not artifacts.is_done(out / "adapters" / a.name)]
-    if train and todo_train:
-        if not cfg.data.train:
-            raise ConfigError(f"{cfg.source}: data.train is required to train adapters")
-        for d in dict.fromkeys(d for a in todo_train for d in a.directions):
-            data.check_readable(cfg.data.train, L.Direction.parse(d), cfg.data.format, split="train")
-    tdir = out / "translations"
-    todo_test = [d for d in plan.directions() if not (tdir / f"{d}.hyp.txt").is_file()]
-    if test and todo_test:
-        if not cfg.data.test:
-            raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
-        for d in todo_test:
-            fmt = cfg.data.format
-            if fmt == "auto":
-                fmt = data.detect_format(data.pattern_path(cfg.data.test, d))
-            split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
-            data.check_readable(cfg.data.test, d, fmt, allow_reverse=False, split=split)
 
 
 class Session:
@@ -292,22 +263,11 @@ def print_scores(scores: dict[str, Any]) -> None:
         print(f"{'avg ' + fam:<10} {s['bleu']:>7.2f} {s['chrf']:>7.2f}")
 
 
-def _probe_if_auto(cfg: Config) -> None:
-    """`auto` plans from measurements: take the gradient probe first when there are none yet."""
-    if cfg.strategy != "auto":
-        return
-    from datm import probe
-
-    if not probe.default_probe_path(cfg).is_file():
-        print("strategy auto: measuring gradient similarity first (datm probe)")
-        probe.probe_config(cfg, probe.default_probe_path(cfg).parent)
-
-
 def run(cfg: Config) -> dict[str, Any]:
-    _probe_if_auto(cfg)
+    auto.ensure_measurements(cfg)  # strategy auto: the pilot (or probe) first
     out, plan = _prepare(cfg)
     print(format_plan(plan))
-    check_data(cfg, plan, out)
+    preflight.check_data(cfg, plan, out)
     session = Session(cfg)
     train_stage(cfg, plan, out, session)
     if not _is_main_process():
@@ -330,14 +290,14 @@ def _is_main_process() -> bool:
 
 
 def train_only(cfg: Config, only: list[str] | None = None) -> None:
-    _probe_if_auto(cfg)
+    auto.ensure_measurements(cfg)
     out, plan = _prepare(cfg)
     unknown = sorted(set(only or []) - {a.name for a in plan.adapters})
     if unknown:
         raise ConfigError(
             f"--adapter {unknown}: not in the plan; adapters are {[a.name for a in plan.adapters]}"
         )
-    check_data(cfg, plan, out, test=False)
+    preflight.check_data(cfg, plan, out, test=False)
     train_stage(cfg, plan, out, Session(cfg), only)
 
 
