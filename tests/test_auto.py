@@ -227,3 +227,20 @@ def test_auto_data_is_checked_before_the_pilot_loads_a_model(tmp_path, alma_dir,
     (alma_dir / "train.cs-en.jsonl").unlink()
     assert main(["train", str(cfg)]) == 2
     assert "train.cs-en.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_merge_weights_are_counted_against_the_auto_plans_merges(tmp_path):
+    from datm import auto
+
+    measured = write_analysis_file(
+        tmp_path / "a.json", {"de-en": -1.0, "cs-en": -1.0, "en-de": 1.0, "en-cs": 1.0}
+    )
+    raw = auto_raw(source="file", measurements=str(measured))
+    raw["merge"] = {"weights": [1.0, 2.0, 3.0]}
+    cfg = C.from_dict(raw, source="c.yaml")  # which merges auto makes is known only once measured
+    with pytest.raises(
+        C.ConfigError, match=r"merge\.weights has 3 value\(s\), but merge\(s\) \{'xx-en\.g': 2\}"
+    ):
+        auto.build_plan(cfg)
+    raw["merge"] = {"weights": [1.0, 2.0]}
+    assert auto.build_plan(C.from_dict(raw)).merges[0].sources == ["de-en", "cs-en"]
