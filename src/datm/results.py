@@ -248,6 +248,7 @@ class Analysis:
     directions: dict[str, DeltaRow]  # joint − separate
     families: dict[str, FamilyDelta]
     merge: MergeDegradation | None = None
+    pilot: dict[str, Any] | None = None  # the settings of an `auto` pilot that made this analysis
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -260,6 +261,8 @@ class Analysis:
         }
         if self.merge is not None:
             out["merge"] = self.merge.to_json()
+        if self.pilot is not None:
+            out["pilot"] = self.pilot
         return out
 
     @classmethod
@@ -276,4 +279,6 @@ class Analysis:
             role: RunRef(**_require(r, f"{where}: runs.{role}", ("path", "strategy")))
             for role, r in data["runs"].items()
         }
-        return cls(data["metric"], data["n_samples"], data["seed"], runs, rows, fams, merge)
+        return cls(
+            data["metric"], data["n_samples"], data["seed"], runs, rows, fams, merge, data.get("pilot")
+        )

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, models
+from datm import artifacts, auto, models, preflight
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters, shipped_parameters
@@ -20,10 +20,9 @@ from datm.tasks.work import BODIES, test_pairs, train_pairs  # noqa: F401 (their
 
 
 def build_plan(cfg: Config) -> Plan:
+    """The one plan builder of every command (`auto`: from the measurements its config names)."""
     if cfg.strategy == "auto":
-        from datm.probe import auto_plan_for_config
-
-        return auto_plan_for_config(cfg)  # from <output_dir>/probe/probe.json
+        return auto.build_plan(cfg)
     return make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
 
 
@@ -137,17 +136,6 @@ def print_scores(scores: dict[str, Any]) -> None:
         print(f"{'avg ' + fam:<10} {s['bleu']:>7.2f} {s['chrf']:>7.2f}")
 
 
-def _probe_if_auto(cfg: Config) -> None:
-    """`auto` plans from measurements: take the gradient probe first when there are none yet."""
-    if cfg.strategy != "auto":
-        return
-    from datm import probe
-
-    if not probe.default_probe_path(cfg).is_file():
-        print("strategy auto: measuring gradient similarity first (datm probe)")
-        probe.probe_config(cfg, probe.default_probe_path(cfg).parent)
-
-
 def run(
     cfg: Config, executor: str | None = None, address: str | None = None, only: str | None = None
 ) -> dict[str, Any]:
@@ -164,6 +152,8 @@ def run(
 
         comet.check(cfg.eval.comet)  # COMET's environment and model, before hours of training
     run_dir, plan = _start(cfg)
+    if only is None:
+        preflight.check_data(cfg, plan, run_dir.root)  # every file it reads, before any model loads
     tasks = build_tasks(plan, run_dir)
     if only is not None:
         run_one(cfg, plan, tasks, only)
@@ -240,7 +230,7 @@ def _start(cfg: Config) -> tuple[RunDir, Plan]:
     from datm.train import process_state
 
     with process_state().main_process_first():
-        _probe_if_auto(cfg)
+        auto.ensure_measurements(cfg)  # strategy auto: the pilot (or the probe) first
         return _prepare(cfg)
 
 
@@ -265,6 +255,7 @@ def train_only(cfg: Config, only: list[str] | None = None) -> None:
         raise ConfigError(
             f"--adapter {unknown}: not in the plan; adapters are {[a.name for a in plan.adapters]}"
         )
+    preflight.check_data(cfg, plan, run_dir.root, test=False)
     tasks = [t for t in build_tasks(plan, run_dir) if t.kind == "train" and (not only or t.name in only)]
     if _num_processes() > 1:
         _train_all_processes(cfg, plan, tasks)

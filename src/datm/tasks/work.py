@@ -98,13 +98,12 @@ def train_pairs(cfg: Config, directions: list[str], report: data.ReadReport) -> 
 def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
     if not cfg.data.test:
         raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
-    fmt = (
-        cfg.data.format
-        if cfg.data.format != "auto"
-        else data.detect_format(data.pattern_path(cfg.data.test, direction))
+    from datm import preflight
+
+    fmt, split = preflight.eval_split(cfg, cfg.data.test, direction)
+    got = data.read_direction(
+        cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split, allow_reverse=False
     )
-    split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
-    got = data.read_direction(cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split)
     return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
 
 
@@ -119,6 +118,8 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
     report = data.ReadReport()
     pairs = train_pairs(cfg, spec.directions, report)
     examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
+    for d, file in report.reversed_files.items():
+        print(f"adapter {spec.name}: {d} is trained on the reverse direction's file {file}")
     if report.skipped:
         print(f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}")
     if tok_report.truncated or tok_report.dropped:
@@ -132,6 +133,7 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
         "data_fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in pairs),
         "data_origin": sorted({p.origin.rsplit(":", 1)[0] for p in pairs}),
         "skipped_records": report.skipped,
+        "reversed_files": report.reversed_files,  # direction -> reverse direction's file it read
         "tokenize": asdict(tok_report),
         "prompt": cfg.prompt,
     }
