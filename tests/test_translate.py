@@ -5,6 +5,7 @@ import torch
 
 from datm import models
 from datm.languages import Direction
+from datm.merge import merge_adapters
 from datm.plan import BASE
 from datm.translate import Request, Translator, newline_token_ids, read_requests
 
@@ -61,6 +62,51 @@ def test_each_direction_goes_to_its_module(tiny_model_dir, three_adapters):
     # ... and the mixed, batched translator matches the routed module on every request, in order
     for i, r in enumerate(REQS):
         assert got[i] == alone[ROUTES[str(r.direction)]][i], (i, r)
+
+
+@pytest.fixture(scope="module")
+def delta_module(three_adapters, tmp_path_factory):
+    """A dense delta module: adapter C's ΔW, stored as a datm delta directory."""
+    out = tmp_path_factory.mktemp("delta") / "D"
+    merge_adapters([three_adapters["C"]], out, method="linear", form="dense", progress=False)
+    return out
+
+
+def _translator(model_dir, modules):
+    return Translator(models.load_model(str(model_dir)), models.load_tokenizer(str(model_dir)), modules)
+
+
+def test_delta_routed_direction_gets_no_lora_on_top(tiny_model_dir, three_adapters, delta_module):
+    routes = {"de-en": "D", "en-de": "L", "cs-en": "D", "en-cs": "L"}
+    mixed = _translator(tiny_model_dir, {"L": three_adapters["A"], "D": delta_module})
+    got = mixed.translate(REQS, routes, max_new_tokens=8, batch_size=2, progress=False)
+    delta_alone = _translator(tiny_model_dir, {"D": delta_module}).translate(
+        REQS, dict.fromkeys(routes, "D"), max_new_tokens=8, batch_size=1, progress=False
+    )
+    lora_alone = _translator(tiny_model_dir, {"L": three_adapters["A"]}).translate(
+        REQS, dict.fromkeys(routes, "L"), max_new_tokens=8, batch_size=1, progress=False
+    )
+    assert delta_alone != lora_alone
+    for i, r in enumerate(REQS):
+        want = delta_alone if routes[str(r.direction)] == "D" else lora_alone
+        assert got[i] == want[i], (i, r)
+
+
+def test_base_requests_in_a_lora_pass_get_the_bare_base_model(tiny_model_dir, three_adapters):
+    routes = {"de-en": "L", "en-de": BASE, "cs-en": BASE, "en-cs": "L"}
+    bare = _translator(tiny_model_dir, {}).translate(
+        REQS, dict.fromkeys(routes, BASE), max_new_tokens=8, batch_size=1, progress=False
+    )
+    lora_alone = _translator(tiny_model_dir, {"L": three_adapters["A"]}).translate(
+        REQS, dict.fromkeys(routes, "L"), max_new_tokens=8, batch_size=1, progress=False
+    )
+    assert bare != lora_alone
+    mixed = _translator(tiny_model_dir, {"L": three_adapters["A"]})
+    for batch_size in (1, 3):  # only-base chunks, and base mixed with LoRA requests in one batch
+        got = mixed.translate(REQS, routes, max_new_tokens=8, batch_size=batch_size, progress=False)
+        for i, r in enumerate(REQS):
+            want = bare if routes[str(r.direction)] == BASE else lora_alone
+            assert got[i] == want[i], (batch_size, i, r)
 
 
 def test_beam_search_with_mixed_adapters(tiny_model_dir, three_adapters):

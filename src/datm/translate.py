@@ -144,6 +144,8 @@ class Translator:
     def _generate(
         self, prompts: list[list[int]], adapter_names: list[str], beams: int, max_new_tokens: int
     ) -> list[str]:
+        from peft import PeftModel
+
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         width = max(len(p) for p in prompts)
@@ -162,7 +164,9 @@ class Translator:
             eos_token_id=self.stop_ids,
             pad_token_id=pad,
         )
-        if any(n != BASE for n in adapter_names):
+        if isinstance(self.model, PeftModel):
+            # Always name the adapter of every row: without adapter_names peft applies its *active*
+            # adapter to all rows, so base rows (and delta passes, all base) would get a LoRA on top.
             kwargs["adapter_names"] = adapter_names
         gen = self.model.generate(**kwargs)
         texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
