@@ -291,7 +291,7 @@ def test_dense_and_sparse_round_trip_and_apply(adapters: list[Path], tmp_path: P
     assert 8 * sparse.params <= sparse.bytes < 8 * sparse.params + 8192
 
     with_dense, with_sparse = tiny_base(), tiny_base()
-    apply_delta(with_dense, tmp_path / "dense")
+    applied = apply_delta(with_dense, tmp_path / "dense")
     apply_delta(with_sparse, tmp_path / "sparse")
     # A PEFT-wrapped model gets the delta in its LoRA layers' base_layer weights.
     wrapped = get_peft_model(tiny_base(), LoraConfig(r=2, target_modules="all-linear")).eval()
@@ -304,10 +304,40 @@ def test_dense_and_sparse_round_trip_and_apply(adapters: list[Path], tmp_path: P
     name = "model.layers.0.self_attn.q_proj"
     delta_applied = with_dense.get_submodule(name).weight - tiny_base().get_submodule(name).weight
     assert torch.allclose(delta_applied, expected[name], atol=1e-6)
-    apply_delta(with_dense, tmp_path / "dense", sign=-1)
-    assert torch.allclose(
-        with_dense.get_submodule(name).weight, tiny_base().get_submodule(name).weight, atol=1e-6
-    )
+    applied.restore()
+    assert torch.equal(with_dense.get_submodule(name).weight, tiny_base().get_submodule(name).weight)
+
+
+def test_delta_in_bf16_is_the_cast_fp32_sum_and_is_restored_bit_for_bit(
+    adapters: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "delta"
+    # A small ΔW against W (as trained deltas are), where bf16 rounding matters.
+    merge_adapters(adapters[:1], out, method="linear", form="dense", weights=[0.02], progress=False)
+    model = tiny_base().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(5):
+        apply_delta(model, out).restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    # The reference: W + ΔW formed in float32 from the bf16 base weights, then cast to bf16 once.
+    reference = tiny_base().to(torch.bfloat16)
+    error_sq = delta_sq = 0.0
+    with torch.no_grad():
+        for name, delta in load_delta(out).items():
+            weight = reference.get_submodule(name.removesuffix(".weight")).weight
+            base = weight.float()
+            weight.copy_((base + delta).to(torch.bfloat16))
+            error_sq += float((weight.float() - base - delta).norm()) ** 2
+            delta_sq += float(delta.norm()) ** 2
+    with apply_delta(model, out) as applied, torch.no_grad():
+        assert torch.equal(model(INPUT_IDS).logits, reference(INPUT_IDS).logits)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # The error of ΔW as actually applied in bf16 is reported, and it is not small; in fp32 it is.
+    assert math.isclose(applied.rel_error, math.sqrt(error_sq / delta_sq), rel_tol=1e-5)
+    assert applied.rel_error > 0.01
+    with apply_delta(tiny_base(), out) as in_fp32:
+        assert in_fp32.rel_error < 1e-4
 
 
 def test_linear_merge_is_the_weighted_sum(adapters: list[Path], tmp_path: Path) -> None:

@@ -136,3 +136,18 @@ def test_read_requests():
     assert read_requests(["x y"], "en-cs")[0].direction == Direction("en", "cs")
     with pytest.raises(ValueError, match="input line 2"):
         read_requests(["de-en\tok", "no tab here"], None)
+
+
+def test_delta_passes_leave_bf16_base_weights_bit_identical(tiny_model_dir, delta_module):
+    model = models.load_model(str(tiny_model_dir)).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = Translator(model, models.load_tokenizer(str(tiny_model_dir)), {"D": delta_module})
+    reqs = [r for r in REQS if r.direction == Direction("de", "en")]
+    first = tr.translate(reqs, {"de-en": "D"}, max_new_tokens=4, progress=False)
+    for _ in range(4):  # five passes in all, each adding the delta and taking it away again
+        assert tr.translate(reqs, {"de-en": "D"}, max_new_tokens=4, progress=False) == first
+    applied = tr.last_info["delta_modules"]["D"]
+    assert applied["dtype"] == "bfloat16" and applied["applied_rel_error"] > 0
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert not changed, changed

@@ -855,8 +855,10 @@ def merge_adapters(
 _ERROR_MEANING = {
     "lowrank": "truncated-SVD error of the rank-`rank` LoRA against the merged ΔW",
     "factor": "how far merging A and B separately lands from merging the true ΔW",
-    "dense": "rounding error of the stored dtype against the merged ΔW",
-    "sparse": "rounding error of the stored dtype against the merged ΔW",
+    "dense": "rounding error of the stored dtype against the merged ΔW (the error of ΔW as applied to the "
+    "base in its serving dtype is measured when served: applied_rel_error in translations/<dir>.info.json)",
+    "sparse": "rounding error of the stored dtype against the merged ΔW (the error of ΔW as applied to the "
+    "base in its serving dtype is measured when served: applied_rel_error in translations/<dir>.info.json)",
 }
 
 
@@ -991,24 +993,68 @@ def load_delta(path: Path) -> dict[str, torch.Tensor]:
     return dict(iter_delta(path))
 
 
-@torch.no_grad()
-def apply_delta(model: torch.nn.Module, path: Path, sign: int = +1) -> None:
-    """Add (sign=+1) or subtract (sign=-1) a delta directory to `model`'s weights in place.
+class AppliedDelta:
+    """A delta directory added to a model's weights; `restore` puts the original weights back.
+
+    Exact by construction: each touched weight W is copied (to the CPU, so no accelerator memory is
+    spent on it) before it becomes cast(W + ΔW), the sum formed in float32 and rounded once to W's
+    dtype, and `restore` copies the saved W back bit for bit. Subtracting ΔW again would not be exact
+    in low precision (bf16 rounding drifts the base a little with every pass), and adding ΔW as an
+    extra output term would not compute the same function as a model with the merged weights.
+
+    `rel_error` is ‖ΔW as applied − ΔW‖_F / ‖ΔW‖_F over all touched weights, where ΔW as applied is
+    cast(W + ΔW) − W: what rounding to the serving dtype does to the merged module (≈0 in float32,
+    often large in bf16 where ‖ΔW‖ is small against ‖W‖).
+    """
+
+    def __init__(self, model: torch.nn.Module, path: Path) -> None:
+        self.path = Path(path)
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        delta_sq = error_sq = 0.0
+        with torch.no_grad():
+            try:
+                for name, delta in iter_delta(self.path):
+                    weight = _find_weight(model, name)
+                    if list(weight.shape) != list(delta.shape):
+                        raise MergeError(
+                            f"{self.path}: delta {name} has shape {list(delta.shape)} but the model's is "
+                            f"{list(weight.shape)}"
+                        )
+                    original = weight.detach().to("cpu", copy=True)
+                    self._saved.append((weight, original))
+                    delta = delta.to(weight.device)
+                    weight.copy_((weight.float() + delta).to(weight.dtype))
+                    applied_error = weight.float() - original.to(weight.device).float() - delta
+                    delta_sq += float(torch.linalg.vector_norm(delta)) ** 2
+                    error_sq += float(torch.linalg.vector_norm(applied_error)) ** 2
+                    del delta, applied_error
+            except BaseException:
+                self.restore()
+                raise
+        self.rel_error = math.sqrt(error_sq / delta_sq) if delta_sq > 0 else 0.0
+
+    def restore(self) -> None:
+        """Put back every weight this delta touched, exactly as it was."""
+        with torch.no_grad():
+            for weight, original in self._saved:
+                weight.copy_(original.to(weight.device))
+        self._saved = []
+
+    def __enter__(self) -> AppliedDelta:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def apply_delta(model: torch.nn.Module, path: Path) -> AppliedDelta:
+    """Add a delta directory to `model`'s weights in place until `.restore()` (or the end of a
+    ``with`` block); see `AppliedDelta`.
 
     Works on a plain transformers model and on a PEFT-wrapped one (modules under
-    ``base_model.model.``, LoRA layers keeping the original weight in ``base_layer``). The sum is
-    formed in float32 and cast back, so low-precision weights round once.
+    ``base_model.model.``, LoRA layers keeping the original weight in ``base_layer``).
     """
-    if sign not in (1, -1):
-        raise MergeError(f"sign must be +1 or -1, got {sign!r}")
-    for name, delta in iter_delta(path):
-        weight = _find_weight(model, name)
-        if list(weight.shape) != list(delta.shape):
-            raise MergeError(
-                f"{path}: delta {name} has shape {list(delta.shape)} but the model's is {list(weight.shape)}"
-            )
-        updated = weight.float() + sign * delta.to(weight.device)
-        weight.copy_(updated.to(weight.dtype))
+    return AppliedDelta(model, path)
 
 
 def _find_weight(model: torch.nn.Module, weight_name: str) -> torch.Tensor:

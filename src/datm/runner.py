@@ -209,6 +209,7 @@ def translate_stage(cfg: Config, plan: Plan, out: Path, session: Session) -> Non
             )
             artifacts.atomic_write_text(tdir / f"{d}.src.txt", data.write_text(p.src for p in pairs))
             artifacts.atomic_write_text(tdir / f"{d}.ref.txt", data.write_text(p.tgt for p in pairs))
+            artifacts.atomic_write_json(tdir / f"{d}.info.json", translator.last_info)
             # hyp last: its presence marks the direction complete
             artifacts.atomic_write_text(tdir / f"{d}.hyp.txt", data.write_text(hyps))
             print(f"translated {d}: {len(hyps)} segments (module {plan.routes[str(d)]})")

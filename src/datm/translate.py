@@ -3,7 +3,7 @@
 LoRA modules are loaded side by side into one PeftModel and served in mixed batches (peft's
 `adapter_names`), so a shuffled stream of directions needs no regrouping; generation stops at the
 end of the line. Delta modules (merge forms `dense`/`sparse`) are added to the base weights for the
-batches that use them, then subtracted again.
+batches that use them, and the saved original weights are put back afterwards (exactly).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class Translator:
                 self.model.load_adapter(str(p), adapter_name=self.peft_name[name])
         self.model.eval()
         self.stop_ids = [tokenizer.eos_token_id] + newline_token_ids(tokenizer)
+        self.last_info: dict[str, Any] = {}
 
     def translate(
         self,
@@ -100,8 +101,14 @@ class Translator:
         batch_size: int = 8,
         progress: bool = True,
     ) -> list[str]:
-        """Translations in input order. `routes` maps 'src-tgt' to a module name (or BASE)."""
+        """Translations in input order. `routes` maps 'src-tgt' to a module name (or BASE).
+
+        What happened is left in `last_info`: per delta module served, the relative error of its ΔW
+        as applied in the serving dtype (see `datm.merge.AppliedDelta`).
+        """
         from tqdm.auto import tqdm
+
+        from datm.merge import apply_delta
 
         for r in requests:
             if str(r.direction) not in routes:
@@ -116,10 +123,10 @@ class Translator:
         for i, m in enumerate(module):
             passes.setdefault(m if m in self.deltas else None, []).append(i)
         out: list[str] = [""] * len(requests)
+        info: dict[str, Any] = {"segments": len(requests), "delta_modules": {}}
         bar = tqdm(total=len(requests), desc="translate", unit="seg", disable=not progress)
         for delta, idxs in passes.items():
-            if delta is not None:
-                self._apply_delta(delta, +1)
+            applied = apply_delta(self.model, self.deltas[delta]) if delta is not None else None
             try:
                 idxs = sorted(idxs, key=lambda i: len(prompts[i]))
                 for start in range(0, len(idxs), batch_size):
@@ -130,15 +137,16 @@ class Translator:
                         out[i] = t
                     bar.update(len(chunk))
             finally:
-                if delta is not None:
-                    self._apply_delta(delta, -1)
+                if applied is not None:
+                    applied.restore()
+            if applied is not None:
+                info["delta_modules"][delta] = {
+                    "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                    "applied_rel_error": applied.rel_error,
+                }
         bar.close()
+        self.last_info = info
         return out
-
-    def _apply_delta(self, name: str, sign: int) -> None:
-        from datm.merge import apply_delta
-
-        apply_delta(self.model, self.deltas[name], sign=sign)
 
     @torch.no_grad()
     def _generate(
