@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import merge_utils as peft_merge_utils
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,28 +100,29 @@ def test_ties_merge_matches_hand_computation() -> None:
     d1 = torch.tensor([[1.0, -2.0, 0.5], [3.0, -0.1, 0.2]])
     d2 = torch.tensor([[-1.5, 1.0, 0.4], [2.0, 0.3, -4.0]])
     d3 = torch.tensor([[0.5, -0.6, -0.7], [-2.5, 0.05, 1.0]])
-    # Trim, density 0.5: keep ⌈0.5·6⌉ = 3 entries of largest magnitude in each.
+    # Trim, density 0.5: keep ⌊0.5·6⌋ = 3 entries of largest magnitude in each.
     #   d1 keeps 3, -2, 1        -> t1 = [[ 1.0, -2, 0   ], [ 3.0, 0, 0 ]]
     #   d2 keeps -4, 2, -1.5     -> t2 = [[-1.5,  0, 0   ], [ 2.0, 0, -4]]
     #   d3 keeps -2.5, 1, -0.7   -> t3 = [[ 0,    0, -0.7], [-2.5, 0, 1 ]]
     assert torch.equal(trim(d1, 0.5), torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, 0.0]]))
-    # Elect: sum = [[-0.5, -2, -0.7], [2.5, 0, -3]] -> signs [[-, -, -], [+, none, -]].
+    # Elect: sum = [[-0.5, -2, -0.7], [2.5, 0, -3]] -> signs [[-, -, -], [+, + (sum 0), -]].
     # Disjoint mean over the nonzero values agreeing with the elected sign:
     #   (0,0): {-1.5} -> -1.5   (0,1): {-2} -> -2   (0,2): {-0.7} -> -0.7
-    #   (1,0): {3, 2} -> 2.5    (1,1): no sign -> 0  (1,2): {-4} -> -4
+    #   (1,0): {3, 2} -> 2.5    (1,1): all trimmed -> 0  (1,2): {-4} -> -4
     expected = torch.tensor([[-1.5, -2.0, -0.7], [2.5, 0.0, -4.0]])
     assert torch.allclose(ties_merge([d1, d2, d3], density=0.5), expected)
     # Weights [1, 2, 1] double t2 before the election: sum = [[-2, -2, -0.7], [4.5, 0, -7]], same
     # signs; (0,0): {-3} -> -3, (1,0): {3, 4} -> 3.5, (1,2): {-8} -> -8.
     expected_weighted = torch.tensor([[-3.0, -2.0, -0.7], [3.5, 0.0, -8.0]])
     assert torch.allclose(ties_merge([d1, d2, d3], density=0.5, weights=[1, 2, 1]), expected_weighted)
-    # density 1 keeps everything: (0,0) is then mean(1, 0.5) with sign of 1 - 1.5 + 0.5 = 0 -> 0.
-    assert ties_merge([d1, d2, d3], density=1.0)[0, 0] == 0
+    # density 1 keeps everything: (0,0) sums to 1 - 1.5 + 0.5 = 0, which elects + (as peft and
+    # mergekit do): the mean of the positive values 1 and 0.5.
+    assert ties_merge([d1, d2, d3], density=1.0)[0, 0] == 0.75
 
 
 def reference_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim spelled out with a full torch.kthvalue: keep magnitudes >= the keep-th largest."""
-    keep = math.ceil(density * delta.numel() - 1e-6)
+    keep = max(1, int(density * delta.numel()))
     threshold = torch.kthvalue(delta.abs().reshape(-1), delta.numel() - keep + 1).values
     return torch.where(delta.abs() >= threshold, delta, 0.0)
 
@@ -137,8 +139,8 @@ def test_trim_threshold_is_exact_on_large_deltas_with_ties(monkeypatch: pytest.M
         trimmed = trim(delta, density)
         assert torch.equal(trimmed, reference_trim(delta, density)), density
         if density <= 0.5:  # (at 0.97 the threshold is 0: delta's own zeros are "kept")
-            # Ties at the threshold are all kept, so more than ⌈density·n⌉ entries survive here.
-            assert int((trimmed != 0).sum()) > math.ceil(density * delta.numel())
+            # Ties at the threshold are all kept, so more than ⌊density·n⌋ entries survive here.
+            assert int((trimmed != 0).sum()) > int(density * delta.numel())
     # A sample that lands only on the largest entries gives a bound too high: the full kthvalue answers.
     monkeypatch.setattr(merge, "THRESHOLD_SAMPLE", 1000)
     sampled = torch.randint(
@@ -148,6 +150,32 @@ def test_trim_threshold_is_exact_on_large_deltas_with_ties(monkeypatch: pytest.M
     rigged[sampled] = 1000.0
     rigged = rigged.reshape(delta.shape)
     assert torch.equal(trim(rigged, 0.2), reference_trim(rigged, 0.2))
+
+
+def test_trim_keeps_floor_of_density_times_n_like_peft() -> None:
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(37, 23, generator=g)  # 851 entries, no two magnitudes equal
+    for density in (0.3, 0.05, 0.999):  # 255.3, 42.55, 850.149 entries: none an integer
+        trimmed = trim(delta, density)
+        assert int((trimmed != 0).sum()) == int(density * delta.numel())
+        assert torch.equal(trimmed, peft_merge_utils.magnitude_based_pruning(delta, density))
+    assert int((trim(delta, 0.0001) != 0).sum()) == 1  # at least one entry, where peft keeps none
+
+
+def test_ties_of_dense_deltas_equals_peft_ties_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(4)
+    factors = [(torch.randn(4, 23, generator=g), torch.randn(37, 4, generator=g), s) for s in (2.0, 0.5, 1.0)]
+    deltas = [delta_of(a, b, s) for a, b, s in factors]
+    # An entry whose kept values cancel exactly: the sum 0 elects +, as peft's "total" method does.
+    deltas[0][0, 0], deltas[1][0, 0], deltas[2][0, 0] = 50.0, -50.0, 0.0
+    for density in (0.3, 0.55, 1.0):  # 255.3 and 468.05 of 851 entries are kept
+        theirs = peft_merge_utils.ties(deltas, torch.ones(3), density, majority_sign_method="total")
+        assert torch.equal(ties_merge(deltas, density), theirs), density
+        assert ties_merge(deltas, density)[0, 0] == 50.0
+    theirs = peft_merge_utils.ties(
+        [delta_of(a, b, s) for a, b, s in factors], torch.ones(3), 0.3, majority_sign_method="total"
+    )
+    assert torch.equal(ties_merge_factored(factors, 0.3), theirs)
 
 
 def test_factored_merges_equal_the_dense_merges_exactly() -> None:

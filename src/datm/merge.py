@@ -75,9 +75,12 @@ class MergeError(DatmError):
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ⌈density·n⌉ entries of largest magnitude, zero the rest (TIES step 1).
+    """Keep the ⌊density·n⌋ entries of largest magnitude (at least 1), zero the rest (TIES step 1).
 
-    Entries tied in magnitude with the last kept one are all kept, so the result is deterministic.
+    The count is `int(density * n)` as peft's `magnitude_based_pruning` and mergekit's `magnitude`
+    compute it (the float product, floored), so that on the same ΔW they keep the same entries.
+    Entries tied in magnitude with the last kept one are all kept, so the result is deterministic
+    (peft's topk keeps an arbitrary subset of such ties).
     """
     _check_density(density)
     return _zero_below(delta.clone(), _trim_threshold(delta, density))
@@ -88,7 +91,7 @@ def _trim_threshold(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     n = delta.numel()
     if n == 0 or density >= 1.0:
         return None
-    keep = max(1, math.ceil(density * n - 1e-6))  # the epsilon absorbs float error in density·n
+    keep = max(1, int(density * n))  # exactly peft's and mergekit's count
     return _kth_largest(delta.abs().reshape(-1), keep)
 
 
@@ -132,8 +135,10 @@ def ties_merge(
 
     1. trim each delta to its top-`density` entries by magnitude;
     2. multiply by its weight (default 1) and elect, per entry, the sign of the sum over sources;
-    3. average, per entry, the sources whose trimmed value is nonzero and has the elected sign
-       (an entry whose sum is exactly 0 has no elected sign and merges to 0).
+    3. average, per entry, the sources whose trimmed value is nonzero and has the elected sign.
+
+    A sum of exactly 0 elects + (peft's majority_sign_method="total" and mergekit's "sum" do the
+    same); an entry that every source trimmed to 0 merges to 0.
     """
     _check_same_shape(deltas)
     weights = _resolve_weights(weights, len(deltas), default=1.0)
@@ -141,11 +146,11 @@ def ties_merge(
     elected = torch.zeros_like(trimmed[0])
     for t in trimmed:
         elected.add_(t)
-    elected.sign_()
+    _elect_sign(elected)
     total = torch.zeros_like(elected)
     count = torch.zeros_like(elected)
     for t in trimmed:
-        agrees = (t * elected) > 0  # nonzero with the elected sign (no sign elected: never)
+        agrees = (t * elected) > 0  # nonzero with the elected sign
         total.add_(t * agrees)
         count.add_(agrees)
     return total.div_(count.clamp_(min=1))  # entries no source agrees on stay 0
@@ -183,13 +188,13 @@ def ties_merge_factored(
         elected.add_(trimmed)
         del delta, trimmed
     assert elected is not None
-    elected.sign_()
+    _elect_sign(elected)
 
     total = torch.zeros_like(elected)
     count = torch.zeros(elected.shape, dtype=torch.uint8 if len(factors) < 256 else torch.int32)
     for (a, b, scaling), w, threshold in zip(factors, weights, thresholds, strict=True):
         trimmed = _zero_below(delta_of(a, b, scaling), threshold).mul_(w)
-        # Multiplying by the elected sign (±1 or 0) in place: > 0 marks the agreeing entries, and a
+        # Multiplying by the elected sign (±1) in place: > 0 marks the agreeing entries, and a
         # second multiplication restores them exactly (x · ±1 · ±1 = x); the rest are zeroed.
         agrees = trimmed.mul_(elected) > 0
         count.add_(agrees)
@@ -198,6 +203,11 @@ def ties_merge_factored(
         del trimmed, agrees
     del elected
     return total.div_(count.clamp_(min=1))  # entries no source agrees on stay 0
+
+
+def _elect_sign(summed: torch.Tensor) -> torch.Tensor:
+    """Turn the per-entry sum of the sources into the elected sign, in place: +1 where ≥ 0, else −1."""
+    return summed.sign_().masked_fill_(summed.eq(0), 1.0)
 
 
 def linear_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
