@@ -111,13 +111,26 @@ def test_ties_merge_matches_hand_computation() -> None:
     #   (1,0): {3, 2} -> 2.5    (1,1): all trimmed -> 0  (1,2): {-4} -> -4
     expected = torch.tensor([[-1.5, -2.0, -0.7], [2.5, 0.0, -4.0]])
     assert torch.allclose(ties_merge([d1, d2, d3], density=0.5), expected)
-    # Weights [1, 2, 1] double t2 before the election: sum = [[-2, -2, -0.7], [4.5, 0, -7]], same
-    # signs; (0,0): {-3} -> -3, (1,0): {3, 4} -> 3.5, (1,2): {-8} -> -8.
-    expected_weighted = torch.tensor([[-3.0, -2.0, -0.7], [3.5, 0.0, -8.0]])
-    assert torch.allclose(ties_merge([d1, d2, d3], density=0.5, weights=[1, 2, 1]), expected_weighted)
     # density 1 keeps everything: (0,0) sums to 1 - 1.5 + 0.5 = 0, which elects + (as peft and
     # mergekit do): the mean of the positive values 1 and 0.5.
     assert ties_merge([d1, d2, d3], density=1.0)[0, 0] == 0.75
+
+
+def test_weighted_ties_is_the_weighted_disjoint_mean() -> None:
+    d1 = torch.tensor([[1.0, -2.0, 0.5], [3.0, -0.1, 0.2]])
+    d2 = torch.tensor([[-1.5, 1.0, 0.4], [2.0, 0.3, -4.0]])
+    d3 = torch.tensor([[0.5, -0.6, -0.7], [-2.5, 0.05, 1.0]])
+    # Trimmed at density 0.5 (see above): t1 = [[1, -2, 0], [3, 0, 0]], t2 = [[-1.5, 0, 0], [2, 0, -4]],
+    # t3 = [[0, 0, -0.7], [-2.5, 0, 1]]. Weights [1, 3, 1] triple t2 before the election:
+    # sum = [[1 - 4.5, -2, -0.7], [3 + 6 - 2.5, 0, -12 + 1]] -> signs [[-, -, -], [+, +, -]].
+    # Weighted disjoint mean Σ w·t / Σ w over the agreeing sources:
+    #   (0,0): t2 only -> 3·-1.5 / 3 = -1.5      (0,1): t1 only -> -2      (0,2): t3 only -> -0.7
+    #   (1,0): t1, t2 -> (1·3 + 3·2) / (1 + 3) = 2.25     (1,1): none -> 0    (1,2): t2 -> -4
+    expected = torch.tensor([[-1.5, -2.0, -0.7], [2.25, 0.0, -4.0]])
+    assert torch.equal(ties_merge([d1, d2, d3], density=0.5, weights=[1, 3, 1]), expected)
+    # The factored path, with ΔW_i = d_i @ I given as factors, computes the same.
+    factors = [(torch.eye(3), d, 1.0) for d in (d1, d2, d3)]
+    assert torch.equal(ties_merge_factored(factors, 0.5, [1, 3, 1]), expected)
 
 
 def reference_trim(delta: torch.Tensor, density: float) -> torch.Tensor:

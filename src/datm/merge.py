@@ -134,11 +134,15 @@ def ties_merge(
     """TIES-merging (Yadav et al., 2023) of same-shaped task deltas, computed in float32.
 
     1. trim each delta to its top-`density` entries by magnitude;
-    2. multiply by its weight (default 1) and elect, per entry, the sign of the sum over sources;
-    3. average, per entry, the sources whose trimmed value is nonzero and has the elected sign.
+    2. multiply by its weight w_i (default 1) and elect, per entry, the sign of the sum over sources;
+    3. take, per entry, the weighted disjoint mean of the sources whose trimmed value is nonzero and
+       has the elected sign: Σ_agreeing w_i·t_i / Σ_agreeing w_i. This is the mean of the agreeing
+       values weighted by w (mergekit's TIES with `normalize: true`); with unit weights it is the
+       paper's and peft's plain mean over the agreeing sources.
 
     A sum of exactly 0 elects + (peft's majority_sign_method="total" and mergekit's "sum" do the
-    same); an entry that every source trimmed to 0 merges to 0.
+    same); an entry that every source trimmed to 0 merges to 0, and so does one whose agreeing
+    weights sum to 0 (possible only with negative weights; mergekit then divides by 1, as here).
     """
     _check_same_shape(deltas)
     weights = _resolve_weights(weights, len(deltas), default=1.0)
@@ -148,12 +152,12 @@ def ties_merge(
         elected.add_(t)
     _elect_sign(elected)
     total = torch.zeros_like(elected)
-    count = torch.zeros_like(elected)
-    for t in trimmed:
+    divisor = torch.zeros_like(elected)
+    for t, w in zip(trimmed, weights, strict=True):
         agrees = (t * elected) > 0  # nonzero with the elected sign
         total.add_(t * agrees)
-        count.add_(agrees)
-    return total.div_(count.clamp_(min=1))  # entries no source agrees on stay 0
+        divisor.add_(agrees, alpha=w)
+    return total.div_(divisor.masked_fill_(divisor.eq(0), 1.0))  # entries no source agrees on stay 0
 
 
 def ties_merge_factored(
@@ -167,7 +171,8 @@ def ties_merge_factored(
     bit for bit (for finite deltas), but no two ΔW_i exist at once: pass 1 forms each ΔW_i, finds its
     trim threshold and adds its weighted trimmed values to the sign-electing sum; pass 2 forms each
     ΔW_i again from its (small) factors, trims it with the stored threshold and adds the entries that
-    agree with the elected sign. Peak: about four out×in matrices whatever the number of sources.
+    agree with the elected sign (and their weights to the divisor). Peak: about four out×in float32
+    matrices (ΔW_i, the elected signs, the weighted sum, the divisor) whatever the number of sources.
     """
     _check_density(density)
     if not factors:
@@ -191,18 +196,18 @@ def ties_merge_factored(
     _elect_sign(elected)
 
     total = torch.zeros_like(elected)
-    count = torch.zeros(elected.shape, dtype=torch.uint8 if len(factors) < 256 else torch.int32)
+    divisor = torch.zeros_like(elected)
     for (a, b, scaling), w, threshold in zip(factors, weights, thresholds, strict=True):
         trimmed = _zero_below(delta_of(a, b, scaling), threshold).mul_(w)
         # Multiplying by the elected sign (±1) in place: > 0 marks the agreeing entries, and a
         # second multiplication restores them exactly (x · ±1 · ±1 = x); the rest are zeroed.
         agrees = trimmed.mul_(elected) > 0
-        count.add_(agrees)
+        divisor.add_(agrees, alpha=w)
         trimmed.mul_(elected).masked_fill_(agrees.logical_not_(), 0.0)
         total.add_(trimmed)
         del trimmed, agrees
     del elected
-    return total.div_(count.clamp_(min=1))  # entries no source agrees on stay 0
+    return total.div_(divisor.masked_fill_(divisor.eq(0), 1.0))  # entries no source agrees on stay 0
 
 
 def _elect_sign(summed: torch.Tensor) -> torch.Tensor:
