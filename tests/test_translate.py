@@ -151,3 +151,45 @@ def test_delta_passes_leave_bf16_base_weights_bit_identical(tiny_model_dir, delt
     after = model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert not changed, changed
+
+
+def _force_line_breaks(model, newline_id, at=(0, 4)):
+    """Make `model` emit `newline_id` as its generated tokens number `at` (0 = the first), otherwise
+    generate freely. Steps are counted by forward calls: the prefill picks token 0, each decode one more."""
+    step = [0]
+
+    def hook(_module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and input_ids.shape[1] > 1:  # prefill: a new generation starts
+            step[0] = 0
+        if step[0] in at:
+            output.logits[:, -1, newline_id] += 1e4
+        step[0] += 1
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return model
+
+
+def test_output_after_a_leading_line_break_is_its_first_non_empty_line(tiny_model_dir):
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
+    model = _force_line_breaks(models.load_model(str(tiny_model_dir)), newline)
+    tr = Translator(model, tok, {})
+    reqs = REQS[:3]
+    got = tr.translate(reqs, dict.fromkeys(ROUTES, BASE), max_new_tokens=12, batch_size=2, progress=False)
+    # Reference: the same model generating without any line-break stop; its first non-empty line.
+    for r, hyp in zip(reqs, got, strict=True):
+        prompt = torch.tensor([tr.format.prompt_ids(r.direction.src, r.direction.tgt, r.text)])
+        gen = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id)
+        raw = tok.decode(gen[0, prompt.shape[1] :], skip_special_tokens=True)
+        assert raw.startswith("\n") and raw.strip().count("\n") >= 1  # a second line follows
+        first_line = next(line.strip() for line in raw.split("\n") if line.strip())
+        assert hyp == first_line and hyp != ""
+    assert tr.leading_line_breaks == 3
+    assert tr.last_info["leading_line_breaks"] == 3
+    # Once text is out, a line break does stop generation (token 4 here), for greedy and beam search.
+    prompts = [tr.format.prompt_ids(r.direction.src, r.direction.tgt, r.text) for r in reqs]
+    for beams in (1, 2):
+        for raw in tr._generate(prompts, [BASE] * 3, beams=beams, max_new_tokens=40):
+            assert raw.startswith("\n") and raw.endswith("\n") and "\n" not in raw.strip(), (beams, raw)

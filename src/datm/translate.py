@@ -2,7 +2,8 @@
 
 LoRA modules are loaded side by side into one PeftModel and served in mixed batches (peft's
 `adapter_names`), so a shuffled stream of directions needs no regrouping; generation stops at the
-end of the line. Delta modules (merge forms `dense`/`sparse`) are added to the base weights for the
+end of the first line that holds text (a leading line break does not stop it: as ALMA's output
+cleaning does, the hypothesis is the first non-empty line, and such outputs are counted). Delta modules (merge forms `dense`/`sparse`) are added to the base weights for the
 batches that use them, and the saved original weights are put back afterwards (exactly).
 """
 
@@ -35,6 +36,33 @@ def newline_token_ids(tokenizer: Any) -> list[int]:
             if "\n" in tokenizer.decode([i]):
                 ids.append(i)
     return sorted(ids)
+
+
+class StopAtLineEnd:
+    """Per-row stopping criterion: the newest token holds a line break and text came before it.
+
+    A line break generated before any non-whitespace text does not stop the row (a bare newline
+    stop would end it with an empty hypothesis). Works for greedy and beam search (transformers
+    asks it per beam).
+    """
+
+    def __init__(self, tokenizer: Any, prompt_width: int, newline_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.newline_ids = torch.tensor(sorted(newline_ids), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        ids = self.newline_ids.to(input_ids.device)
+        done = torch.isin(input_ids[:, -1], ids)
+        for row in done.nonzero().flatten().tolist():
+            text = self.tokenizer.decode(input_ids[row, self.prompt_width :], skip_special_tokens=True)
+            done[row] = "\n" in text.lstrip()
+        return done
+
+
+def first_nonempty_line(text: str) -> str:
+    """The first line of `text` that holds more than whitespace, stripped ('' if none)."""
+    return next((line.strip() for line in text.split("\n") if line.strip()), "")
 
 
 def _contiguous_lm_head_input(model: Any) -> None:
@@ -89,7 +117,8 @@ class Translator:
             for name, p in loras[1:]:
                 self.model.load_adapter(str(p), adapter_name=self.peft_name[name])
         self.model.eval()
-        self.stop_ids = [tokenizer.eos_token_id] + newline_token_ids(tokenizer)
+        self.newline_ids = newline_token_ids(tokenizer)
+        self.leading_line_breaks = 0  # outputs so far whose first line was empty (all calls)
         self.last_info: dict[str, Any] = {}
 
     def translate(
@@ -104,7 +133,8 @@ class Translator:
         """Translations in input order. `routes` maps 'src-tgt' to a module name (or BASE).
 
         What happened is left in `last_info`: per delta module served, the relative error of its ΔW
-        as applied in the serving dtype (see `datm.merge.AppliedDelta`).
+        as applied in the serving dtype (see `datm.merge.AppliedDelta`), and how many outputs began
+        with a line break (their hypothesis is their first non-empty line).
         """
         from tqdm.auto import tqdm
 
@@ -123,7 +153,7 @@ class Translator:
         for i, m in enumerate(module):
             passes.setdefault(m if m in self.deltas else None, []).append(i)
         out: list[str] = [""] * len(requests)
-        info: dict[str, Any] = {"segments": len(requests), "delta_modules": {}}
+        info: dict[str, Any] = {"segments": len(requests), "leading_line_breaks": 0, "delta_modules": {}}
         bar = tqdm(total=len(requests), desc="translate", unit="seg", disable=not progress)
         for delta, idxs in passes.items():
             applied = apply_delta(self.model, self.deltas[delta]) if delta is not None else None
@@ -134,7 +164,9 @@ class Translator:
                     names = [BASE if delta else self.peft_name[module[i]] for i in chunk]
                     texts = self._generate([prompts[i] for i in chunk], names, beams, max_new_tokens)
                     for i, t in zip(chunk, texts, strict=True):
-                        out[i] = t
+                        if not t.split("\n", 1)[0].strip():
+                            info["leading_line_breaks"] += 1
+                        out[i] = first_nonempty_line(t)
                     bar.update(len(chunk))
             finally:
                 if applied is not None:
@@ -145,6 +177,7 @@ class Translator:
                     "applied_rel_error": applied.rel_error,
                 }
         bar.close()
+        self.leading_line_breaks += info["leading_line_breaks"]
         self.last_info = info
         return out
 
@@ -152,7 +185,9 @@ class Translator:
     def _generate(
         self, prompts: list[list[int]], adapter_names: list[str], beams: int, max_new_tokens: int
     ) -> list[str]:
+        """The raw generated text of each prompt (up to and including the line break that stopped it)."""
         from peft import PeftModel
+        from transformers import StoppingCriteriaList
 
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -169,7 +204,8 @@ class Translator:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=beams,
-            eos_token_id=self.stop_ids,
+            eos_token_id=tok.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([StopAtLineEnd(tok, width, self.newline_ids)]),
             pad_token_id=pad,
         )
         if isinstance(self.model, PeftModel):
@@ -177,8 +213,7 @@ class Translator:
             # adapter to all rows, so base rows (and delta passes, all base) would get a LoRA on top.
             kwargs["adapter_names"] = adapter_names
         gen = self.model.generate(**kwargs)
-        texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-        return [t.split("\n", 1)[0].strip() for t in texts]
+        return tok.batch_decode(gen[:, width:], skip_special_tokens=True)
 
 
 def read_requests(lines: Sequence[str], pair: str | None) -> list[Request]:
