@@ -3,8 +3,9 @@
 LoRA modules are loaded side by side into one PeftModel and served in mixed batches (peft's
 `adapter_names`), so a shuffled stream of directions needs no regrouping; generation stops at the
 end of the first line that holds text (a leading line break does not stop it: as ALMA's output
-cleaning does, the hypothesis is the first non-empty line, and such outputs are counted). Delta modules (merge forms `dense`/`sparse`) are added to the base weights for the
-batches that use them, and the saved original weights are put back afterwards (exactly).
+cleaning does, the hypothesis is the first non-empty line, and such outputs are counted).
+Delta modules (merge forms `dense`/`sparse`) are added to the base weights for the batches that
+use them, and the saved original weights are put back afterwards (exactly).
 """
 
 from __future__ import annotations
