@@ -15,7 +15,9 @@ from peft.utils import merge_utils as peft_merge_utils
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from datm import artifacts, merge
+from datm import artifacts
+from datm.merge import ops
+from datm.merge.methods import METHODS, MethodSettings
 from datm.merge import (
     MergeError,
     apply_delta,
@@ -24,7 +26,6 @@ from datm.merge import (
     load_delta,
     lowrank_factor,
     merge_adapters,
-    merge_factored,
     ties_merge,
     ties_merge_factored,
     trim,
@@ -147,7 +148,7 @@ def test_trim_threshold_is_exact_on_large_deltas_with_ties(monkeypatch: pytest.M
         torch.randint(-3, 4, (800, 2), generator=g).float()
         @ torch.randint(-3, 4, (2, 900), generator=g).float()
     )
-    assert delta.numel() > 8 * merge.THRESHOLD_SAMPLE
+    assert delta.numel() > 8 * ops.THRESHOLD_SAMPLE
     for density in (0.01, 0.2, 0.5, 0.97):
         trimmed = trim(delta, density)
         assert torch.equal(trimmed, reference_trim(delta, density)), density
@@ -155,9 +156,9 @@ def test_trim_threshold_is_exact_on_large_deltas_with_ties(monkeypatch: pytest.M
             # Ties at the threshold are all kept, so more than ⌊density·n⌋ entries survive here.
             assert int((trimmed != 0).sum()) > int(density * delta.numel())
     # A sample that lands only on the largest entries gives a bound too high: the full kthvalue answers.
-    monkeypatch.setattr(merge, "THRESHOLD_SAMPLE", 1000)
+    monkeypatch.setattr(ops, "THRESHOLD_SAMPLE", 1000)
     sampled = torch.randint(
-        delta.numel(), (1000,), generator=torch.Generator().manual_seed(merge.THRESHOLD_SEED)
+        delta.numel(), (1000,), generator=torch.Generator().manual_seed(ops.THRESHOLD_SEED)
     )
     rigged = delta.clone().reshape(-1)
     rigged[sampled] = 1000.0
@@ -202,10 +203,11 @@ def test_factored_merges_equal_the_dense_merges_exactly() -> None:
     for density, weights in [(0.2, None), (0.35, [1.0, 0.7, -0.4, 2.5]), (1.0, [0.3, 1.0, 1.0, 0.1])]:
         expected = ties_merge(deltas, density, weights)
         assert torch.equal(ties_merge_factored(factors, density, weights), expected), (density, weights)
-        assert torch.equal(merge_factored("ties", factors, density, weights), expected)
+        settings = MethodSettings(density=density, seed=0)
+        assert torch.equal(METHODS["ties"].merge(factors, weights or [1.0] * 4, settings), expected)
         assert expected.abs().sum() > 0
     assert torch.equal(
-        merge_factored("linear", factors, 1.0, [0.5, 1.0, -1.0, 2.0]),
+        METHODS["linear"].merge(factors, [0.5, 1.0, -1.0, 2.0], MethodSettings(density=1.0, seed=0)),
         linear_merge(deltas, [0.5, 1.0, -1.0, 2.0]),
     )
     with pytest.raises(MergeError, match="share one shape"):

@@ -207,9 +207,12 @@ def validate(cfg: Config) -> None:
     if t.batch_size < 1 or t.grad_accum < 1:
         raise ConfigError(f"{s}: train.batch_size and train.grad_accum must be >= 1")
     m = cfg.merge
-    if m.method not in ("ties", "linear"):
-        raise ConfigError(f"{s}: merge.method must be 'ties' or 'linear', got {m.method!r}")
+    from datm.merge.forms import FORMS
+    from datm.merge.methods import METHODS
+
+    if m.method not in METHODS:
+        raise ConfigError(f"{s}: merge.method must be one of {', '.join(METHODS)}, got {m.method!r}")
     if not 0 < m.density <= 1:
         raise ConfigError(f"{s}: merge.density must be in (0, 1], got {m.density}")
-    if m.form not in ("lowrank", "factor", "dense", "sparse"):
-        raise ConfigError(f"{s}: merge.form must be lowrank, factor, dense or sparse")
+    if m.form not in FORMS:
+        raise ConfigError(f"{s}: merge.form must be one of {', '.join(FORMS)}, got {m.form!r}")

@@ -20,6 +20,7 @@ import torch
 
 from datm.data import PromptFormat
 from datm.languages import Direction
+from datm.merge.forms import DELTA, LORA
 from datm.plan import BASE
 
 
@@ -84,11 +85,10 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def module_kind(path: Path) -> str:
-    if (path / "adapter_config.json").is_file():
-        return "lora"
-    if (path / "delta_config.json").is_file():
-        return "delta"
-    raise ValueError(f"module {path} is neither a PEFT adapter (adapter_config.json) nor a datm delta")
+    """How the module at `path` is applied: 'lora' (through peft) or 'delta' (see datm.merge.forms)."""
+    from datm.merge.forms import applied_as
+
+    return applied_as(path)
 
 
 class Translator:
@@ -105,8 +105,8 @@ class Translator:
         self.tokenizer.padding_side = "left"
         self.format = PromptFormat(tokenizer, prompt_style)
         self.kinds = {name: module_kind(Path(p)) for name, p in modules.items()}
-        self.deltas = {n: Path(p) for n, p in modules.items() if self.kinds[n] == "delta"}
-        loras = [(n, Path(p)) for n, p in modules.items() if self.kinds[n] == "lora"]
+        self.deltas = {n: Path(p) for n, p in modules.items() if self.kinds[n] == DELTA}
+        loras = [(n, Path(p)) for n, p in modules.items() if self.kinds[n] == LORA]
         # torch module names can't contain '.', which plan names (e.g. 'en-xx.germanic') may
         self.peft_name = {n: n.replace(".", "__") for n, _ in loras}
         self.peft_name[BASE] = BASE
