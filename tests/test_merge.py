@@ -16,8 +16,6 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from datm import artifacts
-from datm.merge import ops
-from datm.merge.methods import METHODS, MethodSettings
 from datm.merge import (
     MergeError,
     apply_delta,
@@ -26,10 +24,12 @@ from datm.merge import (
     load_delta,
     lowrank_factor,
     merge_adapters,
+    ops,
     ties_merge,
     ties_merge_factored,
     trim,
 )
+from datm.merge.methods import METHODS, MethodSettings
 
 PREFIX = "base_model.model."
 R, ALPHA = 4, 8

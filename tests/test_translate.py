@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_lora
 
 from datm import models
 from datm.languages import Direction
@@ -10,27 +11,10 @@ from datm.plan import BASE
 from datm.translate import Request, Translator, newline_token_ids, read_requests
 
 
-def _random_adapter(model_dir, out, seed):
-    """A LoRA with large random weights: its greedy outputs differ visibly from other adapters'."""
-    from peft import LoraConfig, get_peft_model
-
-    base = models.load_model(str(model_dir))
-    torch.manual_seed(seed)
-    pm = get_peft_model(
-        base, LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-    )
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 1.0)
-    pm.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def three_adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {n: _random_adapter(tiny_model_dir, root / n, s) for s, n in enumerate(["A", "B", "C"])}
+    return {n: random_lora(tiny_model_dir, root / n, s) for s, n in enumerate(["A", "B", "C"])}
 
 
 REQS = [
