@@ -59,9 +59,11 @@ def test_every_form_and_method_serves_its_merged_delta_beside_a_lora(
     tiny_model_dir: Path, lora_dirs: dict[str, Path], tmp_path: Path, form: str, method: str
 ) -> None:
     out = tmp_path / "merged"
-    merge_adapters(
+    res = merge_adapters(
         [lora_dirs["s1"], lora_dirs["s2"]], out, method=method, form=form, density=0.5, progress=False
     )
+    # The form's size in bytes (float32 values here) is the tensor file's, less its small header.
+    assert 0 <= res.bytes - FORMS[form].bytes(res.params, 4) < 8192
     assert FORMS[form].recognise(out)
     tok = models.load_tokenizer(str(tiny_model_dir))
     both = Translator(models.load_model(str(tiny_model_dir)), tok, {"M": out, "L": lora_dirs["L"]})
