@@ -137,3 +137,23 @@ def alma_dir(tmp_path) -> Path:
         write_alma(d / f"test.{lang}-en.jsonl", lang, 4)
         write_alma(d / f"test.en-{lang}.jsonl", lang, 4)
     return d
+
+
+def random_lora(model_dir: Path, out: Path, seed: int, b_std: float = 1.0) -> Path:
+    """A LoRA (r=4, alpha=32, all linear layers) with random B ~ N(0, b_std²): its greedy outputs
+    differ visibly from the base model's and from other such adapters'."""
+    from peft import LoraConfig, get_peft_model
+
+    from datm import models
+
+    base = models.load_model(str(model_dir))
+    torch.manual_seed(seed)
+    pm = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, b_std)
+    pm.save_pretrained(out)
+    return out

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import merge_utils as peft_merge_utils
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from datm import artifacts, merge
+from datm import artifacts
 from datm.merge import (
     MergeError,
     apply_delta,
@@ -23,11 +24,12 @@ from datm.merge import (
     load_delta,
     lowrank_factor,
     merge_adapters,
-    merge_factored,
+    ops,
     ties_merge,
     ties_merge_factored,
     trim,
 )
+from datm.merge.methods import METHODS, MethodSettings
 
 PREFIX = "base_model.model."
 R, ALPHA = 4, 8
@@ -99,28 +101,42 @@ def test_ties_merge_matches_hand_computation() -> None:
     d1 = torch.tensor([[1.0, -2.0, 0.5], [3.0, -0.1, 0.2]])
     d2 = torch.tensor([[-1.5, 1.0, 0.4], [2.0, 0.3, -4.0]])
     d3 = torch.tensor([[0.5, -0.6, -0.7], [-2.5, 0.05, 1.0]])
-    # Trim, density 0.5: keep ⌈0.5·6⌉ = 3 entries of largest magnitude in each.
+    # Trim, density 0.5: keep ⌊0.5·6⌋ = 3 entries of largest magnitude in each.
     #   d1 keeps 3, -2, 1        -> t1 = [[ 1.0, -2, 0   ], [ 3.0, 0, 0 ]]
     #   d2 keeps -4, 2, -1.5     -> t2 = [[-1.5,  0, 0   ], [ 2.0, 0, -4]]
     #   d3 keeps -2.5, 1, -0.7   -> t3 = [[ 0,    0, -0.7], [-2.5, 0, 1 ]]
     assert torch.equal(trim(d1, 0.5), torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, 0.0]]))
-    # Elect: sum = [[-0.5, -2, -0.7], [2.5, 0, -3]] -> signs [[-, -, -], [+, none, -]].
+    # Elect: sum = [[-0.5, -2, -0.7], [2.5, 0, -3]] -> signs [[-, -, -], [+, + (sum 0), -]].
     # Disjoint mean over the nonzero values agreeing with the elected sign:
     #   (0,0): {-1.5} -> -1.5   (0,1): {-2} -> -2   (0,2): {-0.7} -> -0.7
-    #   (1,0): {3, 2} -> 2.5    (1,1): no sign -> 0  (1,2): {-4} -> -4
+    #   (1,0): {3, 2} -> 2.5    (1,1): all trimmed -> 0  (1,2): {-4} -> -4
     expected = torch.tensor([[-1.5, -2.0, -0.7], [2.5, 0.0, -4.0]])
     assert torch.allclose(ties_merge([d1, d2, d3], density=0.5), expected)
-    # Weights [1, 2, 1] double t2 before the election: sum = [[-2, -2, -0.7], [4.5, 0, -7]], same
-    # signs; (0,0): {-3} -> -3, (1,0): {3, 4} -> 3.5, (1,2): {-8} -> -8.
-    expected_weighted = torch.tensor([[-3.0, -2.0, -0.7], [3.5, 0.0, -8.0]])
-    assert torch.allclose(ties_merge([d1, d2, d3], density=0.5, weights=[1, 2, 1]), expected_weighted)
-    # density 1 keeps everything: (0,0) is then mean(1, 0.5) with sign of 1 - 1.5 + 0.5 = 0 -> 0.
-    assert ties_merge([d1, d2, d3], density=1.0)[0, 0] == 0
+    # density 1 keeps everything: (0,0) sums to 1 - 1.5 + 0.5 = 0, which elects + (as peft and
+    # mergekit do): the mean of the positive values 1 and 0.5.
+    assert ties_merge([d1, d2, d3], density=1.0)[0, 0] == 0.75
+
+
+def test_weighted_ties_is_the_weighted_disjoint_mean() -> None:
+    d1 = torch.tensor([[1.0, -2.0, 0.5], [3.0, -0.1, 0.2]])
+    d2 = torch.tensor([[-1.5, 1.0, 0.4], [2.0, 0.3, -4.0]])
+    d3 = torch.tensor([[0.5, -0.6, -0.7], [-2.5, 0.05, 1.0]])
+    # Trimmed at density 0.5 (see above): t1 = [[1, -2, 0], [3, 0, 0]], t2 = [[-1.5, 0, 0], [2, 0, -4]],
+    # t3 = [[0, 0, -0.7], [-2.5, 0, 1]]. Weights [1, 3, 1] triple t2 before the election:
+    # sum = [[1 - 4.5, -2, -0.7], [3 + 6 - 2.5, 0, -12 + 1]] -> signs [[-, -, -], [+, +, -]].
+    # Weighted disjoint mean Σ w·t / Σ w over the agreeing sources:
+    #   (0,0): t2 only -> 3·-1.5 / 3 = -1.5      (0,1): t1 only -> -2      (0,2): t3 only -> -0.7
+    #   (1,0): t1, t2 -> (1·3 + 3·2) / (1 + 3) = 2.25     (1,1): none -> 0    (1,2): t2 -> -4
+    expected = torch.tensor([[-1.5, -2.0, -0.7], [2.25, 0.0, -4.0]])
+    assert torch.equal(ties_merge([d1, d2, d3], density=0.5, weights=[1, 3, 1]), expected)
+    # The factored path, with ΔW_i = d_i @ I given as factors, computes the same.
+    factors = [(torch.eye(3), d, 1.0) for d in (d1, d2, d3)]
+    assert torch.equal(ties_merge_factored(factors, 0.5, [1, 3, 1]), expected)
 
 
 def reference_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim spelled out with a full torch.kthvalue: keep magnitudes >= the keep-th largest."""
-    keep = math.ceil(density * delta.numel() - 1e-6)
+    keep = max(1, int(density * delta.numel()))
     threshold = torch.kthvalue(delta.abs().reshape(-1), delta.numel() - keep + 1).values
     return torch.where(delta.abs() >= threshold, delta, 0.0)
 
@@ -132,22 +148,48 @@ def test_trim_threshold_is_exact_on_large_deltas_with_ties(monkeypatch: pytest.M
         torch.randint(-3, 4, (800, 2), generator=g).float()
         @ torch.randint(-3, 4, (2, 900), generator=g).float()
     )
-    assert delta.numel() > 8 * merge.THRESHOLD_SAMPLE
+    assert delta.numel() > 8 * ops.THRESHOLD_SAMPLE
     for density in (0.01, 0.2, 0.5, 0.97):
         trimmed = trim(delta, density)
         assert torch.equal(trimmed, reference_trim(delta, density)), density
         if density <= 0.5:  # (at 0.97 the threshold is 0: delta's own zeros are "kept")
-            # Ties at the threshold are all kept, so more than ⌈density·n⌉ entries survive here.
-            assert int((trimmed != 0).sum()) > math.ceil(density * delta.numel())
+            # Ties at the threshold are all kept, so more than ⌊density·n⌋ entries survive here.
+            assert int((trimmed != 0).sum()) > int(density * delta.numel())
     # A sample that lands only on the largest entries gives a bound too high: the full kthvalue answers.
-    monkeypatch.setattr(merge, "THRESHOLD_SAMPLE", 1000)
+    monkeypatch.setattr(ops, "THRESHOLD_SAMPLE", 1000)
     sampled = torch.randint(
-        delta.numel(), (1000,), generator=torch.Generator().manual_seed(merge.THRESHOLD_SEED)
+        delta.numel(), (1000,), generator=torch.Generator().manual_seed(ops.THRESHOLD_SEED)
     )
     rigged = delta.clone().reshape(-1)
     rigged[sampled] = 1000.0
     rigged = rigged.reshape(delta.shape)
     assert torch.equal(trim(rigged, 0.2), reference_trim(rigged, 0.2))
+
+
+def test_trim_keeps_floor_of_density_times_n_like_peft() -> None:
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(37, 23, generator=g)  # 851 entries, no two magnitudes equal
+    for density in (0.3, 0.05, 0.999):  # 255.3, 42.55, 850.149 entries: none an integer
+        trimmed = trim(delta, density)
+        assert int((trimmed != 0).sum()) == int(density * delta.numel())
+        assert torch.equal(trimmed, peft_merge_utils.magnitude_based_pruning(delta, density))
+    assert int((trim(delta, 0.0001) != 0).sum()) == 1  # at least one entry, where peft keeps none
+
+
+def test_ties_of_dense_deltas_equals_peft_ties_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(4)
+    factors = [(torch.randn(4, 23, generator=g), torch.randn(37, 4, generator=g), s) for s in (2.0, 0.5, 1.0)]
+    deltas = [delta_of(a, b, s) for a, b, s in factors]
+    # An entry whose kept values cancel exactly: the sum 0 elects +, as peft's "total" method does.
+    deltas[0][0, 0], deltas[1][0, 0], deltas[2][0, 0] = 50.0, -50.0, 0.0
+    for density in (0.3, 0.55, 1.0):  # 255.3 and 468.05 of 851 entries are kept
+        theirs = peft_merge_utils.ties(deltas, torch.ones(3), density, majority_sign_method="total")
+        assert torch.equal(ties_merge(deltas, density), theirs), density
+        assert ties_merge(deltas, density)[0, 0] == 50.0
+    theirs = peft_merge_utils.ties(
+        [delta_of(a, b, s) for a, b, s in factors], torch.ones(3), 0.3, majority_sign_method="total"
+    )
+    assert torch.equal(ties_merge_factored(factors, 0.3), theirs)
 
 
 def test_factored_merges_equal_the_dense_merges_exactly() -> None:
@@ -161,10 +203,11 @@ def test_factored_merges_equal_the_dense_merges_exactly() -> None:
     for density, weights in [(0.2, None), (0.35, [1.0, 0.7, -0.4, 2.5]), (1.0, [0.3, 1.0, 1.0, 0.1])]:
         expected = ties_merge(deltas, density, weights)
         assert torch.equal(ties_merge_factored(factors, density, weights), expected), (density, weights)
-        assert torch.equal(merge_factored("ties", factors, density, weights), expected)
+        settings = MethodSettings(density=density, seed=0)
+        assert torch.equal(METHODS["ties"].merge(factors, weights or [1.0] * 4, settings), expected)
         assert expected.abs().sum() > 0
     assert torch.equal(
-        merge_factored("linear", factors, 1.0, [0.5, 1.0, -1.0, 2.0]),
+        METHODS["linear"].merge(factors, [0.5, 1.0, -1.0, 2.0], MethodSettings(density=1.0, seed=0)),
         linear_merge(deltas, [0.5, 1.0, -1.0, 2.0]),
     )
     with pytest.raises(MergeError, match="share one shape"):
@@ -291,7 +334,7 @@ def test_dense_and_sparse_round_trip_and_apply(adapters: list[Path], tmp_path: P
     assert 8 * sparse.params <= sparse.bytes < 8 * sparse.params + 8192
 
     with_dense, with_sparse = tiny_base(), tiny_base()
-    apply_delta(with_dense, tmp_path / "dense")
+    applied = apply_delta(with_dense, tmp_path / "dense")
     apply_delta(with_sparse, tmp_path / "sparse")
     # A PEFT-wrapped model gets the delta in its LoRA layers' base_layer weights.
     wrapped = get_peft_model(tiny_base(), LoraConfig(r=2, target_modules="all-linear")).eval()
@@ -304,10 +347,40 @@ def test_dense_and_sparse_round_trip_and_apply(adapters: list[Path], tmp_path: P
     name = "model.layers.0.self_attn.q_proj"
     delta_applied = with_dense.get_submodule(name).weight - tiny_base().get_submodule(name).weight
     assert torch.allclose(delta_applied, expected[name], atol=1e-6)
-    apply_delta(with_dense, tmp_path / "dense", sign=-1)
-    assert torch.allclose(
-        with_dense.get_submodule(name).weight, tiny_base().get_submodule(name).weight, atol=1e-6
-    )
+    applied.restore()
+    assert torch.equal(with_dense.get_submodule(name).weight, tiny_base().get_submodule(name).weight)
+
+
+def test_delta_in_bf16_is_the_cast_fp32_sum_and_is_restored_bit_for_bit(
+    adapters: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "delta"
+    # A small ΔW against W (as trained deltas are), where bf16 rounding matters.
+    merge_adapters(adapters[:1], out, method="linear", form="dense", weights=[0.02], progress=False)
+    model = tiny_base().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(5):
+        apply_delta(model, out).restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    # The reference: W + ΔW formed in float32 from the bf16 base weights, then cast to bf16 once.
+    reference = tiny_base().to(torch.bfloat16)
+    error_sq = delta_sq = 0.0
+    with torch.no_grad():
+        for name, delta in load_delta(out).items():
+            weight = reference.get_submodule(name.removesuffix(".weight")).weight
+            base = weight.float()
+            weight.copy_((base + delta).to(torch.bfloat16))
+            error_sq += float((weight.float() - base - delta).norm()) ** 2
+            delta_sq += float(delta.norm()) ** 2
+    with apply_delta(model, out) as applied, torch.no_grad():
+        assert torch.equal(model(INPUT_IDS).logits, reference(INPUT_IDS).logits)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # The error of ΔW as actually applied in bf16 is reported, and it is not small; in fp32 it is.
+    assert math.isclose(applied.rel_error, math.sqrt(error_sq / delta_sq), rel_tol=1e-5)
+    assert applied.rel_error > 0.01
+    with apply_delta(tiny_base(), out) as in_fp32:
+        assert in_fp32.rel_error < 1e-4
 
 
 def test_linear_merge_is_the_weighted_sum(adapters: list[Path], tmp_path: Path) -> None:

@@ -138,12 +138,17 @@ class TranslationFiles:
     ref: Path
     hyp: Path
 
+    @property
+    def info(self) -> Path:
+        """How the hypotheses were made (e.g. leading line breaks skipped, a delta's applied error)."""
+        return self.hyp.with_name(self.hyp.name.removesuffix(".hyp.txt") + ".info.json")
+
 
 @dataclass(frozen=True)
 class RunDir:
     """The one description of a run directory's layout; every stage asks it where things go.
 
-    plan.json, config.json, adapters/NAME/, merged/NAME/, translations/DIR.{src,ref,hyp}.txt,
+    plan.json, config.json, adapters/NAME/, merged/NAME/, translations/DIR.{src,ref,hyp}.txt, DIR.info.json,
     scores.json, report.md, probe/, and .claims/ (one lock file and one record per task).
     """
 

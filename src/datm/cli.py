@@ -146,6 +146,9 @@ def _auto_overrides(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from datm.merge.forms import FORMS
+    from datm.merge.methods import METHODS
+
     p = argparse.ArgumentParser(
         prog="datm", description="Direction-aware training and merging for multilingual MT"
     )
@@ -179,12 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("merge", help="merge PEFT adapter directories into one module")
     s.add_argument("sources", nargs="+", help="PEFT adapter directories")
     s.add_argument("--out", required=True)
-    s.add_argument("--method", default="ties", choices=["ties", "linear"])
+    s.add_argument("--method", default="ties", choices=list(METHODS))
     s.add_argument("--density", type=float, default=0.2)
     s.add_argument(
         "--rank", type=int, default=None, help="rank of the merged LoRA (default: the sources' rank)"
     )
-    s.add_argument("--form", default="lowrank", choices=["lowrank", "factor", "dense", "sparse"])
+    s.add_argument("--form", default="lowrank", choices=list(FORMS))
     s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("translate", help="translate with the modules a run's plan routes to")

@@ -301,10 +301,13 @@ def validate(cfg: Config) -> None:
         if value not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{s}: {section}.precision must be auto, bf16 or fp32, got {value!r}")
     m = cfg.merge
-    if m.method not in ("ties", "linear"):
-        raise ConfigError(f"{s}: merge.method must be 'ties' or 'linear', got {m.method!r}")
-    if m.form not in ("lowrank", "factor", "dense", "sparse"):
-        raise ConfigError(f"{s}: merge.form must be lowrank, factor, dense or sparse")
+    from datm.merge.forms import FORMS
+    from datm.merge.methods import METHODS
+
+    if m.method not in METHODS:
+        raise ConfigError(f"{s}: merge.method must be one of {', '.join(METHODS)}, got {m.method!r}")
+    if m.form not in FORMS:
+        raise ConfigError(f"{s}: merge.form must be one of {', '.join(FORMS)}, got {m.form!r}")
     validate_scaleout(cfg)
 
 

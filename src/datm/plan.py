@@ -306,17 +306,15 @@ def shipped_parameters(
 def merged_module_parameters(
     plan: Plan, form: str, lowrank_params: int, dense_params: int, density: float
 ) -> dict[str, int]:
-    """Stored parameters of each merged module under a merge form. `sparse` is an upper bound:
-    TIES keeps at most density x sources of the entries (fewer where the sources overlap)."""
-    out = {}
-    for m in plan.merges:
-        if form in ("lowrank", "factor"):
-            out[m.name] = lowrank_params
-        elif form == "dense":
-            out[m.name] = dense_params
-        else:
-            out[m.name] = int(min(1.0, density * len(m.sources)) * dense_params)
-    return out
+    """Stored parameters of each merged module under a merge form (see datm.merge.forms; a form
+    whose size is known only after merging, as sparse, gives an upper bound)."""
+    from datm.merge.forms import get_form
+
+    merge_form = get_form(form)
+    return {
+        m.name: merge_form.parameters(lowrank_params, dense_params, density, len(m.sources))
+        for m in plan.merges
+    }
 
 
 def format_plan(
@@ -347,7 +345,9 @@ def format_plan(
         n_adapters = len(plan.shipped) - len(shipped_merges)
         parts = f"base {base_params:,} + {n_adapters} x {module_params:,}"
         if shipped_merges:
-            bound = "≤ " if merge_form == "sparse" else ""
+            from datm.merge.forms import get_form
+
+            bound = "≤ " if get_form(merge_form).size_is_bound else ""
             parts += f" + merged ({merge_form}): " + ", ".join(
                 f"{bound}{merge_params[m]:,}" for m in shipped_merges
             )

@@ -2,8 +2,10 @@
 
 LoRA modules are loaded side by side into one PeftModel and served in mixed batches (peft's
 `adapter_names`), so a shuffled stream of directions needs no regrouping; generation stops at the
-end of the line. Delta modules (merge forms `dense`/`sparse`) are added to the base weights for the
-batches that use them, then subtracted again.
+end of the first line that holds text (a leading line break does not stop it: as ALMA's output
+cleaning does, the hypothesis is the first non-empty line, and such outputs are counted).
+Delta modules (merge forms `dense`/`sparse`) are added to the base weights for the batches that
+use them, and the saved original weights are put back afterwards (exactly).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from datm.data import PromptFormat
 from datm.languages import Direction
+from datm.merge.forms import DELTA, LORA
 from datm.plan import BASE
 
 
@@ -35,6 +38,33 @@ def newline_token_ids(tokenizer: Any) -> list[int]:
             if "\n" in tokenizer.decode([i]):
                 ids.append(i)
     return sorted(ids)
+
+
+class StopAtLineEnd:
+    """Per-row stopping criterion: the newest token holds a line break and text came before it.
+
+    A line break generated before any non-whitespace text does not stop the row (a bare newline
+    stop would end it with an empty hypothesis). Works for greedy and beam search (transformers
+    asks it per beam).
+    """
+
+    def __init__(self, tokenizer: Any, prompt_width: int, newline_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.newline_ids = torch.tensor(sorted(newline_ids), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        ids = self.newline_ids.to(input_ids.device)
+        done = torch.isin(input_ids[:, -1], ids)
+        for row in done.nonzero().flatten().tolist():
+            text = self.tokenizer.decode(input_ids[row, self.prompt_width :], skip_special_tokens=True)
+            done[row] = "\n" in text.lstrip()
+        return done
+
+
+def first_nonempty_line(text: str) -> str:
+    """The first line of `text` that holds more than whitespace, stripped ('' if none)."""
+    return next((line.strip() for line in text.split("\n") if line.strip()), "")
 
 
 def _contiguous_lm_head_input(model: Any) -> None:
@@ -55,11 +85,10 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def module_kind(path: Path) -> str:
-    if (path / "adapter_config.json").is_file():
-        return "lora"
-    if (path / "delta_config.json").is_file():
-        return "delta"
-    raise ValueError(f"module {path} is neither a PEFT adapter (adapter_config.json) nor a datm delta")
+    """How the module at `path` is applied: 'lora' (through peft) or 'delta' (see datm.merge.forms)."""
+    from datm.merge.forms import applied_as
+
+    return applied_as(path)
 
 
 class Translator:
@@ -76,8 +105,8 @@ class Translator:
         self.tokenizer.padding_side = "left"
         self.format = PromptFormat(tokenizer, prompt_style)
         self.kinds = {name: module_kind(Path(p)) for name, p in modules.items()}
-        self.deltas = {n: Path(p) for n, p in modules.items() if self.kinds[n] == "delta"}
-        loras = [(n, Path(p)) for n, p in modules.items() if self.kinds[n] == "lora"]
+        self.deltas = {n: Path(p) for n, p in modules.items() if self.kinds[n] == DELTA}
+        loras = [(n, Path(p)) for n, p in modules.items() if self.kinds[n] == LORA]
         # torch module names can't contain '.', which plan names (e.g. 'en-xx.germanic') may
         self.peft_name = {n: n.replace(".", "__") for n, _ in loras}
         self.peft_name[BASE] = BASE
@@ -89,7 +118,9 @@ class Translator:
             for name, p in loras[1:]:
                 self.model.load_adapter(str(p), adapter_name=self.peft_name[name])
         self.model.eval()
-        self.stop_ids = [tokenizer.eos_token_id] + newline_token_ids(tokenizer)
+        self.newline_ids = newline_token_ids(tokenizer)
+        self.leading_line_breaks = 0  # outputs so far whose first line was empty (all calls)
+        self.last_info: dict[str, Any] = {}
 
     def translate(
         self,
@@ -100,8 +131,15 @@ class Translator:
         batch_size: int = 8,
         progress: bool = True,
     ) -> list[str]:
-        """Translations in input order. `routes` maps 'src-tgt' to a module name (or BASE)."""
+        """Translations in input order. `routes` maps 'src-tgt' to a module name (or BASE).
+
+        What happened is left in `last_info`: per delta module served, the relative error of its ΔW
+        as applied in the serving dtype (see `datm.merge.AppliedDelta`), and how many outputs began
+        with a line break (their hypothesis is their first non-empty line).
+        """
         from tqdm.auto import tqdm
+
+        from datm.merge import apply_delta
 
         for r in requests:
             if str(r.direction) not in routes:
@@ -116,10 +154,10 @@ class Translator:
         for i, m in enumerate(module):
             passes.setdefault(m if m in self.deltas else None, []).append(i)
         out: list[str] = [""] * len(requests)
+        info: dict[str, Any] = {"segments": len(requests), "leading_line_breaks": 0, "delta_modules": {}}
         bar = tqdm(total=len(requests), desc="translate", unit="seg", disable=not progress)
         for delta, idxs in passes.items():
-            if delta is not None:
-                self._apply_delta(delta, +1)
+            applied = apply_delta(self.model, self.deltas[delta]) if delta is not None else None
             try:
                 idxs = sorted(idxs, key=lambda i: len(prompts[i]))
                 for start in range(0, len(idxs), batch_size):
@@ -127,23 +165,31 @@ class Translator:
                     names = [BASE if delta else self.peft_name[module[i]] for i in chunk]
                     texts = self._generate([prompts[i] for i in chunk], names, beams, max_new_tokens)
                     for i, t in zip(chunk, texts, strict=True):
-                        out[i] = t
+                        if not t.split("\n", 1)[0].strip():
+                            info["leading_line_breaks"] += 1
+                        out[i] = first_nonempty_line(t)
                     bar.update(len(chunk))
             finally:
-                if delta is not None:
-                    self._apply_delta(delta, -1)
+                if applied is not None:
+                    applied.restore()
+            if applied is not None:
+                info["delta_modules"][delta] = {
+                    "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                    "applied_rel_error": applied.rel_error,
+                }
         bar.close()
+        self.leading_line_breaks += info["leading_line_breaks"]
+        self.last_info = info
         return out
-
-    def _apply_delta(self, name: str, sign: int) -> None:
-        from datm.merge import apply_delta
-
-        apply_delta(self.model, self.deltas[name], sign=sign)
 
     @torch.no_grad()
     def _generate(
         self, prompts: list[list[int]], adapter_names: list[str], beams: int, max_new_tokens: int
     ) -> list[str]:
+        """The raw generated text of each prompt (up to and including the line break that stopped it)."""
+        from peft import PeftModel
+        from transformers import StoppingCriteriaList
+
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         width = max(len(p) for p in prompts)
@@ -159,14 +205,16 @@ class Translator:
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=beams,
-            eos_token_id=self.stop_ids,
+            eos_token_id=tok.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([StopAtLineEnd(tok, width, self.newline_ids)]),
             pad_token_id=pad,
         )
-        if any(n != BASE for n in adapter_names):
+        if isinstance(self.model, PeftModel):
+            # Always name the adapter of every row: without adapter_names peft applies its *active*
+            # adapter to all rows, so base rows (and delta passes, all base) would get a LoRA on top.
             kwargs["adapter_names"] = adapter_names
         gen = self.model.generate(**kwargs)
-        texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-        return [t.split("\n", 1)[0].strip() for t in texts]
+        return tok.batch_decode(gen[:, width:], skip_special_tokens=True)
 
 
 def read_requests(lines: Sequence[str], pair: str | None) -> list[Request]:

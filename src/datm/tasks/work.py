@@ -196,6 +196,7 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
         files = run.translations(direction)
         artifacts.atomic_write_text(files.src, data.write_text(p.src for p in pairs))
         artifacts.atomic_write_text(files.ref, data.write_text(p.tgt for p in pairs))
+        artifacts.atomic_write_json(files.info, translator.last_info)
         artifacts.atomic_write_text(files.hyp, data.write_text(hyps))  # last: marks the direction done
         print(f"translated {direction}: {len(hyps)} segments (module {module})")
     finally:

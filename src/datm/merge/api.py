@@ -1,0 +1,299 @@
+"""`merge_adapters`: plan the module tasks, merge them one by one, write the form, record provenance
+(see the package docstring of `datm.merge`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from datm import artifacts
+from datm.merge.base import MERGE_INFO, MergeError
+from datm.merge.delta import AppliedDelta, apply_delta, iter_delta, load_delta
+from datm.merge.forms import FORMS, Form, FormJob, LowRankForm, get_form
+from datm.merge.io import SafetensorsStreamWriter
+from datm.merge.methods import METHODS, Method, MethodSettings, derive_seed, get_method
+from datm.merge.ops import (
+    EXACT_SVD_MAX_DIM,
+    SVD_NITER,
+    SVD_OVERSAMPLE,
+    SVD_SEED,
+    check_density,
+    delta_of,
+    linear_merge,
+    lowrank_factor,
+    resolve_weights,
+    ties_merge,
+    ties_merge_factored,
+    trim,
+)
+from datm.merge.sources import LoraSource, ModuleTask, load_factor, plan_merge, read_source
+
+__all__ = [
+    "FORMS",
+    "METHODS",
+    "AppliedDelta",
+    "MergeError",
+    "MergeResult",
+    "apply_delta",
+    "delta_of",
+    "iter_delta",
+    "linear_merge",
+    "load_delta",
+    "lowrank_factor",
+    "merge_adapters",
+    "ties_merge",
+    "ties_merge_factored",
+    "trim",
+]
+
+MERGE_SEED = 0  # the seed methods that draw random numbers derive their per-module seeds from
+
+
+@dataclass
+class ModuleReport:
+    shape: list[int]
+    rel_error: float
+    kept_energy: float
+    params: int
+    delta_norm: float
+    error_norm: float
+
+
+def execute(
+    tasks: Sequence[ModuleTask],
+    sources: Sequence[LoraSource],
+    form: Form,
+    job: FormJob,
+    out_file: Path,
+    progress: bool = True,
+) -> dict[str, ModuleReport]:
+    """Merge module by module into the safetensors file `out_file`; returns a report per module.
+
+    Only the current module's tensors are in memory at any time: every source's A and B, and a few
+    out×in matrices (the sources' ΔW are formed one at a time, see `ties_merge_factored`).
+    """
+    reports: dict[str, ModuleReport] = {}
+    writer = SafetensorsStreamWriter(out_file, form.metadata())
+    with ExitStack() as stack:
+        handles = [
+            stack.enter_context(safe_open(src.weights_file, framework="pt", device="cpu")) for src in sources
+        ]
+        for task in tqdm(tasks, desc=f"merge ({job.method.name}, {form.name})", disable=not progress):
+            a_list = [load_factor(h, k, s) for h, k, s in zip(handles, task.a_keys, sources, strict=True)]
+            b_list = [load_factor(h, k, s) for h, k, s in zip(handles, task.b_keys, sources, strict=True)]
+            factors = list(zip(a_list, b_list, task.scalings, strict=True))
+            settings = MethodSettings(job.settings.density, derive_seed(job.settings.seed, task.name))
+            module_job = FormJob(job.method, settings, job.weights, job.rank, job.first)
+            result = job.method.merge(factors, job.weights, settings)
+            merged, written, params = form.write(writer, task, result, factors, module_job)
+            del a_list, b_list, factors, result
+            reports[task.name] = _compare(merged, written, params)
+            del merged, written
+    writer.close()
+    return reports
+
+
+def _compare(merged: torch.Tensor, written: torch.Tensor, params: int) -> ModuleReport:
+    """How far `written` is from `merged`. `written` is overwritten with the error (no extra matrix)
+    unless it is `merged` itself (a float32 dense/sparse form), whose error is then 0."""
+    delta_norm = float(torch.linalg.matrix_norm(merged))
+    error_norm = 0.0 if written is merged else float(torch.linalg.matrix_norm(written.sub_(merged)))
+    rel = error_norm / delta_norm if delta_norm > 0 else 0.0
+    return ModuleReport(
+        shape=list(merged.shape),
+        rel_error=rel,
+        kept_energy=1.0 - rel**2,
+        params=params,
+        delta_norm=delta_norm,
+        error_norm=error_norm,
+    )
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    method: str
+    form: str
+    density: float  # the density used (1.0 for linear: nothing is trimmed)
+    rank: int | None  # rank of the written LoRA (None for dense/sparse)
+    n_modules: int
+    rel_error: float | None  # ||ΔW − written||_F / ||ΔW||_F over all modules, ΔW = the method's merge
+    kept_energy: float | None  # 1 − rel_error²
+    params: int  # stored weight values (for sparse: nonzeros)
+    bytes: int  # size of the written tensor file
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MergeResult:
+        return cls(**{**{k: d[k] for k in cls.__dataclass_fields__}, "out": Path(d["out"])})
+
+
+def merge_adapters(
+    sources: list[Path],
+    out: Path,
+    method: str = "ties",
+    density: float = 0.2,
+    rank: int | None = None,
+    form: str = "lowrank",
+    weights: list[float] | None = None,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge PEFT LoRA directories `sources` into the directory `out` (see the module docstring).
+
+    `density` is TIES's kept fraction (ignored by linear); `weights` are per-source (TIES default 1,
+    linear default 1/n); `rank` is the lowrank form's rank (default: the sources' largest r). One
+    source is allowed for linear: lowrank then simply re-factors it (with weight 1 by default).
+    A finished `out` is never redone: its recorded result is returned if it was made with the same
+    request, and a different request is an error.
+    """
+    out = Path(out)
+    sources = [Path(s) for s in sources]
+    merge_method, merge_form = _validate_args(sources, method, density, rank, form)
+    density = density if merge_method.uses_density else 1.0
+    if artifacts.is_done(out):
+        return _recorded_result(out, sources, method, form, density, rank, weights)
+    started = time.perf_counter()
+    srcs = [read_source(p) for p in sources]
+    tasks = plan_merge(srcs)
+    rank = merge_form.resolve_rank(rank, srcs)
+    default_weight = merge_method.default_weight(len(srcs))
+    job = FormJob(
+        method=merge_method,
+        settings=MethodSettings(density=density, seed=MERGE_SEED),
+        weights=resolve_weights(weights, len(srcs), default=default_weight),
+        rank=rank,
+        first=srcs[0],
+    )
+
+    staging = artifacts.staging_dir(out)
+    out_file = staging / merge_form.weights_file
+    reports = execute(tasks, srcs, merge_form, job, out_file, progress)
+    n_bytes = out_file.stat().st_size
+    merge_form.write_config(staging, job, tasks, {name: r.params for name, r in reports.items()})
+
+    total_delta = sum(r.delta_norm**2 for r in reports.values())
+    total_error = sum(r.error_norm**2 for r in reports.values())
+    rel_error = math.sqrt(total_error / total_delta) if total_delta > 0 else 0.0
+    result = MergeResult(
+        out=out,
+        method=method,
+        form=form,
+        density=density,
+        rank=rank,
+        n_modules=len(tasks),
+        rel_error=rel_error,
+        kept_energy=1.0 - rel_error**2,
+        params=sum(r.params for r in reports.values()),
+        bytes=n_bytes,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    info = {
+        **result.to_dict(),
+        "request": _request(sources, method, form, density, rank, job.weights),
+        "weights": job.weights,
+        "base_model_name_or_path": srcs[0].base_model,
+        "sources": [
+            {
+                "path": str(s.path.resolve()),
+                "fingerprint": artifacts.fingerprint_files([s.weights_file]),
+                "r": s.r,
+                "lora_alpha": s.lora_alpha,
+                "use_rslora": s.use_rslora,
+            }
+            for s in srcs
+        ],
+        "rel_error_means": merge_form.error_meaning,
+        "svd": {
+            "exact_max_min_dim": EXACT_SVD_MAX_DIM,
+            "oversample": SVD_OVERSAMPLE,
+            "niter": SVD_NITER,
+            "seed": SVD_SEED,
+        }
+        if form == LowRankForm.name
+        else None,
+        "seed": MERGE_SEED,
+        "modules": {name: asdict(r) for name, r in reports.items()},
+        "versions": artifacts.library_versions(),
+    }
+    artifacts.atomic_write_json(staging / MERGE_INFO, info)
+    artifacts.publish_dir(staging, out)
+    artifacts.mark_done(out, result.to_dict())
+    return result
+
+
+def _validate_args(
+    sources: list[Path], method: str, density: float, rank: int | None, form: str
+) -> tuple[Method, Form]:
+    merge_method, merge_form = get_method(method), get_form(form)
+    check_density(density)
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise MergeError(f"rank must be an integer >= 1, got {rank!r}")
+    if rank is not None and not merge_form.has_rank:
+        raise MergeError(f"rank applies to form=lowrank only; form={form} stores the full ΔW")
+    if not sources:
+        raise MergeError("no sources to merge")
+    if len(sources) < merge_method.min_sources:
+        raise MergeError(
+            f"{merge_method.title} needs at least {merge_method.min_sources} "
+            f"sources, got {len(sources)} (method=linear can re-factor a single one)"
+        )
+    resolved = [str(p.resolve()) for p in sources]
+    if len(set(resolved)) != len(resolved):
+        raise MergeError(f"a source is listed twice: {[str(p) for p in sources]}")
+    return merge_method, merge_form
+
+
+def _request(
+    sources: list[Path], method: str, form: str, density: float, rank: int | None, weights: list[float] | None
+) -> dict[str, Any]:
+    return {
+        "sources": [str(p.resolve()) for p in sources],
+        "method": method,
+        "form": form,
+        "density": density,
+        "rank": rank,
+        "weights": weights,
+    }
+
+
+def _recorded_result(
+    out: Path,
+    sources: list[Path],
+    method: str,
+    form: str,
+    density: float,
+    rank: int | None,
+    weights: list[float] | None,
+) -> MergeResult:
+    """The finished merge in `out`, if it answers this request (unset rank/weights match anything)."""
+    info_file = out / MERGE_INFO
+    if not info_file.is_file():
+        raise MergeError(
+            f"{out} is marked finished but has no {MERGE_INFO}; it was not made by merge_adapters"
+        )
+    info = artifacts.read_json(info_file)
+    recorded = info["request"]
+    asked = _request(sources, method, form, density, rank, weights)
+    for key, value in asked.items():
+        if value is None and key in ("rank", "weights"):
+            continue  # defaults: whatever was resolved then
+        if value != recorded[key]:
+            raise MergeError(
+                f"{out} is already a finished merge with {key}={recorded[key]!r}, but {key}={value!r} "
+                "was asked; choose another output directory (finished artifacts are never overwritten)"
+            )
+    return MergeResult.from_dict(info)

@@ -1,0 +1,91 @@
+"""Every registered merge form × every registered method, through merge → Translator next to a LoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_lora
+from safetensors.torch import load_file
+
+from datm import models
+from datm.languages import Direction
+from datm.merge import load_delta, merge_adapters
+from datm.merge.forms import DELTA, FORMS
+from datm.merge.methods import METHODS
+from datm.plan import BASE
+from datm.translate import Request, Translator
+
+PREFIX = "base_model.model."
+REQS = [
+    Request(Direction("de", "en"), "die katze sieht einen hund"),
+    Request(Direction("en", "de"), "we eat bread today"),
+    Request(Direction("de", "en"), "wir essen heute brot"),
+    Request(Direction("en", "de"), "my house is big"),
+]
+ROUTES = {"de-en": "M", "en-de": "L"}
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("form-adapters")
+    return {
+        name: random_lora(tiny_model_dir, root / name, seed, b_std=0.125)
+        for seed, name in enumerate(["s1", "s2", "L"])
+    }
+
+
+def written_delta(out: Path) -> dict[str, torch.Tensor]:
+    """ΔW per base weight name, as the merged module on disk holds it (whatever its form)."""
+    if (out / "delta_config.json").is_file():
+        return load_delta(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    tensors = load_file(out / "adapter_model.safetensors")
+    return {
+        key.removeprefix(PREFIX).removesuffix(".lora_A.weight") + ".weight": scaling
+        * tensors[key.replace("lora_A", "lora_B")].float()
+        @ a.float()
+        for key, a in tensors.items()
+        if key.endswith(".lora_A.weight")
+    }
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_every_form_and_method_serves_its_merged_delta_beside_a_lora(
+    tiny_model_dir: Path, lora_dirs: dict[str, Path], tmp_path: Path, form: str, method: str
+) -> None:
+    out = tmp_path / "merged"
+    res = merge_adapters(
+        [lora_dirs["s1"], lora_dirs["s2"]], out, method=method, form=form, density=0.5, progress=False
+    )
+    # The form's size in bytes (float32 values here) is the tensor file's, less its small header.
+    assert 0 <= res.bytes - FORMS[form].bytes(res.params, 4) < 8192
+    assert FORMS[form].recognise(out)
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    both = Translator(models.load_model(str(tiny_model_dir)), tok, {"M": out, "L": lora_dirs["L"]})
+    assert both.kinds["M"] == FORMS[form].applied_as and both.kinds["L"] != DELTA
+    got = both.translate(REQS, ROUTES, max_new_tokens=8, batch_size=4, progress=False)
+
+    # What the form promises: the base model with W + ΔW (ΔW as written) serves the merged direction ...
+    with_delta = models.load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        for name, delta in written_delta(out).items():
+            weight = with_delta.get_submodule(name.removesuffix(".weight")).weight
+            weight.add_(delta)
+    promised = Translator(with_delta, tok, {}).translate(
+        REQS, dict.fromkeys(ROUTES, BASE), max_new_tokens=8, progress=False
+    )
+    # ... and the LoRA beside it serves its direction as it does alone.
+    alone = Translator(models.load_model(str(tiny_model_dir)), tok, {"L": lora_dirs["L"]})
+    lora_only = alone.translate(REQS, dict.fromkeys(ROUTES, "L"), max_new_tokens=8, progress=False)
+    bare = Translator(models.load_model(str(tiny_model_dir)), tok, {}).translate(
+        REQS, dict.fromkeys(ROUTES, BASE), max_new_tokens=8, progress=False
+    )
+    for i, r in enumerate(REQS):
+        want = promised[i] if ROUTES[str(r.direction)] == "M" else lora_only[i]
+        assert got[i] == want, (form, method, i)
+    assert [promised[i] for i in (0, 2)] != [bare[i] for i in (0, 2)]  # the merge changes the outputs
