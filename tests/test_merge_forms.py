@@ -89,3 +89,21 @@ def test_every_form_and_method_serves_its_merged_delta_beside_a_lora(
         want = promised[i] if ROUTES[str(r.direction)] == "M" else lora_only[i]
         assert got[i] == want, (form, method, i)
     assert [promised[i] for i in (0, 2)] != [bare[i] for i in (0, 2)]  # the merge changes the outputs
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_merges_from_the_cli(
+    method: str, lora_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from datm.cli import main
+
+    sources = [str(lora_dirs["s1"]), str(lora_dirs["s2"])]
+    out = tmp_path / "merged"
+    assert main(["merge", *sources, "--out", str(out), "--method", method, "--density", "0.5"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"] == method and (out / "merge_info.json").is_file()
+    with pytest.raises(SystemExit) as bad:  # argparse names the registered methods
+        main(["merge", *sources, "--out", str(tmp_path / "bad"), "--method", "nope"])
+    assert bad.value.code == 2 and method in capsys.readouterr().err

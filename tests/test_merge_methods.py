@@ -1,4 +1,4 @@
-"""Tests of datm.merge_methods on small hand-made sources with known answers (float32 math, checked
+"""Tests of datm.merge.recent on small hand-made sources with known answers (float32 math, checked
 against dense float64 references of each paper's algorithm)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from peft.utils import merge_utils
 
 from datm.errors import DatmError
-from datm.merge_methods import (
+from datm.merge.recent import (
     LowRank,
     MethodError,
     cat,

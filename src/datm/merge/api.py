@@ -169,7 +169,7 @@ def merge_adapters(
     started = time.perf_counter()
     srcs = [read_source(p) for p in sources]
     tasks = plan_merge(srcs)
-    rank = merge_form.resolve_rank(rank, srcs)
+    rank = merge_form.resolve_rank(rank, srcs, merge_method)
     default_weight = merge_method.default_weight(len(srcs))
     job = FormJob(
         method=merge_method,

@@ -43,7 +43,7 @@ class Form:
     has_rank: ClassVar[bool] = False  # a LoRA whose rank is set by the merge
     size_is_bound: ClassVar[bool] = False  # `parameters` is an upper bound, known exactly after merging
 
-    def resolve_rank(self, rank: int | None, sources: Sequence[LoraSource]) -> int | None:
+    def resolve_rank(self, rank: int | None, sources: Sequence[LoraSource], method: Method) -> int | None:
         if rank is not None:
             raise MergeError(f"rank applies to form=lowrank only; form={self.name} stores the full ΔW")
         return None
@@ -167,8 +167,8 @@ class LowRankForm(_LoraForm):
     has_rank = True
     error_meaning = "truncated-SVD error of the rank-`rank` LoRA against the merged ΔW"
 
-    def resolve_rank(self, rank: int | None, sources: Sequence[LoraSource]) -> int | None:
-        return rank if rank is not None else max(s.r for s in sources)
+    def resolve_rank(self, rank: int | None, sources: Sequence[LoraSource], method: Method) -> int | None:
+        return rank if rank is not None else method.default_rank([s.r for s in sources])
 
     def write(self, writer, task, merged, factors, job):  # type: ignore[no-untyped-def]
         import torch
@@ -201,7 +201,7 @@ class FactorForm(_LoraForm):
     has_rank = True
     error_meaning = "how far merging A and B separately lands from merging the true ΔW"
 
-    def resolve_rank(self, rank: int | None, sources: Sequence[LoraSource]) -> int | None:
+    def resolve_rank(self, rank: int | None, sources: Sequence[LoraSource], method: Method) -> int | None:
         if rank is not None and rank != sources[0].r:
             raise MergeError(f"form=factor keeps the sources' rank {sources[0].r}; got rank={rank}")
         return sources[0].r

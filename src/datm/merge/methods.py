@@ -46,9 +46,20 @@ class LowRank:
     s: torch.Tensor
     vh: torch.Tensor
 
+    @property
+    def rank(self) -> int:
+        return self.s.numel()
+
+    def float(self) -> LowRank:
+        return LowRank(self.u.float(), self.s.float(), self.vh.float())
+
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA factors (A k×in, B out×k), B @ A the best rank-k approximation, √s on each side;
+        zero rows/columns pad a larger k. The adapter's scaling must be 1."""
         import torch
 
+        if k < 1:
+            raise MergeError(f"rank must be >= 1, got {k}")
         n = min(k, self.s.numel())
         root = self.s[:n].sqrt()
         b = torch.zeros(self.u.shape[0], k)
@@ -83,6 +94,10 @@ class Method:
 
     def default_weight(self, n_sources: int) -> float:
         return 1.0
+
+    def default_rank(self, source_ranks: Sequence[int]) -> int:
+        """The rank a LoRA-shaped merged module gets when none is asked for."""
+        return max(source_ranks)
 
     def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
         raise NotImplementedError
@@ -133,6 +148,138 @@ class Linear(Method):
         from datm.merge.ops import linear_merge_factored
 
         return linear_merge_factored(factors, weights)
+
+
+@dataclass(frozen=True)
+class Exact:
+    """A merged ΔW = b @ a held exactly (rank = a's rows); truncated by SVD only below that rank."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        if k < self.rank:
+            from datm.merge.recent import svd_of_product
+
+            return svd_of_product(self.b, self.a).factors(k)
+        a = torch.zeros(k, self.a.shape[1])
+        b = torch.zeros(self.b.shape[0], k)
+        a[: self.rank], b[:, : self.rank] = self.a, self.b
+        return a, b
+
+    def dense(self) -> torch.Tensor:
+        return self.b @ self.a
+
+
+@register
+class Cat(Method):
+    """Concatenation (peft's ``cat``): B = [B_1 … B_n], A = [w_1 s_1 A_1; …], so B A = Σ w_i ΔW_i
+    exactly — no interference resolved, no loss. The no-loss reference: its LoRA has rank Σ r_i
+    (the sum of the sources' sizes), which is the default rank it ships at."""
+
+    name = "cat"
+    title = "concatenation"
+
+    def default_rank(self, source_ranks: Sequence[int]) -> int:
+        return sum(source_ranks)
+
+    def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
+        from datm.merge.recent import cat
+
+        return Exact(*cat(factors, weights))
+
+
+@register
+class DareTies(Method):
+    """DARE-TIES (Yu et al., ICML 2024, "Language Models are Super Mario"): each ΔW_i's entries
+    kept at random with probability `density` and rescaled by 1/density (seeded per module), then
+    TIES's sign election and weighted disjoint mean. Full-rank result (see `datm.merge.recent`)."""
+
+    name = "dare_ties"
+    title = "DARE-TIES"
+    uses_density = True
+    min_sources = 2
+
+    def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
+        from datm.merge.recent import dare_ties
+
+        return dare_ties(factors, weights, density=settings.density, seed=settings.seed)
+
+
+@register
+class Knots(Method):
+    """KnOTS-TIES (Stoica et al., ICLR 2025, "Model merging with SVD to tie the KnOTS"): SVD of the
+    concatenated LoRA updates gives a shared basis; the sources' coefficient blocks are TIES-merged
+    (density) and mapped back. Exact at rank Σ r_i; computed through the factors."""
+
+    name = "knots"
+    title = "KnOTS-TIES"
+    uses_density = True
+    min_sources = 2
+
+    def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
+        from datm.merge.recent import knots_svd
+
+        return knots_svd(factors, weights, density=settings.density)
+
+
+@register
+class Tsv(Method):
+    """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in
+    Model Merging"): each source's singular vectors, decorrelated across sources (nearest orthonormal
+    sets), then summed. Computed through the factors; weights default to 1 (a sum, as the paper)."""
+
+    name = "tsv"
+    title = "TSV-Merge"
+    min_sources = 2
+
+    def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
+        from datm.merge.recent import tsv_svd
+
+        return tsv_svd(factors, weights)
+
+
+@register
+class IsoC(Method):
+    """Iso-C (Marczak et al., 2025, "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces"): the summed ΔW with its singular values replaced by their mean over
+    its rank (a flat spectrum). Ship it at full rank (Σ r_i): truncation loses most of a flat
+    spectrum."""
+
+    name = "iso_c"
+    title = "Iso-C"
+    min_sources = 2
+
+    def default_rank(self, source_ranks: Sequence[int]) -> int:
+        return sum(source_ranks)
+
+    def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
+        from datm.merge.recent import iso_c_svd
+
+        return iso_c_svd(factors, weights)
+
+
+@register
+class CoreSpace(Method):
+    """Core Space merging (Panariello et al., 2025, "Accurate and Efficient Low-Rank Model Merging in
+    Core Space"): the sources expressed in the reference bases of the stacked B's and A's (a lossless
+    alignment), TIES on the Σr×Σr cores, mapped back. Exact at rank Σ r_i."""
+
+    name = "core_space"
+    title = "Core Space TIES"
+    uses_density = True
+    min_sources = 2
+
+    def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
+        from datm.merge.recent import core_space_svd
+
+        return core_space_svd(factors, weights, density=settings.density)
 
 
 def dense_of(merged: Merged) -> torch.Tensor:

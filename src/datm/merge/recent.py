@@ -36,14 +36,13 @@ k·(out+in) values; the n sources cost Σr_i·(out+in)):
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from datm.errors import DatmError
+from datm.merge.base import MergeError
+from datm.merge.methods import LowRank, derive_seed
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -51,46 +50,8 @@ RANK_RTOL = 1e-5  # relative cut for numerical rank (the KnOTS code cuts s ≤ 1
 ZERO_RTOL = 1e-6  # coefficients this small (relative) are zeros blurred by the float32 inputs' round-off
 
 
-class MethodError(DatmError):
+class MethodError(MergeError):
     """Bad input to a merge method: inconsistent factor shapes, bad weights or parameters."""
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """ΔW = u @ diag(s) @ vh, a thin SVD: u out×k and vh k×in orthonormal, s descending and > 0."""
-
-    u: torch.Tensor
-    s: torch.Tensor
-    vh: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return self.s.numel()
-
-    def dense(self) -> torch.Tensor:
-        return (self.u * self.s) @ self.vh
-
-    def float(self) -> LowRank:
-        return LowRank(self.u.float(), self.s.float(), self.vh.float())
-
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """LoRA factors (A rank×in, B out×rank) whose B @ A is the best rank-`rank` approximation,
-        with √s on each side; zero rows/columns pad a smaller rank. The adapter's scaling must be 1."""
-        if rank < 1:
-            raise MethodError(f"rank must be >= 1, got {rank}")
-        k = min(rank, self.rank)
-        root = self.s[:k].sqrt()
-        a = torch.zeros(rank, self.vh.shape[1])
-        b = torch.zeros(self.u.shape[0], rank)
-        a[:k] = root[:, None] * self.vh[:k]
-        b[:, :k] = self.u[:, :k] * root
-        return a, b
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from `parts` (e.g. the run's seed and a module name), the same on every machine."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,14 +116,14 @@ def knots_svd(factors: Factors, weights: Sequence[float] | None = None, density:
     trimmed to its top `density` entries, then `_elect_and_average`) and mapped back: ΔW = U C. As in
     the reference, Σ is folded into the C_i; unlike it (one top-k over the whole model), the trim is
     per module.
-    Via factors: [ΔW_1 … ΔW_n] = B_cat · blockdiag(s_i A_i), decomposed by `_svd_of_product`.
+    Via factors: [ΔW_1 … ΔW_n] = B_cat · blockdiag(s_i A_i), decomposed by `svd_of_product`.
     """
     factors, weights = _prepare(factors, weights, torch.float64)
     _check_unit("density", density)
     _check_positive(weights, "knots")
     in_features = factors[0][0].shape[1]
     b_cat = torch.cat([b for _, b, _ in factors], dim=1)
-    shared = _svd_of_product(b_cat, torch.block_diag(*[a * s for a, _, s in factors]))
+    shared = svd_of_product(b_cat, torch.block_diag(*[a * s for a, _, s in factors]))
     blocks = [
         shared.s[:, None] * shared.vh[:, i * in_features : (i + 1) * in_features] for i in range(len(factors))
     ]
@@ -190,13 +151,13 @@ def tsv_svd(factors: Factors, weights: Sequence[float] | None = None, fraction: 
     _check_unit("fraction", fraction)
     us, ss, vhs = [], [], []
     for (a, b, scaling), w in zip(factors, weights, strict=True):
-        one = _svd_of_product(b, a * scaling)
+        one = svd_of_product(b, a * scaling)
         k = min(one.rank, max(1, int(fraction * a.shape[0])))
         us.append(one.u[:, :k])
         ss.append(one.s[:k] * w)
         vhs.append(one.vh[:k])
     s_cat = torch.cat(ss)
-    return _svd_of_product(_polar(torch.cat(us, dim=1)) * s_cat, _polar(torch.cat(vhs, dim=0))).float()
+    return svd_of_product(_polar(torch.cat(us, dim=1)) * s_cat, _polar(torch.cat(vhs, dim=0))).float()
 
 
 def iso_c_svd(factors: Factors, weights: Sequence[float] | None = None) -> LowRank:
@@ -210,7 +171,7 @@ def iso_c_svd(factors: Factors, weights: Sequence[float] | None = None) -> LowRa
     validation) is the weights here. Via factors: the sum is B_cat · [w_1 s_1 A_1; …].
     """
     factors, weights = _prepare(factors, weights, torch.float64)
-    summed = _svd_of_product(
+    summed = svd_of_product(
         torch.cat([b for _, b, _ in factors], dim=1),
         torch.cat([a * (w * s) for (a, _, s), w in zip(factors, weights, strict=True)], dim=0),
     )
@@ -321,7 +282,7 @@ def _elect_and_average(
     return total.div_(weight_sum.masked_fill_(weight_sum == 0, 1.0)) if normalize else total
 
 
-def _svd_of_product(left: torch.Tensor, right: torch.Tensor) -> LowRank:
+def svd_of_product(left: torch.Tensor, right: torch.Tensor) -> LowRank:
     """Thin SVD of left @ right (out×m @ m×in) at its numerical rank, from the QRs of left and rightᵀ
     and the SVD of their m×m core: O((out+in)·m²), never an out×in matrix."""
     if left.shape[1] == 0:
