@@ -57,11 +57,15 @@ class TrainConfig:
 
 @dataclass
 class MergeConfig:
-    method: str = "ties"  # ties | linear
+    method: str = "ties"  # a registered merge method (ties, linear, ...) or auto (datm.merge_select)
     density: float = 0.2
     rank: int | None = None  # rank of the re-factored LoRA; default: the adapters' rank
     form: str = "lowrank"  # lowrank | factor | dense | sparse
     weights: list[float] | None = None
+    # method auto: [{method, density, rank}, ...] or a grid {methods, densities, ranks}
+    candidates: list[dict[str, Any]] | dict[str, Any] | None = None
+    select_on: str = "valid"  # auto chooses on the dev set (data.valid, or held-out training pairs)
+    dev_size: int = 200  # auto: dev sentences per direction (and the held-out slice's size)
 
 
 @dataclass
@@ -212,8 +216,9 @@ def validate(cfg: Config) -> None:
     if t.batch_size < 1 or t.grad_accum < 1:
         raise ConfigError(f"{s}: train.batch_size and train.grad_accum must be >= 1")
     m = cfg.merge
-    if m.method not in ("ties", "linear"):
-        raise ConfigError(f"{s}: merge.method must be 'ties' or 'linear', got {m.method!r}")
+    from datm import merge_select  # local: it imports this module
+
+    merge_select.validate(cfg)  # the method against the merge registry, and auto's keys
     if not 0 < m.density <= 1:
         raise ConfigError(f"{s}: merge.density must be in (0, 1], got {m.density}")
     if m.form not in ("lowrank", "factor", "dense", "sparse"):
