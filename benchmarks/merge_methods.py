@@ -1,15 +1,16 @@
 """Which merge method for LoRA updates? Every registered method on real adapters (issue 13).
 
-The separate XX->En adapters of the CPU asymmetry setting (Gemma 3 270M from the demo's GGUF, ALMA's
-human-written data, groups {de, is} and {cs, ru}, 80 pairs per language pair, 1 epoch, lr 1e-3
-cosine, LoRA r=16) are trained with datm itself, under a config whose `merge: {method: auto}` has
-every method x rank as its candidates: datm's merge task then merges each group with every candidate
-(`RUN/candidates/GROUP/CANDIDATE/module`), chooses one on the dev set (the valid split; Icelandic has
-none, so a held-out slice of its training data that training does not use) and publishes it. This
-script then translates the first N WMT'22 test segments of the 4 XX->En directions with the unmerged
-adapters and with every candidate, and reports BLEU, chrF++, paired bootstrap (chrF++) against
-`unmerged` and against `ties` at the same rank, shipped MB, merge seconds, and auto's pick per group
-with its test score. Writes benchmarks/results/merge_methods.{md,json,png}.
+The separate XX->En adapters of the CPU asymmetry setting (Gemma 3 270M from the demo's GGUF,
+ALMA's human-written data, groups {de, is} and {cs, ru}, 80 pairs per language pair, 1 epoch,
+lr 1e-3 cosine, LoRA r=16) are trained with datm itself, under a config with
+`merge: {method: auto}` whose candidates are every method x rank. datm's candidate scoring (what
+the merge task of `datm run` does before publishing) merges each group with every candidate
+(`RUN/candidates/GROUP/CANDIDATE/module`) and scores it on the dev set (the valid split; Icelandic
+has none, so a held-out slice of its training data that training does not use): auto's pick.
+This script then translates the first N WMT'22 test segments of the 4 XX->En directions with the
+unmerged adapters and with every candidate, and reports BLEU, chrF++, paired bootstrap (chrF++)
+against `unmerged` and against `ties` at the same rank, shipped MB, merge seconds, and auto's pick
+per group with its test score. Writes benchmarks/results/merge_methods.{md,json,png}.
 
 Resumable: adapters, merges and dev translations are datm artifacts; every test translation is a
 file under --work; run the same command again after a kill.
@@ -29,6 +30,7 @@ from datm import artifacts, data, evaluate, merge_select, models, runner
 from datm import config as C
 from datm.artifacts import RunDir
 from datm.languages import Direction
+from datm.tasks import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "alma-human-parallel"
@@ -38,7 +40,8 @@ DIRECTIONS = [f"{x}-en" for x in LANGS]
 UNMERGED = "unmerged"
 
 
-def make_config(args: argparse.Namespace) -> C.Config:
+def make_config(args: argparse.Namespace, methods: list[str] | None = None) -> C.Config:
+    """The setting's config; its merge candidates are `methods` x --ranks (default --methods)."""
     raw: dict[str, Any] = {
         "languages": LANGS,
         "groups": GROUPS,
@@ -61,7 +64,11 @@ def make_config(args: argparse.Namespace) -> C.Config:
         },
         "merge": {
             "method": "auto",
-            "candidates": {"methods": args.methods, "densities": [args.density], "ranks": args.ranks},
+            "candidates": {
+                "methods": methods or args.methods,
+                "densities": [args.density],
+                "ranks": args.ranks,
+            },
             "dev_size": args.dev_size,
         },
         "eval": {"max_examples": args.test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
@@ -136,6 +143,9 @@ def main() -> int:
     args.methods = args.methods.split(",") if args.methods else merge_select.registered_methods()
     args.ranks = [int(r) for r in args.ranks.split(",")]
     work = Path(args.work)
+    # Training does not depend on the candidates (only on merge auto's held-out dev slice), so the
+    # run is trained under a fixed candidate list: a later call with other --methods reuses it.
+    train_cfg = make_config(args, methods=["ties"])
     cfg = make_config(args)
     run = RunDir(cfg.output_dir)
     timings_file = work / "timings.json"
@@ -143,10 +153,14 @@ def main() -> int:
 
     t0 = time.perf_counter()
     for d in DIRECTIONS:
-        runner.run(cfg, only=f"train:{d}")
-    for g in GROUPS:
-        runner.run(cfg, only=f"merge:xx-en.{g}")  # every candidate, and auto's choice on the dev set
-    timings.setdefault("train_and_merge_s", round(time.perf_counter() - t0, 1))
+        runner.run(train_cfg, only=f"train:{d}")
+    timings.setdefault("train_s", round(time.perf_counter() - t0, 1))
+    t0 = time.perf_counter()
+    plan, worker = runner.build_plan(cfg), Worker(cfg)
+    # every candidate merged and scored on the dev set: auto's choice, as `datm run` makes it
+    selections = {g: merge_select.score_candidates(cfg, plan, run, f"xx-en.{g}", worker) for g in GROUPS}
+    timings["merge_and_dev_s"] = timings.get("merge_and_dev_s") or round(time.perf_counter() - t0, 1)
+    del worker
     artifacts.atomic_write_json(timings_file, timings)
 
     cands = merge_select.candidates(cfg.merge)
@@ -155,7 +169,7 @@ def main() -> int:
     hyps = translate_tests(cfg, work, systems(run, cands), tests)
     timings.setdefault("test_translation_s", round(time.perf_counter() - t0, 1))
     artifacts.atomic_write_json(timings_file, timings)
-    payload = summarize(args, cfg, run, cands, tests, hyps, timings)
+    payload = summarize(args, cfg, run, cands, tests, hyps, selections, timings)
     write(Path(args.results), payload)
     return 0
 
@@ -167,6 +181,7 @@ def summarize(
     cands: list[merge_select.Candidate],
     tests: dict[str, list[data.Pair]],
     hyps: dict[str, dict[str, list[str]]],
+    selections: dict[str, dict[str, Any]],
     timings: dict[str, float],
 ) -> dict[str, Any]:
     refs = {d: [p.tgt for p in tests[d]] for d in DIRECTIONS}
@@ -211,7 +226,7 @@ def summarize(
         )
     auto = {}
     for g, members in GROUPS.items():
-        sel = artifacts.read_json(run.merged(f"xx-en.{g}") / "merge_info.json")["selection"]
+        sel = selections[g]
         chosen = next(r for r in rows if r["system"] == sel["chosen"])
         dirs = [f"{x}-en" for x in members]
         auto[g] = {

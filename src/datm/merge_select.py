@@ -291,8 +291,19 @@ def _translate(
 def select_merge(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) -> dict[str, Any]:
     """Merge `name` with every candidate, score each on the dev set, publish the best as
     `run.merged(name)`; returns the selection (also in its merge_info.json)."""
+    from datm.merge import MERGE_INFO
+
+    selection = score_candidates(cfg, plan, run, name, worker)
+    _publish(run.candidates(name) / selection["chosen"] / "module", run.merged(name), selection, MERGE_INFO)
+    return selection
+
+
+def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) -> dict[str, Any]:
+    """Merge `name` with every candidate of `cfg.merge` and score each on the dev set (finished
+    merges and dev translations are reused); the selection table and choice, also written to
+    `run.candidates(name)/selection.json`. Publishes nothing."""
     from datm import evaluate
-    from datm.merge import MERGE_INFO, merge_adapters
+    from datm.merge import merge_adapters
 
     spec = next(m for m in plan.merges if m.name == name)
     sources = [run.adapter(s) for s in spec.sources]
@@ -377,7 +388,6 @@ def select_merge(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) ->
         "chosen": best.candidate,
     }
     artifacts.atomic_write_json(root / SELECTION_FILE, selection)
-    _publish(root / best.candidate / "module", run.merged(name), selection, MERGE_INFO)
     return selection
 
 
