@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, data, evaluate, merge_select, models, runner
+from datm import artifacts, data, evaluate, merge_select, runner
 from datm import config as C
 from datm.artifacts import RunDir
 from datm.languages import Direction
@@ -90,30 +90,34 @@ def systems(run: RunDir, cands: list[merge_select.Candidate]) -> dict[str, dict[
 
 
 def translate_tests(
-    cfg: C.Config, work: Path, mods: dict[str, dict[str, Path]], tests: dict[str, list[data.Pair]]
+    cfg: C.Config,
+    worker: Worker,
+    work: Path,
+    mods: dict[str, dict[str, Path]],
+    tests: dict[str, list[data.Pair]],
 ) -> dict[str, dict[str, list[str]]]:
-    """Test hypotheses of every system and direction; each (system, direction) a file, reused."""
-    from datm.translate import Request, Translator
+    """Test hypotheses of every system and direction, translated as datm's translate task does (same
+    model dtype, batch size and decoding as the dev translations); each a file under --work, reused."""
+    from datm import device
+    from datm.translate import Request, Translator, inference_dtype
 
     hyps: dict[str, dict[str, list[str]]] = {}
-    model = tok = None
     for system, by_dir in mods.items():
         hyps[system] = {}
         for d, module in by_dir.items():
             f = work / "test" / system / f"{d}.hyp.txt"
             if not f.is_file():
-                if model is None:
-                    path = models.resolve(cfg.base_model)
-                    tok, model = models.load_tokenizer(path), models.load_model(path)
-                tr = Translator(model, tok, {"m": module}, cfg.prompt)
+                model = worker.model(inference_dtype(cfg.eval.precision, device.current()))
+                tr = Translator(model, worker.tokenizer, {"m": module}, cfg.prompt)
                 out = tr.translate(
                     [Request(Direction.parse(d), p.src) for p in tests[d]],
                     {d: "m"},
+                    beams=cfg.eval.beams,
                     max_new_tokens=cfg.eval.max_new_tokens,
                     batch_size=cfg.eval.batch_size,
                     progress=False,
                 )
-                model = tr.model.unload()
+                tr.model.unload()
                 artifacts.atomic_write_text(f, data.write_text(out))
                 print(f"[{time.strftime('%H:%M:%S')}] translated {d} with {system}", flush=True)
             hyps[system][d] = evaluate.read_lines(f)
@@ -160,13 +164,12 @@ def main() -> int:
     # every candidate merged and scored on the dev set: auto's choice, as `datm run` makes it
     selections = {g: merge_select.score_candidates(cfg, plan, run, f"xx-en.{g}", worker) for g in GROUPS}
     timings["merge_and_dev_s"] = timings.get("merge_and_dev_s") or round(time.perf_counter() - t0, 1)
-    del worker
     artifacts.atomic_write_json(timings_file, timings)
 
     cands = merge_select.candidates(cfg.merge)
     tests = {d: runner.test_pairs(cfg, Direction.parse(d)) for d in DIRECTIONS}
     t0 = time.perf_counter()
-    hyps = translate_tests(cfg, work, systems(run, cands), tests)
+    hyps = translate_tests(cfg, worker, work, systems(run, cands), tests)
     timings.setdefault("test_translation_s", round(time.perf_counter() - t0, 1))
     artifacts.atomic_write_json(timings_file, timings)
     payload = summarize(args, cfg, run, cands, tests, hyps, selections, timings)
