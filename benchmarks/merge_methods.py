@@ -338,28 +338,45 @@ def render(p: dict[str, Any]) -> str:
 
 
 def plot(p: dict[str, Any], path: Path) -> None:
+    """Mean chrF++ against shipped MB. Methods of one rank ship the same MB, so each size's labels
+    are stacked beside its points (best on top) with a line to each point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for r in p["rows"]:
-        unmerged = r["system"] == UNMERGED
-        ax.scatter(
-            r["shipped_mb_per_group"],
-            r["mean_chrf"],
-            marker="*" if unmerged else "o",
-            s=90 if unmerged else 40,
-        )
-        label = "unmerged (2 adapters)" if unmerged else f"{r['method']} r{r['rank']}"
-        ax.annotate(
-            label,
-            (r["shipped_mb_per_group"], r["mean_chrf"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=9,
-        )
+    rows = p["rows"]
+    ys = [r["mean_chrf"] for r in rows]
+    span = max(max(ys) - min(ys), 1.0)
+    step = span / max(len(rows), 6) * 1.6
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    methods = sorted({r["method"] for r in rows})
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    clusters: dict[float, list[dict[str, Any]]] = {}
+    for r in rows:
+        clusters.setdefault(round(r["shipped_mb_per_group"], 1), []).append(r)
+    gap = (max(clusters) - min(clusters)) * 0.05 + 1  # labels stand right of their points
+    for mb, members in clusters.items():
+        members.sort(key=lambda r: -r["mean_chrf"])
+        mid = sum(r["mean_chrf"] for r in members) / len(members)
+        for i, r in enumerate(members):
+            unmerged = r["system"] == UNMERGED
+            ax.scatter(mb, r["mean_chrf"], color=colors[r["method"]], marker="*" if unmerged else "o", s=80)
+            label = "unmerged (2 adapters)" if unmerged else f"{r['method']} r{r['rank']}"
+            y = mid + (len(members) / 2 - i - 0.5) * step
+            ax.annotate(
+                f"{label}  {r['mean_chrf']:.2f}",
+                (mb, r["mean_chrf"]),
+                xytext=(mb + gap, y),
+                textcoords="data",
+                fontsize=8,
+                ha="left",
+                va="center",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6},
+            )
+    xs = list(clusters)
+    ax.set_xlim(min(xs) - 2, max(xs) + (max(xs) - min(xs)) * 0.35 + 8)
+    ax.set_ylim(min(ys) - step * len(rows) / 2 - 0.5, max(ys) + step * len(rows) / 2 + 0.5)
     ax.set_xlabel("shipped MB per group (XX→En module)")
     ax.set_ylabel("mean chrF++, 4 XX→En directions (WMT'22)")
     ax.set_title("Merge methods: quality vs size")

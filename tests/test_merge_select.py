@@ -175,3 +175,9 @@ def test_auto_picks_the_best_on_dev_never_reads_test_and_resumes(
     assert artifacts.is_done(run.merged("xx-en.slavic"))
     section = merge_select.report_section(run.root)
     assert f"chose `{target}`" in section and "ties-d0.2-r1" in section
+
+    # The whole run: the report shows the choice.
+    monkeypatch.undo()
+    runner.run(cfg)
+    report = run.report.read_text(encoding="utf-8")
+    assert "## Merge chosen on the dev set (merge: auto)" in report and f"chose `{target}`" in report
