@@ -15,10 +15,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = C.load(args.config)
     if cfg.strategy == "auto":
         from datm import probe
+        from datm.merge_select import describe
         from datm.plan import format_plan
 
         plan = probe.auto_plan_for_config(cfg, args.measurements, args.threshold)
-        print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+        print(
+            json.dumps(plan.to_dict(), indent=2)
+            if args.json
+            else "\n".join([format_plan(plan), *describe(cfg, plan)])
+        )
         return 0
     if args.measurements is not None:
         raise C.ConfigError(f"--measurements is for strategy auto; {cfg.source} has {cfg.strategy!r}")
