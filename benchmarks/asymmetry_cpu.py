@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
+
 from datm import artifacts, runner
 from datm import config as C
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "alma-human-parallel"
+ROOT = common.REPO_ROOT
+DATA = common.DATA_DIR
 LANGS = ["de", "is", "cs", "ru", "zh"]
 GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"], "cjk": ["zh"]}
 SYSTEMS = ["zero_shot", "multilingual", "separate", "group", "dat", "datm", "separate_merged"]
@@ -103,7 +105,9 @@ def main() -> int:
     ap.add_argument(
         "--summarize-only", action="store_true", help="write results from the systems finished so far"
     )
+    common.add_load_argument(ap)
     args = ap.parse_args()
+    args.load_check = None if args.summarize_only else common.check_load(args.allow_load)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     timings_path = work / "timings.json"
@@ -173,8 +177,10 @@ def summarize(args: argparse.Namespace, work: Path, timings: dict[str, float]) -
         "merge_degradation": merge,
         "probe": probe_res,
         "wall_seconds": timings,
+        "load_check": args.load_check,
         "versions": artifacts.library_versions(),
     }
+    payload = common.repo_relative(payload)
     results.mkdir(parents=True, exist_ok=True)
     artifacts.atomic_write_json(results / "asymmetry_cpu.json", payload)
     artifacts.atomic_write_text(results / "asymmetry_cpu.md", render(payload))
@@ -185,6 +191,8 @@ def render(p: dict[str, Any]) -> str:
     dirs = [f"{x}-en" for x in LANGS] + [f"en-{x}" for x in LANGS]
     out = ["# Conflict and synergy at CPU scale (Gemma 3 270M, ALMA human-written data)", ""]
     out += [f"Command: `{p['command']}`", "", "Setting: " + json.dumps(p["setting"]), ""]
+    busy = common.load_markdown(p.get("load_check") or {})
+    out += [busy, ""] if busy else []
     if p["missing_systems"]:
         out += [f"**Partial: not finished yet: {', '.join(p['missing_systems'])}** (the run resumes).", ""]
     for metric in ("bleu", "chrf"):

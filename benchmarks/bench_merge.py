@@ -341,7 +341,7 @@ def main() -> int:
         "synthetic_shapes_out_in": shapes,
         "extrapolated_to_layers": TARGET_LAYERS,
     }
-    record = common.new_record("bench_merge", HEADLINE, args.quick, settings)
+    record = common.new_record("bench_merge", HEADLINE, args.quick, settings, args.allow_load)
     results: dict[str, Any] = {}
 
     with tempfile.TemporaryDirectory(prefix="datm-bench-merge-") as tmp:

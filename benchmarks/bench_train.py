@@ -315,7 +315,7 @@ def main() -> int:
     parser.add_argument("--check-batches", type=int, default=None, help="fixed batches (default 3; quick 1)")
     args = parser.parse_args()
     if args.quick and args.threads is None:
-        args.threads = 1  # quick runs check plumbing, often on a shared machine (see common.warn_if_busy)
+        args.threads = 1  # quick runs check plumbing, often on a shared machine (see common.check_load)
     common.set_threads(args.threads)
     n_examples = args.examples or (16 if args.quick else 64)
     n_check = args.check_batches or (1 if args.quick else 3)
@@ -362,7 +362,7 @@ def main() -> int:
         "truncated_examples": report.truncated,
         "seed": args.seed,
     }
-    record = common.new_record("bench_train", HEADLINE, args.quick, settings)
+    record = common.new_record("bench_train", HEADLINE, args.quick, settings, args.allow_load)
     common.log(f"{n_examples} examples of {direction}, batch {args.batch_size}, {steps} steps per side")
 
     common.log("measuring dense 2048×2048 matmul throughput")

@@ -164,7 +164,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     if args.quick and args.threads is None:
-        args.threads = 1  # quick runs check plumbing, often on a shared machine (see common.warn_if_busy)
+        args.threads = 1  # quick runs check plumbing, often on a shared machine (see common.check_load)
     common.set_threads(args.threads)
     directions = QUICK_DIRECTIONS if args.quick else all_directions()
     per_direction = args.per_direction or (4 if args.quick else 20)
@@ -188,7 +188,7 @@ def main() -> int:
         f"B × {B_SCALE}",
         "seed": args.seed,
     }
-    record = common.new_record("bench_translate", HEADLINE, args.quick, settings)
+    record = common.new_record("bench_translate", HEADLINE, args.quick, settings, args.allow_load)
     common.log(f"{len(requests)} segments, {len(directions)} directions, max_new_tokens {max_new_tokens}")
 
     with tempfile.TemporaryDirectory(prefix="datm-bench-translate-") as tmp:

@@ -30,7 +30,14 @@ from datm import artifacts
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 QUICK_DIR = Path(tempfile.gettempdir()) / "datm-bench-quick"
-DATA_DIR = Path(os.environ.get("DATM_BENCH_DATA", "/work/shared/data/alma-human-parallel"))
+REPO_ROOT = BENCH_DIR.parent
+# The project's data lives beside the repository: ../shared/data/alma-human-parallel.
+DATA_DIR = Path(
+    os.environ.get("DATM_BENCH_DATA", REPO_ROOT.parent / "shared" / "data" / "alma-human-parallel")
+)
+# A 1-minute load average at or above this means other work shares the CPU: timings would not be a
+# quiet machine's.
+QUIET_LOAD = 0.5
 # Every XX↔En direction of the WMT'22 test sets shipped with ALMA's human-written data.
 FOREIGN = ("cs", "de", "is", "ru", "zh")
 
@@ -56,7 +63,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=1)
+    add_load_argument(parser)
     return parser
+
+
+def add_load_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-load",
+        action="store_true",
+        help=f"run even when the 1-minute load average is >= {QUIET_LOAD} (other work running); "
+        "the results then say so",
+    )
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -156,23 +173,58 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> fl
 # --------------------------------------------------------------------------------------------------
 
 
-def warn_if_busy() -> None:
-    """Timings on a busy machine mean little: with more torch threads than idle cores, every op's
-    OpenMP threads wait for each other (on this project's 2-core machine under load, one LoRA
-    training step took 40 s with 2 threads and 1.3 s with 1)."""
+def check_load(allow_load: bool, quick: bool = False) -> dict[str, Any]:
+    """Every benchmark calls this before it starts work. Timings on a busy machine mean little: with
+    more torch threads than idle cores, every op's OpenMP threads wait for each other (on this
+    project's 2-core machine under load, one LoRA training step took 40 s with 2 threads and 1.3 s
+    with 1; a translation baseline run beside other jobs made a 3.24x speedup read 4.47x).
+
+    Refuses (BenchError) when the 1-minute load average is >= QUIET_LOAD, unless `allow_load` (the
+    record then says the machine was busy) or `quick` (plumbing checks, not results). Returns what
+    the results record: the load, whether the machine was quiet, and whether load was allowed.
+    """
     try:
-        load = os.getloadavg()[0]
+        load: float | None = os.getloadavg()[0]
     except OSError:
-        return
-    if load >= 0.5:
-        log(
-            f"WARNING: load average {load:.1f} before starting (other processes are running); timings "
-            f"will not be those of a quiet machine (torch threads: {torch.get_num_threads()})"
+        load = None
+    quiet = load is None or load < QUIET_LOAD
+    if not quiet and not (allow_load or quick):
+        raise BenchError(
+            f"the 1-minute load average is {load:.2f} (>= {QUIET_LOAD}): other work is running, so "
+            "timings would not be a quiet machine's; wait for it to finish, or pass --allow-load and "
+            "the results will say the machine was busy"
         )
+    if not quiet:
+        log(f"WARNING: load average {load:.2f} at start; timings are not those of a quiet machine")
+    return {"load_average_1min": load, "quiet": quiet, "threshold": QUIET_LOAD, "allowed_load": allow_load}
 
 
-def new_record(name: str, headline_key: str, quick: bool, settings: dict[str, Any]) -> dict[str, Any]:
-    warn_if_busy()
+def load_markdown(load_check: dict[str, Any]) -> str:
+    """One line for a results file: empty on a quiet machine, a warning otherwise."""
+    if load_check.get("quiet", True):
+        return ""
+    return (
+        f"**Measured on a busy machine**: 1-minute load average {load_check['load_average_1min']:.2f} "
+        f"at start (>= {load_check['threshold']}); timings are not those of a quiet machine."
+    )
+
+
+def repo_relative(obj: Any) -> Any:
+    """`obj` with absolute paths under the repository's parent folder written relative to the
+    repository (results files must not carry one machine's paths)."""
+    if isinstance(obj, dict):
+        return {k: repo_relative(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [repo_relative(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith(str(REPO_ROOT.parent) + os.sep):
+        return os.path.relpath(obj, REPO_ROOT)
+    return obj
+
+
+def new_record(
+    name: str, headline_key: str, quick: bool, settings: dict[str, Any], allow_load: bool = False
+) -> dict[str, Any]:
+    load_check = check_load(allow_load, quick)
     return {
         "benchmark": name,
         "headline_key": headline_key,
@@ -182,7 +234,8 @@ def new_record(name: str, headline_key: str, quick: bool, settings: dict[str, An
         "argv": list(sys.argv),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "settings": settings,
+        "settings": repo_relative(settings),
+        "load_check": load_check,
         "checks": [],
     }
 
@@ -244,6 +297,7 @@ def write_results(out_dir: Path, record: dict[str, Any], body_markdown: str) -> 
         [
             f"# {name}{quick}",
             f"**{key} = {headline}**",
+            *[line for line in [load_markdown(record.get("load_check", {}))] if line],
             machine_markdown(record),
             body_markdown,
             "## Checks\n\n" + checks_markdown(record),

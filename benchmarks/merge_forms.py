@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
+
 from datm import artifacts, data, evaluate, models
 from datm.languages import Direction
 from datm.merge import merge_adapters
@@ -47,7 +49,9 @@ def main() -> int:
     ap.add_argument("--test-size", type=int, default=30)
     ap.add_argument("--ranks", default="16,64,256")
     ap.add_argument("--densities", default="0.2,0.5")
+    common.add_load_argument(ap)
     args = ap.parse_args()
+    args.load_check = common.check_load(args.allow_load)
     work = Path(args.work)
     sep = work / "separate"
     needed = [sep / "adapters" / f"{x}-en" for g in GROUPS.values() for x in g]
@@ -189,8 +193,11 @@ def write(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "command": " ".join(["python"] + sys.argv),
         "test_size": args.test_size,
         "variants": results,
+        "load_check": args.load_check,
         "versions": artifacts.library_versions(),
     }
+    if common.load_markdown(args.load_check):
+        lines.insert(1, common.load_markdown(args.load_check))
     artifacts.atomic_write_json(res_dir / "merge_forms.json", payload)
     artifacts.atomic_write_text(res_dir / "merge_forms.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -26,14 +26,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, data, evaluate, merge_select, runner
+import common
+
+from datm import artifacts, data, evaluate, merge_select, runner, significance
 from datm import config as C
 from datm.artifacts import RunDir
 from datm.languages import Direction
 from datm.tasks import Worker
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "alma-human-parallel"
+ROOT = common.REPO_ROOT
+DATA = common.DATA_DIR
 GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"]}
 LANGS = [x for members in GROUPS.values() for x in members]
 DIRECTIONS = [f"{x}-en" for x in LANGS]
@@ -130,8 +132,8 @@ def note(timings: dict[str, float], key: str, t0: float) -> None:
 
 
 def compare(a: list[str], b: list[str], refs: list[str], samples: int) -> dict[str, float]:
-    r = evaluate.paired_bootstrap(a, b, refs, "en", metric="chrf", n_samples=samples)
-    return {"delta": round(r["delta"], 3), "p": round(r["p_value"], 4)}
+    r = significance.paired_bootstrap(a, b, refs, "en", metric="chrf", n_samples=samples)
+    return {"delta": round(r.delta, 3), "p": round(r.p_value, 4)}
 
 
 def main() -> int:
@@ -148,7 +150,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    common.add_load_argument(ap)
     args = ap.parse_args()
+    args.load_check = common.check_load(args.allow_load)
     args.methods = args.methods.split(",") if args.methods else merge_select.registered_methods()
     args.ranks = [int(r) for r in args.ranks.split(",")]
     work = Path(args.work)
@@ -277,6 +281,7 @@ def summarize(
             "gap_to_unmerged": round(best["mean_chrf"] - unmerged, 2),
         },
         "wall_seconds": timings,
+        "load_check": args.load_check,
         "machine": {"versions": artifacts.library_versions()},
     }
 
@@ -388,6 +393,7 @@ def plot(p: dict[str, Any], path: Path) -> None:
 
 def write(results: Path, payload: dict[str, Any]) -> None:
     results.mkdir(parents=True, exist_ok=True)
+    payload = common.repo_relative(payload)
     artifacts.atomic_write_json(results / "merge_methods.json", payload)
     artifacts.atomic_write_text(results / "merge_methods.md", render(payload))
     plot(payload, results / "merge_methods.png")

@@ -13,8 +13,9 @@ from sacrebleu.metrics import BLEU, CHRF
 from datm.analyze import AnalysisError, analyze, classify, write_analysis
 from datm.cli import main
 from datm.data import write_text
-from datm.evaluate import paired_bootstrap
 from datm.plan import make_plan
+from datm.results import RunRef
+from datm.significance import paired_bootstrap
 
 LANGS = ["de", "cs"]
 GROUPS = {"g": ["de", "cs"]}
@@ -98,9 +99,9 @@ def test_classify_needs_an_interval_that_excludes_zero():
 def test_directions_are_classified_synergy_conflict_neutral(asymmetric_runs):
     separate, joint = asymmetric_runs
     result = analyze(separate, joint, n_samples=SAMPLES)
-    rows = result["directions"]
+    rows = result.directions
     assert list(rows) == ["de-en", "cs-en", "en-de", "en-cs"]  # XX→En first
-    assert {d: r["kind"] for d, r in rows.items()} == {
+    assert {d: r.kind for d, r in rows.items()} == {
         "de-en": "synergy",
         "cs-en": "neutral",
         "en-de": "conflict",
@@ -111,43 +112,43 @@ def test_directions_are_classified_synergy_conflict_neutral(asymmetric_runs):
     joint_hyps = {"de-en": good("de-en"), "en-de": bad("en-de")}
     for d in ("de-en", "en-de"):
         expected_chrf = chrf(joint_hyps[d], REFS[d]) - chrf(sep_hyps[d], REFS[d])
-        assert rows[d]["delta"] == pytest.approx(expected_chrf)
-        assert rows[d]["chrf_delta"] == pytest.approx(expected_chrf)
-        assert rows[d]["bleu_delta"] == pytest.approx(
+        assert rows[d].delta == pytest.approx(expected_chrf)
+        assert rows[d].metric_deltas["chrf"] == pytest.approx(expected_chrf)
+        assert rows[d].metric_deltas["bleu"] == pytest.approx(
             bleu(joint_hyps[d], REFS[d]) - bleu(sep_hyps[d], REFS[d])
         )
-        assert rows[d]["low"] <= rows[d]["delta"] <= rows[d]["high"]
-    assert rows["de-en"]["delta"] > 50 and rows["en-de"]["delta"] < -50
-    assert rows["cs-en"]["delta"] == rows["cs-en"]["low"] == rows["cs-en"]["high"] == 0.0
+        assert rows[d].low <= rows[d].delta <= rows[d].high
+    assert rows["de-en"].delta > 50 and rows["en-de"].delta < -50
+    assert rows["cs-en"].delta == rows["cs-en"].low == rows["cs-en"].high == 0.0
     # the interval is paired_bootstrap's
     boot = paired_bootstrap(bad("de-en"), good("de-en"), REFS["de-en"], "en", "chrf", SAMPLES, 12345)
-    assert (rows["de-en"]["low"], rows["de-en"]["high"]) == (boot["delta_low"], boot["delta_high"])
-    assert result["runs"]["joint"] == {"path": str(joint), "strategy": "multilingual"}
-    assert result["metric"] == "chrf" and result["n_samples"] == SAMPLES and result["seed"] == 12345
+    assert (rows["de-en"].low, rows["de-en"].high) == (boot.delta_low, boot.delta_high)
+    assert result.runs["joint"] == RunRef(str(joint), "multilingual")
+    assert result.metric == "chrf" and result.n_samples == SAMPLES and result.seed == 12345
 
 
 def test_family_means_and_intervals(asymmetric_runs):
     separate, joint = asymmetric_runs
     result = analyze(separate, joint, n_samples=SAMPLES)
-    rows, fams = result["directions"], result["families"]
-    assert fams["xx-en"]["kind"] == "synergy" and fams["en-xx"]["kind"] == "conflict"
-    assert fams["xx-en"]["n_directions"] == fams["en-xx"]["n_directions"] == 2
-    assert fams["xx-en"]["delta"] == pytest.approx((rows["de-en"]["delta"] + rows["cs-en"]["delta"]) / 2)
+    rows, fams = result.directions, result.families
+    assert fams["xx-en"].kind == "synergy" and fams["en-xx"].kind == "conflict"
+    assert fams["xx-en"].n_directions == fams["en-xx"].n_directions == 2
+    assert fams["xx-en"].delta == pytest.approx((rows["de-en"].delta + rows["cs-en"].delta) / 2)
     # Directions of equal length are resampled jointly: cs-en's Δ is 0 on every resample, so the family
     # mean is de-en's sample halved, and so is its interval.
-    assert fams["xx-en"]["low"] == pytest.approx(rows["de-en"]["low"] / 2)
-    assert fams["xx-en"]["high"] == pytest.approx(rows["de-en"]["high"] / 2)
-    assert fams["en-xx"]["high"] < 0
+    assert fams["xx-en"].low == pytest.approx(rows["de-en"].low / 2)
+    assert fams["xx-en"].high == pytest.approx(rows["de-en"].high / 2)
+    assert fams["en-xx"].high < 0
 
 
 def test_bleu_metric_classifies_with_bleu(asymmetric_runs):
     separate, joint = asymmetric_runs
     result = analyze(separate, joint, metric="bleu", n_samples=SAMPLES)
-    row = result["directions"]["en-de"]
-    assert row["delta"] == pytest.approx(row["bleu_delta"]) and row["delta"] != pytest.approx(
-        row["chrf_delta"]
+    row = result.directions["en-de"]
+    assert row.delta == pytest.approx(row.metric_deltas["bleu"]) and row.delta != pytest.approx(
+        row.metric_deltas["chrf"]
     )
-    assert row["kind"] == "conflict"
+    assert row.kind == "conflict"
 
 
 def test_one_direction_family_interval_equals_the_direction_interval(tmp_path):
@@ -155,11 +156,11 @@ def test_one_direction_family_interval_equals_the_direction_interval(tmp_path):
     separate = write_run(tmp_path / "s", {"de-en": half("de-en"), "en-de": good("en-de")}, strategy=None)
     joint = write_run(tmp_path / "j", {"de-en": good("de-en"), "en-de": half("en-de")}, strategy=None)
     result = analyze(separate, joint, n_samples=SAMPLES)
-    assert result["runs"]["separate"]["strategy"] is None
+    assert result.runs["separate"].strategy is None
     for d, fam in (("de-en", "xx-en"), ("en-de", "en-xx")):
-        row, family = result["directions"][d], result["families"][fam]
-        assert family["n_directions"] == 1
-        assert (family["low"], family["high"], family["kind"]) == (row["low"], row["high"], row["kind"])
+        row, family = result.directions[d], result.families[fam]
+        assert family.n_directions == 1
+        assert (family.low, family.high, family.kind) == (row.low, row.high, row.kind)
 
 
 def test_merge_degradation_per_family(tmp_path):
@@ -176,18 +177,18 @@ def test_merge_degradation_per_family(tmp_path):
     }
     merged = write_run(tmp_path / "merged", merged_hyps, strategy="separate_merged")
     result = analyze(separate, joint, merged, unmerged, n_samples=SAMPLES)
-    merge = result["merge"]
-    assert list(merge["directions"]) == ["de-en", "cs-en", "en-de", "en-cs"]
-    for d, row in merge["directions"].items():
-        assert row["delta"] == pytest.approx(chrf(merged_hyps[d], REFS[d]) - chrf(good(d), REFS[d]))
-        assert row["low"] <= row["delta"] <= row["high"]
-    fams = merge["families"]
-    assert fams["en-xx"]["delta"] < fams["xx-en"]["delta"] < 0
-    assert fams["xx-en"]["delta"] == pytest.approx(
-        (merge["directions"]["de-en"]["delta"] + merge["directions"]["cs-en"]["delta"]) / 2
+    merge = result.merge
+    assert list(merge.directions) == ["de-en", "cs-en", "en-de", "en-cs"]
+    for d, row in merge.directions.items():
+        assert row.delta == pytest.approx(chrf(merged_hyps[d], REFS[d]) - chrf(good(d), REFS[d]))
+        assert row.low <= row.delta <= row.high
+    fams = merge.families
+    assert fams["en-xx"].delta < fams["xx-en"].delta < 0
+    assert fams["xx-en"].delta == pytest.approx(
+        (merge.directions["de-en"].delta + merge.directions["cs-en"].delta) / 2
     )
-    assert fams["en-xx"]["high"] < 0 and fams["en-xx"]["n_directions"] == 2
-    assert result["runs"]["merged"]["strategy"] == "separate_merged"
+    assert fams["en-xx"].high < 0 and fams["en-xx"].n_directions == 2
+    assert result.runs["merged"].strategy == "separate_merged"
 
 
 def test_merge_degradation_only_counts_directions_served_by_a_merge(tmp_path):
@@ -196,10 +197,10 @@ def test_merge_degradation_only_counts_directions_served_by_a_merge(tmp_path):
     joint = write_run(tmp_path / "joint", every, strategy="multilingual")
     dat = write_run(tmp_path / "dat", every, strategy="dat")
     datm = write_run(tmp_path / "datm", {**every, "de-en": half("de-en")}, strategy="datm")
-    merge = analyze(separate, joint, datm, dat, n_samples=SAMPLES)["merge"]
-    assert list(merge["directions"]) == ["de-en", "cs-en"]  # datm merges XX→En only
-    assert list(merge["families"]) == ["xx-en"]
-    assert merge["directions"]["de-en"]["delta"] < 0 == merge["directions"]["cs-en"]["delta"]
+    merge = analyze(separate, joint, datm, dat, n_samples=SAMPLES).merge
+    assert list(merge.directions) == ["de-en", "cs-en"]  # datm merges XX→En only
+    assert list(merge.families) == ["xx-en"]
+    assert merge.directions["de-en"].delta < 0 == merge.directions["cs-en"].delta
     # two runs that merge nothing differently: an error, not an empty table
     with pytest.raises(AnalysisError, match="nothing was merged"):
         analyze(separate, joint, dat, separate, n_samples=SAMPLES)
@@ -234,10 +235,13 @@ def test_write_analysis_files(tmp_path, asymmetric_runs):
     result = analyze(separate, joint, merged, unmerged, n_samples=SAMPLES)
     out = tmp_path / "analysis"
     path = write_analysis(result, out)
-    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result.to_json()))
     md = (out / "analysis.md").read_text()
-    de_en = result["directions"]["de-en"]
-    assert f"| de-en | XX→En | {de_en['separate']:.2f} | {de_en['joint']:.2f} | {de_en['delta']:+.2f}" in md
+    de_en = result.directions["de-en"]
+    assert (
+        f"| de-en | XX→En | {de_en.scores['separate']:.2f} | {de_en.scores['joint']:.2f} | {de_en.delta:+.2f}"
+        in md
+    )
     assert "| en-de | En→XX |" in md and "conflict" in md and "## Merge degradation" in md
     for name in ("delta_by_direction.png", "merge_degradation.png"):
         image = matplotlib.image.imread(out / name)

@@ -244,7 +244,7 @@ def test_auto_plan_reproduces_datm_when_measurements_agree_with_the_paper():
 
 
 def test_auto_needs_measurements():
-    with pytest.raises(MeasurementsRequired, match="datm probe"):
+    with pytest.raises(MeasurementsRequired, match=r"datm\.auto\.build_plan"):
         make_plan("auto", LANGS, GROUPS)
     with pytest.raises(ValueError, match=r"missing \['en-zh'\].*not in this config \['fr-en'\]"):
         auto_plan(
@@ -266,6 +266,7 @@ groups: {{germanic: [de], slavic: [cs, ru]}}
 data:
   train: {data_dir}/train.{{xx}}-en.jsonl
 strategy: {strategy}
+auto: {{source: probe, probe_examples: 5}}
 lora: {{r: 4, alpha: 8}}
 train: {{steps: 1, batch_size: 4, max_examples_per_pair: 8, seed: 2}}
 output_dir: out
@@ -276,8 +277,11 @@ output_dir: out
 
 def test_probe_and_auto_plan_commands(tmp_path, tiny_model_dir, alma_dir, capsys):
     cfg = write_config(tmp_path, tiny_model_dir, alma_dir)
-    assert main(["plan", str(cfg)]) == 2  # no probe yet
-    assert f"run `datm probe {cfg}` first" in capsys.readouterr().err
+    assert main(["plan", str(cfg)]) == 0  # no probe yet: says how to take it
+    printed = capsys.readouterr().out
+    assert "auto: source probe, threshold 0" in printed and "run `datm probe CONFIG`" in printed
+    assert main(["plan", str(cfg), "--json"]) == 2  # no plan to print as JSON
+    assert "probe.json does not exist yet" in capsys.readouterr().err
 
     assert main(["probe", str(cfg), "--examples", "5"]) == 0
     printed = capsys.readouterr().out
@@ -312,7 +316,7 @@ def test_probe_and_auto_plan_commands(tmp_path, tiny_model_dir, alma_dir, capsys
     assert json.loads((other / "probe.json").read_text())["examples"]["en-ru"] == 2
     fixed = write_config(tmp_path, tiny_model_dir, alma_dir, strategy="datm")
     assert main(["plan", str(fixed), "--measurements", str(probe_json)]) == 2
-    assert "--measurements is for strategy auto" in capsys.readouterr().err
+    assert "are for strategy auto; the config has strategy 'datm'" in capsys.readouterr().err
 
 
 def test_write_probe_roundtrip(tmp_path):

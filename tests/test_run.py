@@ -115,6 +115,7 @@ def test_translate_command_routes_stdin(tmp_path, tiny_model_dir, alma_dir, caps
 
 def test_run_auto_probes_then_plans_from_measurements(tmp_path, tiny_model_dir, alma_dir, capsys):
     cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "auto", "auto")
+    cfg.write_text(cfg.read_text() + "auto: {source: probe}\n")  # the default source is a pilot
     assert main(["run", str(cfg)]) == 0
     out = tmp_path / "auto"
     assert (out / "probe" / "probe.json").is_file()

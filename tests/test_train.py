@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -124,43 +123,3 @@ def test_epochs_budget_sets_steps(tiny_model_dir, alma_dir, tmp_path):
     assert steps_for(24, C.TrainConfig(epochs=2, batch_size=8)) == 6
     assert steps_for(25, C.TrainConfig(epochs=1, batch_size=8, grad_accum=2)) == 2
     assert steps_for(25, C.TrainConfig(steps=7)) == 7
-
-
-def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_model_dir, alma_dir):
-    """`accelerate launch` (data parallel, gloo on CPU) trains one adapter, written once by rank 0."""
-    import json
-    import shutil
-    import subprocess
-    import sys
-
-    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        f"base_model: {tiny_model_dir}\nlanguages: [de, cs]\ngroups: {{g: [de, cs]}}\n"
-        f"data: {{train: '{alma_dir}/train.{{xx}}-en.jsonl'}}\nstrategy: multilingual\n"
-        "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
-        "train: {steps: 3, batch_size: 4, precision: fp32}\noutput_dir: out\n"
-    )
-    cmd = [
-        launcher,
-        "launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "datm.cli",
-        "train",
-        str(cfg),
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    info = json.loads((tmp_path / "out" / "adapters" / "multilingual" / "train_info.json").read_text())
-    assert info["result"]["steps"] == 3
-    # each of the 2 processes saw its own share of every step's batches
-    assert info["result"]["examples"] == 48

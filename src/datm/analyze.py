@@ -4,11 +4,11 @@ Compares run directories of the same languages and test data (reads plan.json an
 only, so it works on runs made elsewhere):
 
 - per direction, Δ = score(joint) − score(separate), where "joint" is a multilingual or group run,
-  with a 95% paired-bootstrap interval over the test segments (`datm.evaluate.paired_bootstrap`);
+  with a 95% paired-bootstrap interval over the test segments (`datm.significance`);
   Δ < 0 with an interval excluding 0 is a `conflict`, Δ > 0 likewise a `synergy`, anything else
   `neutral`;
 - per family (XX→En, En→XX), the mean Δ over its directions with a bootstrap interval (see
-  `_family_summary` for how the families are resampled);
+  `_Comparison.family` for how the families are resampled);
 - with a merged and an unmerged run (e.g. datm and dat, or separate_merged and separate), the merge
   degradation score(merged) − score(unmerged) per direction that the merged run serves from a merge
   its unmerged counterpart does not, and per family (the paper finds merging hurts En→XX more).
@@ -26,13 +26,13 @@ import numpy as np
 
 from datm import artifacts
 from datm.errors import DatmError
-from datm.evaluate import _interval, _metric, paired_bootstrap, read_lines, score_bleu, score_chrf
-from datm.languages import Direction
+from datm.evaluate import read_lines, score_bleu, score_chrf
+from datm.languages import EN_XX, FAMILIES, FAMILY_NAMES, XX_EN, Direction, by_family
 from datm.plan import Plan
+from datm.results import Analysis, BootstrapResult, DeltaRow, FamilyDelta, MergeDegradation, RunRef
+from datm.significance import Paired, interval, resample
 
-FAMILIES = ("xx-en", "en-xx")
-FAMILY_NAMES = {"xx-en": "XX→En", "en-xx": "En→XX"}
-FAMILY_COLOURS = {"xx-en": "tab:blue", "en-xx": "tab:orange"}
+FAMILY_COLOURS = {XX_EN: "tab:blue", EN_XX: "tab:orange"}
 METRICS = ("chrf", "bleu")
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF++"}
 
@@ -136,89 +136,68 @@ def classify(delta: float, low: float, high: float) -> str:
     return "neutral"
 
 
-def _delta_samples(
-    hyps_a: list[str], hyps_b: list[str], refs: list[str], tgt: str, metric: str, indices: np.ndarray
-) -> np.ndarray:
-    """score(b) − score(a) on each resample (one row of `indices` per resample), from per-segment
-    sufficient statistics, exactly as `paired_bootstrap` computes its samples."""
-    scorer = _metric(metric, tgt)
-    stats_a = np.asarray(scorer._extract_corpus_statistics(list(hyps_a), [list(refs)]), dtype=np.float64)
-    stats_b = np.asarray(scorer._extract_corpus_statistics(list(hyps_b), [list(refs)]), dtype=np.float64)
+@dataclass
+class _Comparison:
+    """Run b against run a in one metric: each direction's per-segment statistics (computed once),
+    bootstrapped per direction and, for the family means, resampled jointly."""
 
-    def corpus(stats: np.ndarray) -> float:
-        return float(scorer._compute_score_from_stats(stats).score)
+    a: RunTexts
+    b: RunTexts
+    metric: str
+    n_samples: int
+    seed: int
 
-    return np.array([corpus(stats_b[idx].sum(0)) - corpus(stats_a[idx].sum(0)) for idx in indices])
+    def __post_init__(self) -> None:
+        self.paired: dict[str, Paired] = {}
+        self.boots: dict[str, BootstrapResult] = {}
 
+    def _paired(self, d: str) -> Paired:
+        if d not in self.paired:
+            tgt = Direction.parse(d).tgt
+            self.paired[d] = Paired.of(self.a.hyps[d], self.b.hyps[d], self.a.refs[d], tgt, self.metric)
+        return self.paired[d]
 
-def _point_delta(metric: str, hyps_a: list[str], hyps_b: list[str], refs: list[str], tgt: str) -> float:
-    if metric == "bleu":
-        return score_bleu(hyps_b, refs, tgt)[0] - score_bleu(hyps_a, refs, tgt)[0]
-    return score_chrf(hyps_b, refs)[0] - score_chrf(hyps_a, refs)[0]
+    def row(self, d: str, classified: bool) -> DeltaRow:
+        boot = self.boots[d] = self._paired(d).bootstrap(self.n_samples, self.seed)
+        deltas = {m: boot.delta if m == self.metric else self._point_delta(m, d) for m in METRICS}
+        kind = classify(boot.delta, boot.delta_low, boot.delta_high) if classified else None
+        scores = {self.a.role: boot.a, self.b.role: boot.b}
+        return DeltaRow(boot.delta, boot.delta_low, boot.delta_high, boot.p_value, scores, deltas, kind)
 
+    def _point_delta(self, metric: str, d: str) -> float:
+        tgt, refs = Direction.parse(d).tgt, self.a.refs[d]
+        if metric == "bleu":
+            return score_bleu(self.b.hyps[d], refs, tgt)[0] - score_bleu(self.a.hyps[d], refs, tgt)[0]
+        return score_chrf(self.b.hyps[d], refs)[0] - score_chrf(self.a.hyps[d], refs)[0]
 
-def _compare_direction(
-    a: RunTexts, b: RunTexts, d: str, metric: str, n_samples: int, seed: int
-) -> dict[str, Any]:
-    tgt = Direction.parse(d).tgt
-    refs = a.refs[d]
-    boot = paired_bootstrap(a.hyps[d], b.hyps[d], refs, tgt, metric=metric, n_samples=n_samples, seed=seed)
-    row: dict[str, Any] = {
-        "delta": boot["delta"],
-        "low": boot["delta_low"],
-        "high": boot["delta_high"],
-        "p_value": boot["p_value"],
-        a.role: boot["a"],
-        b.role: boot["b"],
-    }
-    for m in METRICS:
-        row[f"{m}_delta"] = boot["delta"] if m == metric else _point_delta(m, a.hyps[d], b.hyps[d], refs, tgt)
-    return row
+    def family(self, directions: list[str], classified: bool) -> FamilyDelta:
+        """Mean Δ over a family's directions, with a bootstrap interval of that mean.
 
+        Each resample draws every direction's segments and averages the per-direction Δs of that
+        draw. When the directions have the same number of segments (FLORES-200 and other multi-way
+        test sets, where line i is the same sentence in every direction) they share one index draw,
+        the draw the per-direction bootstrap makes with this seed: the same sentences are resampled
+        in every direction, keeping the correlation that a sentence's difficulty induces across
+        directions, and the family samples are built from exactly the samples behind the
+        per-direction intervals. Directions of different lengths get independent draws (seeded with
+        (seed, position)).
+        """
+        joint = len({len(self.a.refs[d]) for d in directions}) == 1
+        samples = []
+        for k, d in enumerate(directions):
+            indices = resample(len(self.a.refs[d]), self.n_samples, self.seed if joint else [self.seed, k])
+            samples.append(self._paired(d).delta_samples(indices))
+        low, high = interval(np.mean(samples, axis=0))
+        delta = float(np.mean([self.boots[d].delta for d in directions]))
+        kind = classify(delta, low, high) if classified else None
+        return FamilyDelta(delta, low, high, kind, len(directions), "joint" if joint else "independent")
 
-def _family_summary(
-    a: RunTexts,
-    b: RunTexts,
-    directions: list[str],
-    rows: dict[str, dict[str, Any]],
-    metric: str,
-    n_samples: int,
-    seed: int,
-) -> dict[str, Any]:
-    """Mean Δ over a family's directions, with a bootstrap interval of that mean.
-
-    Each resample draws every direction's segments and averages the per-direction Δs of that draw.
-    When the directions have the same number of segments (FLORES-200 and other multi-way test sets,
-    where line i is the same sentence in every direction) they share one index draw, the draw
-    `paired_bootstrap` makes with this seed: the same sentences are resampled in every direction,
-    keeping the correlation that a sentence's difficulty induces across directions, and the family
-    samples are built from exactly the samples behind the per-direction intervals. Directions of
-    different lengths get independent draws (seeded with (seed, position)).
-    """
-    sizes = {len(a.refs[d]) for d in directions}
-    joint = len(sizes) == 1
-    samples = []
-    for k, d in enumerate(directions):
-        n = len(a.refs[d])
-        rng = np.random.default_rng(seed if joint else [seed, k])
-        indices = rng.choice(n, size=(n_samples, n), replace=True)
-        tgt = Direction.parse(d).tgt
-        samples.append(_delta_samples(a.hyps[d], b.hyps[d], a.refs[d], tgt, metric, indices))
-    low, high = _interval(np.mean(samples, axis=0))
-    delta = float(np.mean([rows[d]["delta"] for d in directions]))
-    return {
-        "delta": delta,
-        "low": low,
-        "high": high,
-        "kind": classify(delta, low, high),
-        "n_directions": len(directions),
-        "resampling": "joint" if joint else "independent",
-    }
-
-
-def _by_family(directions: list[str]) -> dict[str, list[str]]:
-    out = {f: [d for d in directions if Direction.parse(d).family == f] for f in FAMILIES}
-    return {f: ds for f, ds in out.items() if ds}
+    def rows(
+        self, directions: list[str], classified: bool
+    ) -> tuple[dict[str, DeltaRow], dict[str, FamilyDelta]]:
+        rows = {d: self.row(d, classified) for d in directions}
+        families = {f: self.family(ds, classified) for f, ds in by_family(directions).items()}
+        return rows, families
 
 
 def merged_directions(merged: RunTexts, unmerged: RunTexts) -> list[str]:
@@ -248,7 +227,7 @@ def analyze(
     metric: str = "chrf",
     n_samples: int = 1000,
     seed: int = 12345,
-) -> dict[str, Any]:
+) -> Analysis:
     """The asymmetry analysis of the given runs (see the module docstring); what analysis.json holds.
 
     `metric` ("chrf" or "bleu") gives Δ, its interval and the classification; both metrics' point
@@ -266,39 +245,18 @@ def analyze(
     check_comparable(runs)
     sep, jnt = runs[0], runs[1]
     # XX→En first, then En→XX, each in the separate run's order
-    order = [d for f in FAMILIES for d in sep.refs if Direction.parse(d).family == f]
-
-    rows = {d: _compare_direction(sep, jnt, d, metric, n_samples, seed) for d in order}
-    for row in rows.values():
-        row["kind"] = classify(row["delta"], row["low"], row["high"])
-    result: dict[str, Any] = {
-        "metric": metric,
-        "n_samples": n_samples,
-        "seed": seed,
-        "runs": {r.role: {"path": str(r.path), "strategy": r.strategy} for r in runs},
-        "directions": rows,
-        "families": {
-            f: _family_summary(sep, jnt, ds, rows, metric, n_samples, seed)
-            for f, ds in _by_family(order).items()
-        },
-    }
+    order = [d for ds in by_family(sep.refs).values() for d in ds]
+    rows, families = _Comparison(sep, jnt, metric, n_samples, seed).rows(order, classified=True)
+    merge = None
     if len(runs) == 4:
         mrg, unm = runs[2], runs[3]
         served_by_merge = merged_directions(mrg, unm)
         affected = [d for d in order if d in served_by_merge]
-        merge_rows = {d: _compare_direction(unm, mrg, d, metric, n_samples, seed) for d in affected}
-        result["merge"] = {
-            "directions": merge_rows,
-            "families": {
-                f: {
-                    k: v
-                    for k, v in _family_summary(unm, mrg, ds, merge_rows, metric, n_samples, seed).items()
-                    if k != "kind"
-                }
-                for f, ds in _by_family(affected).items()
-            },
-        }
-    return result
+        merge = MergeDegradation(
+            *_Comparison(unm, mrg, metric, n_samples, seed).rows(affected, classified=False)
+        )
+    refs = {r.role: RunRef(str(r.path), r.strategy) for r in runs}
+    return Analysis(metric, n_samples, seed, refs, rows, families, merge)
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -308,50 +266,51 @@ def _num(value: float) -> str:
     return f"{value:+.2f}"
 
 
-def _interval_text(row: dict[str, Any]) -> str:
-    return f"[{row['low']:+.2f}, {row['high']:+.2f}]"
+def _interval_text(row: DeltaRow | FamilyDelta) -> str:
+    return f"[{row.low:+.2f}, {row.high:+.2f}]"
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: Analysis) -> str:
     """Plain-text tables for the terminal."""
-    m = METRIC_NAMES[result["metric"]]
-    lines = [f"joint − separate, {m} (95% paired bootstrap, {result['n_samples']} resamples)"]
+    m = METRIC_NAMES[result.metric]
+    lines = [f"joint − separate, {m} (95% paired bootstrap, {result.n_samples} resamples)"]
     lines.append(
         f"{'direction':<10} {'separate':>9} {'joint':>9} {'Δ':>7} {'95% interval':>17} {'kind':<9}"
         f" {'ΔBLEU':>7} {'ΔchrF++':>8}"
     )
-    for d, r in result["directions"].items():
+    for d, r in result.directions.items():
         lines.append(
-            f"{d:<10} {r['separate']:>9.2f} {r['joint']:>9.2f} {_num(r['delta']):>7} {_interval_text(r):>17} "
-            f"{r['kind']:<9} {_num(r['bleu_delta']):>7} {_num(r['chrf_delta']):>8}"
+            f"{d:<10} {r.scores['separate']:>9.2f} {r.scores['joint']:>9.2f} {_num(r.delta):>7} "
+            f"{_interval_text(r):>17} {r.kind:<9} {_num(r.metric_deltas['bleu']):>7} "
+            f"{_num(r.metric_deltas['chrf']):>8}"
         )
-    for f, r in result["families"].items():
+    for f, r in result.families.items():
         lines.append(
-            f"{FAMILY_NAMES[f] + ' mean':<10} {'':>9} {'':>9} {_num(r['delta']):>7} {_interval_text(r):>17} "
-            f"{r['kind']:<9} ({r['n_directions']} directions)"
+            f"{FAMILY_NAMES[f] + ' mean':<10} {'':>9} {'':>9} {_num(r.delta):>7} {_interval_text(r):>17} "
+            f"{r.kind:<9} ({r.n_directions} directions)"
         )
-    if "merge" in result:
+    if result.merge is not None:
         lines += ["", f"merge degradation: merged − unmerged, {m}"]
-        for d, r in result["merge"]["directions"].items():
-            lines.append(f"{d:<10} {_num(r['delta']):>7} {_interval_text(r):>17}")
-        for f, r in result["merge"]["families"].items():
+        for d, r in result.merge.directions.items():
+            lines.append(f"{d:<10} {_num(r.delta):>7} {_interval_text(r):>17}")
+        for f, r in result.merge.families.items():
             lines.append(
-                f"{FAMILY_NAMES[f] + ' mean':<10} {_num(r['delta']):>7} {_interval_text(r):>17} "
-                f"({r['n_directions']} directions)"
+                f"{FAMILY_NAMES[f] + ' mean':<10} {_num(r.delta):>7} {_interval_text(r):>17} "
+                f"({r.n_directions} directions)"
             )
     return "\n".join(lines)
 
 
-def render_markdown(result: dict[str, Any], plots: Sequence[str]) -> str:
-    m = METRIC_NAMES[result["metric"]]
-    runs = result["runs"]
+def render_markdown(result: Analysis, plots: Sequence[str]) -> str:
+    m = METRIC_NAMES[result.metric]
+    runs = result.runs
     out = ["# Asymmetry analysis", ""]
     for role, run in runs.items():
-        out.append(f"- {role}: `{run['path']}` ({run['strategy'] or 'no plan.json'})")
+        out.append(f"- {role}: `{run.path}` ({run.strategy or 'no plan.json'})")
     out += [
         "",
-        f"Δ = joint − separate in {m}; 95% interval from {result['n_samples']} paired bootstrap resamples of "
-        f"the test segments (seed {result['seed']}). conflict: Δ < 0 and the interval excludes 0; synergy: "
+        f"Δ = joint − separate in {m}; 95% interval from {result.n_samples} paired bootstrap resamples of "
+        f"the test segments (seed {result.seed}). conflict: Δ < 0 and the interval excludes 0; synergy: "
         "Δ > 0 and the interval excludes 0; otherwise neutral.",
         "",
         "## Per direction",
@@ -359,11 +318,12 @@ def render_markdown(result: dict[str, Any], plots: Sequence[str]) -> str:
         f"| Direction | Family | Separate {m} | Joint {m} | Δ | 95% interval | Kind | ΔBLEU | ΔchrF++ |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for d, r in result["directions"].items():
+    for d, r in result.directions.items():
         fam = FAMILY_NAMES[Direction.parse(d).family]
         out.append(
-            f"| {d} | {fam} | {r['separate']:.2f} | {r['joint']:.2f} | {_num(r['delta'])} "
-            f"| {_interval_text(r)} | {r['kind']} | {_num(r['bleu_delta'])} | {_num(r['chrf_delta'])} |"
+            f"| {d} | {fam} | {r.scores['separate']:.2f} | {r.scores['joint']:.2f} | {_num(r.delta)} "
+            f"| {_interval_text(r)} | {r.kind} | {_num(r.metric_deltas['bleu'])} "
+            f"| {_num(r.metric_deltas['chrf'])} |"
         )
     out += [
         "",
@@ -372,12 +332,11 @@ def render_markdown(result: dict[str, Any], plots: Sequence[str]) -> str:
         "| Family | Directions | Mean Δ | 95% interval | Kind |",
         "|---|---:|---:|---:|---|",
     ]
-    for f, r in result["families"].items():
+    for f, r in result.families.items():
         out.append(
-            f"| {FAMILY_NAMES[f]} | {r['n_directions']} | {_num(r['delta'])} | {_interval_text(r)} "
-            f"| {r['kind']} |"
+            f"| {FAMILY_NAMES[f]} | {r.n_directions} | {_num(r.delta)} | {_interval_text(r)} | {r.kind} |"
         )
-    if "merge" in result:
+    if result.merge is not None:
         out += [
             "",
             "## Merge degradation",
@@ -387,23 +346,21 @@ def render_markdown(result: dict[str, Any], plots: Sequence[str]) -> str:
             "| Direction | Family | Δ | 95% interval | ΔBLEU | ΔchrF++ |",
             "|---|---|---:|---:|---:|---:|",
         ]
-        for d, r in result["merge"]["directions"].items():
+        for d, r in result.merge.directions.items():
             fam = FAMILY_NAMES[Direction.parse(d).family]
             out.append(
-                f"| {d} | {fam} | {_num(r['delta'])} | {_interval_text(r)} | {_num(r['bleu_delta'])} "
-                f"| {_num(r['chrf_delta'])} |"
+                f"| {d} | {fam} | {_num(r.delta)} | {_interval_text(r)} | {_num(r.metric_deltas['bleu'])} "
+                f"| {_num(r.metric_deltas['chrf'])} |"
             )
         out += ["", "| Family | Directions | Mean Δ | 95% interval |", "|---|---:|---:|---:|"]
-        for f, r in result["merge"]["families"].items():
-            out.append(
-                f"| {FAMILY_NAMES[f]} | {r['n_directions']} | {_num(r['delta'])} | {_interval_text(r)} |"
-            )
+        for f, r in result.merge.families.items():
+            out.append(f"| {FAMILY_NAMES[f]} | {r.n_directions} | {_num(r.delta)} | {_interval_text(r)} |")
     out.append("")
     out += [f"![{name}]({name})" for name in plots]
     return "\n".join(out) + "\n"
 
 
-def plot_deltas(rows: dict[str, dict[str, Any]], metric: str, title: str) -> Any:
+def plot_deltas(rows: dict[str, DeltaRow], metric: str, title: str) -> Any:
     """Bars of Δ per direction coloured by family, error bars = the 95% interval, a zero line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -413,11 +370,11 @@ def plot_deltas(rows: dict[str, dict[str, Any]], metric: str, title: str) -> Any
     fig = Figure(figsize=(max(6.0, 2.0 + 0.45 * len(directions)), 4.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    deltas = [rows[d]["delta"] for d in directions]
+    deltas = [rows[d].delta for d in directions]
     # Clipped at 0: float noise can put Δ a hair outside its own interval.
     errors = [
-        [max(0.0, rows[d]["delta"] - rows[d]["low"]) for d in directions],
-        [max(0.0, rows[d]["high"] - rows[d]["delta"]) for d in directions],
+        [max(0.0, rows[d].delta - rows[d].low) for d in directions],
+        [max(0.0, rows[d].high - rows[d].delta) for d in directions],
     ]
     colours = [FAMILY_COLOURS[Direction.parse(d).family] for d in directions]
     ax.bar(range(len(directions)), deltas, color=colours, yerr=errors, capsize=3, ecolor="black")
@@ -443,23 +400,23 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def write_analysis(result: dict[str, Any], out: str | Path) -> Path:
+def write_analysis(result: Analysis, out: str | Path) -> Path:
     """analysis.json, analysis.md and the plots in the directory `out`; returns analysis.json's path."""
     out = Path(out)
-    metric = result["metric"]
+    metric = result.metric
     plots = {
         "delta_by_direction.png": plot_deltas(
-            result["directions"], metric, f"joint − separate, {METRIC_NAMES[metric]} (95% interval)"
+            result.directions, metric, f"joint − separate, {METRIC_NAMES[metric]} (95% interval)"
         )
     }
-    if "merge" in result:
+    if result.merge is not None:
         plots["merge_degradation.png"] = plot_deltas(
-            result["merge"]["directions"], metric, f"merged − unmerged, {METRIC_NAMES[metric]} (95% interval)"
+            result.merge.directions, metric, f"merged − unmerged, {METRIC_NAMES[metric]} (95% interval)"
         )
     for name, fig in plots.items():
         artifacts.atomic_write_bytes(out / name, _png(fig))
     artifacts.atomic_write_text(out / "analysis.md", render_markdown(result, list(plots)))
-    artifacts.atomic_write_json(out / "analysis.json", result)
+    artifacts.atomic_write_json(out / "analysis.json", result.to_json())
     return out / "analysis.json"
 
 

@@ -8,25 +8,28 @@ import sys
 from pathlib import Path
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):  # -> datm.config.Config
+    """The config, with `--measurements` / `--threshold` (strategy auto) as overrides of its `auto`
+    keys, parsed and validated with them: `plan`, `run` and `train` then build the same plan."""
     from datm import config as C
-    from datm import runner
 
-    cfg = C.load(args.config)
-    if cfg.strategy == "auto":
-        from datm import probe
-        from datm.merge_select import describe
-        from datm.plan import format_plan
-
-        plan = probe.auto_plan_for_config(cfg, args.measurements, args.threshold)
-        print(
-            json.dumps(plan.to_dict(), indent=2)
-            if args.json
-            else "\n".join([format_plan(plan), *describe(cfg, plan)])
-        )
-        return 0
+    overrides: dict[str, object] = {}
     if args.measurements is not None:
-        raise C.ConfigError(f"--measurements is for strategy auto; {cfg.source} has {cfg.strategy!r}")
+        overrides |= {"source": "file", "measurements": str(Path(args.measurements).resolve())}
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    return C.load(args.config, overrides)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from datm import auto, runner
+
+    cfg = _load(args)
+    if cfg.strategy == "auto" and not args.json:
+        print(auto.describe(cfg))
+        if not auto.measurements_path(cfg).is_file():
+            print(f"no measurements yet ({auto.measurements_path(cfg)}): {auto.SOURCES[cfg.auto.source].how}")
+            return 0
     print(runner.describe_plan(cfg, as_json=args.json))
     return 0
 
@@ -62,10 +65,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from datm import config as C
     from datm import runner
 
-    cfg = C.load(args.config)
+    cfg = _load(args)
     runner.run(cfg, executor=args.executor, address=args.address, only=args.only)
     return 0
 
@@ -79,10 +81,9 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from datm import config as C
     from datm import runner
 
-    cfg = C.load(args.config)
+    cfg = _load(args)
     runner.train_only(cfg, only=args.adapter)
     return 0
 
@@ -115,6 +116,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate.main(args)
 
 
+def _cmd_comet_env(args: argparse.Namespace) -> int:
+    from datm import comet
+
+    return comet.main_env(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from datm import report
 
@@ -129,6 +136,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _auto_overrides(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--measurements",
+        help="strategy auto: override the config, plan from this probe.json or analysis.json "
+        "(sets auto.source: file, auto.measurements: FILE)",
+    )
+    s.add_argument("--threshold", type=float, help="strategy auto: override auto.threshold")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="datm", description="Direction-aware training and merging for multilingual MT"
@@ -138,14 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="print which adapters a config trains, merges and routes")
     s.add_argument("config")
     s.add_argument("--json", action="store_true", help="print plan.json instead of a table")
-    s.add_argument(
-        "--measurements",
-        help="strategy auto: probe.json (`datm probe`) or a pilot's analysis.json (`datm analyze`); "
-        "default <output_dir>/probe/probe.json",
-    )
-    s.add_argument(
-        "--threshold", type=float, default=0.0, help="strategy auto: train jointly above this (default 0)"
-    )
+    _auto_overrides(s)
     s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("run", help="run a config end to end (resumes where it stopped)")
@@ -153,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--executor", help="local or ray: where tasks run (default: the config's executor, local)")
     s.add_argument("--address", help="ray: join this Ray cluster (default: start one on this machine)")
     s.add_argument("--only", metavar="TASK", help="run one task, e.g. train:de-en (see `datm tasks`)")
+    _auto_overrides(s)
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("tasks", help="the plan's tasks, their dependencies and status")
@@ -162,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train the plan's adapters only")
     s.add_argument("config")
+    _auto_overrides(s)
     s.add_argument("--adapter", action="append", help="train only this adapter (repeatable)")
     s.set_defaults(func=_cmd_train)
 
@@ -191,9 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hyp", required=True, help="hypotheses, one per line")
     s.add_argument("--ref", required=True, help="references: plain text or ALMA records (JSON/JSONL)")
     s.add_argument("--src", help="sources (plain text), needed for COMET")
-    s.add_argument("--comet", help="COMET model name or checkpoint path")
+    s.add_argument("--comet", help="COMET model: hub name, model directory or .ckpt file")
+    s.add_argument(
+        "--comet-python", help="Python of an environment with unbabel-comet (`datm comet-env DIR`)"
+    )
+    s.add_argument("--comet-batch-size", type=int, default=8)
+    s.add_argument("--comet-device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("comet-env", help="create a virtual environment with COMET for eval.comet.python")
+    s.add_argument("dir", help="where the environment goes (kept if it already has COMET)")
+    s.add_argument("--torch", help="torch requirement to install (default: the torch datm runs on)")
+    s.set_defaults(func=_cmd_comet_env)
 
     s = sub.add_parser("report", help="compare run directories in Markdown/HTML tables and plots")
     s.add_argument("runs", nargs="+")

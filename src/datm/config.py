@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,44 @@ class MergeConfig:
 
 
 @dataclass
+class CometConfig:
+    """`eval.comet`: a model name or path, or a mapping with these keys."""
+
+    model: str  # hub name (Unbabel/wmt22-comet-da), model directory or .ckpt file
+    python: str | None = None  # interpreter of an environment with unbabel-comet (`datm comet-env DIR`)
+    batch_size: int = 8
+    device: str = "cpu"  # cpu | cuda
+
+
+@dataclass
 class EvalConfig:
     max_examples: int | None = 100
     beams: int = 1
     max_new_tokens: int = 128
     batch_size: int = 8
     precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
-    comet: str | None = None  # model name or local checkpoint path
+    comet: CometConfig | None = None  # YAML: a model name/path, or {model, python, batch_size, device}
+
+
+@dataclass
+class PilotConfig:
+    """`auto.source: pilot`: short separate and joint trainings, scored on the dev split."""
+
+    fraction: float = 0.25  # of each adapter's training budget (train.steps or train.epochs)
+    max_examples: int | None = None  # dev segments scored per direction; default eval.max_examples
+    metric: str = "chrf"  # chrf | bleu: the Δ that decides
+    samples: int = 1000  # bootstrap resamples of the Δ intervals (reported; the decision is on Δ)
+
+
+@dataclass
+class AutoConfig:
+    """How `strategy: auto` measures, per direction, whether joint training helps."""
+
+    source: str = "pilot"  # pilot | probe | file (datm.auto.SOURCES)
+    threshold: float = 0.0  # a direction whose measurement is above it is trained jointly
+    measurements: str | None = None  # source file: a probe.json or a pilot's analysis.json
+    pilot: PilotConfig = field(default_factory=PilotConfig)
+    probe_examples: int = 32  # source probe: training examples per direction
 
 
 @dataclass
@@ -83,6 +115,7 @@ class Config:
     languages: list[str]
     data: DataConfig
     strategy: str = "datm"
+    auto: AutoConfig = field(default_factory=AutoConfig)
     base_model: str | None = None
     groups: dict[str, list[str]] | None = None
     prompt: str = "alma"  # alma | chat
@@ -111,6 +144,13 @@ _SECTIONS = {
     "merge": MergeConfig,
     "eval": EvalConfig,
 }
+
+
+def _auto_section(raw: Any, source: str) -> AutoConfig:
+    auto = _section(AutoConfig, raw, f"{source}: auto")
+    if not isinstance(auto.pilot, PilotConfig):
+        auto.pilot = _section(PilotConfig, auto.pilot, f"{source}: auto.pilot")
+    return auto
 
 
 def _section(cls: type, raw: Any, where: str) -> Any:
@@ -156,6 +196,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None
     kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k not in _SECTIONS}
     for key, cls in _SECTIONS.items():
         kwargs[key] = _section(cls, raw.get(key), f"{source}: {key}")
+    kwargs["auto"] = _auto_section(raw.get("auto"), source)
     cfg = Config(**kwargs, source=source)
     base = base_dir or Path.cwd()
     cfg.data.train = _resolve_path(cfg.data.train, base) if cfg.data.format != "datasets" else cfg.data.train
@@ -166,12 +207,48 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None
     )
     if cfg.base_model is not None:
         cfg.base_model = _resolve_path(cfg.base_model, base)
+    cfg.eval.comet = comet_config(cfg.eval.comet, f"{source}: eval.comet", base)
+    if cfg.auto.measurements is not None:
+        if not isinstance(cfg.auto.measurements, str):
+            raise ConfigError(
+                f"{source}: auto.measurements must be a file path, got {cfg.auto.measurements!r}"
+            )
+        cfg.auto.measurements = str(base / Path(cfg.auto.measurements).expanduser())
     validate(cfg)
     return cfg
 
 
-def load(path: str | Path) -> Config:
+def comet_config(raw: Any, where: str, base: Path) -> CometConfig | None:
+    """`eval.comet` as given (a model, or a mapping), with paths resolved against `base`."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"model": raw}
+    comet = _section(CometConfig, raw, where) if isinstance(raw, dict) and "model" in raw else None
+    if comet is None or not isinstance(comet.model, str) or not comet.model:
+        raise ConfigError(
+            f"{where}: expected a COMET model (name or path) or a mapping with 'model' and optionally "
+            "'python', 'batch_size', 'device'"
+        )
+    comet.model = str(_resolve_path(comet.model, base))
+    if comet.python is not None:
+        # a path (relative to the config's folder), or a command looked up on PATH
+        python = Path(comet.python).expanduser()
+        comet.python = str(base / python) if "/" in comet.python else comet.python
+    if comet.device not in ("cpu", "cuda"):
+        raise ConfigError(f"{where}: device must be 'cpu' or 'cuda', got {comet.device!r}")
+    if not isinstance(comet.batch_size, int) or comet.batch_size < 1:
+        raise ConfigError(f"{where}: batch_size must be an integer >= 1, got {comet.batch_size!r}")
+    return comet
+
+
+def load(path: str | Path, auto_overrides: dict[str, Any] | None = None) -> Config:
+    """The config in a YAML file. `auto_overrides` (the command line's `--measurements`,
+    `--threshold`) replace keys of its `auto` section before it is parsed and validated, so every
+    command builds its plan from the same keys."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the path of a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -180,6 +257,18 @@ def load(path: str | Path) -> Config:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if auto_overrides:
+        if not isinstance(raw, dict) or raw.get("strategy") != "auto":
+            keys = ", ".join(f"auto.{k}" for k in sorted(auto_overrides))
+            strategy = raw.get("strategy", "datm") if isinstance(raw, dict) else None
+            raise ConfigError(
+                f"{path}: --measurements and --threshold (overriding {keys}) are for strategy auto; "
+                f"the config has strategy {strategy!r}"
+            )
+        section = raw.get("auto") or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: auto: expected a mapping, got {type(section).__name__}")
+        raw = {**raw, "auto": {**section, **auto_overrides}}
     return from_dict(raw, source=str(path), base_dir=path.resolve().parent)
 
 
@@ -201,8 +290,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{s}: data.on_bad_record must be 'error' or 'skip'")
     if cfg.data.format not in ("auto", "alma", "tsv", "datasets", "flores"):
         raise ConfigError(f"{s}: data.format must be auto, alma, tsv, datasets or flores")
+    _validate_numbers(cfg)
+    validate_auto(cfg)
     t = cfg.train
-    if t.steps is None and t.epochs is None:
+    if t.steps is None and t.epochs is None and _trains(cfg):
         raise ConfigError(
             f"{s}: train: give 'steps' (per adapter) or 'epochs' (passes over each adapter's data)"
         )
@@ -213,14 +304,10 @@ def validate(cfg: Config) -> None:
     for section, value in (("train", t.precision), ("eval", cfg.eval.precision)):
         if value not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{s}: {section}.precision must be auto, bf16 or fp32, got {value!r}")
-    if t.batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError(f"{s}: train.batch_size and train.grad_accum must be >= 1")
     m = cfg.merge
     from datm import merge_select  # local: it imports this module
 
     merge_select.validate(cfg)  # the method against the merge registry, and auto's keys
-    if not 0 < m.density <= 1:
-        raise ConfigError(f"{s}: merge.density must be in (0, 1], got {m.density}")
     if m.form not in ("lowrank", "factor", "dense", "sparse"):
         raise ConfigError(f"{s}: merge.form must be lowrank, factor, dense or sparse")
     validate_scaleout(cfg)
@@ -263,3 +350,166 @@ def validate_scaleout(cfg: Config) -> None:
     for key in ("gradient_checkpointing", "packing"):
         if not isinstance(getattr(t, key), bool):
             raise ConfigError(f"{s}: train.{key} must be true or false, got {getattr(t, key)!r}")
+
+
+@dataclass(frozen=True)
+class Number:
+    """What a numeric setting may hold: integer or real, its bounds, and whether it may be null."""
+
+    integer: bool
+    low: float | None = None  # None: unbounded
+    high: float | None = None
+    low_open: bool = False  # the bound itself is excluded
+    high_open: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return kind + (" " + " and ".join(bounds) if bounds else "") + (" (or null)" if self.optional else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        # YAML's true/false are not numbers, whatever Python's bool says.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+POSITIVE_INT = Number(integer=True, low=1)
+POSITIVE_INT_OR_NULL = Number(integer=True, low=1, optional=True)
+
+# Every numeric setting, by its dotted key.
+NUMERIC_SETTINGS: dict[str, Number] = {
+    "lora.r": POSITIVE_INT,
+    "lora.alpha": Number(integer=False, low=0, low_open=True),
+    "lora.dropout": Number(integer=False, low=0, high=1, high_open=True),
+    "train.steps": POSITIVE_INT_OR_NULL,
+    "train.epochs": Number(integer=False, low=0, low_open=True, optional=True),
+    "train.batch_size": POSITIVE_INT,
+    "train.grad_accum": POSITIVE_INT,
+    "train.lr": Number(integer=False, low=0, low_open=True),
+    "train.warmup_ratio": Number(integer=False, low=0, high=1),
+    "train.weight_decay": Number(integer=False, low=0),
+    "train.max_examples_per_pair": POSITIVE_INT_OR_NULL,
+    "train.max_length": Number(integer=True, low=2),
+    "train.seed": Number(integer=True, low=0),
+    "train.checkpoint_every": Number(integer=True, low=0),
+    "merge.density": Number(integer=False, low=0, high=1, low_open=True),
+    "merge.rank": POSITIVE_INT_OR_NULL,
+    "eval.max_examples": POSITIVE_INT_OR_NULL,
+    "eval.beams": POSITIVE_INT,
+    "eval.max_new_tokens": POSITIVE_INT,
+    "eval.batch_size": POSITIVE_INT,
+    "auto.threshold": Number(integer=False),
+    "auto.probe_examples": POSITIVE_INT,
+    "auto.pilot.fraction": Number(integer=False, low=0, high=1, low_open=True),
+    "auto.pilot.max_examples": POSITIVE_INT_OR_NULL,
+    "auto.pilot.samples": POSITIVE_INT,
+}
+
+MERGE_WEIGHT = Number(integer=False, low=0)
+
+
+def _setting(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for key in dotted.split("."):
+        value = getattr(value, key)
+    return value
+
+
+def _validate_numbers(cfg: Config) -> None:
+    s = cfg.source
+    for key, rule in NUMERIC_SETTINGS.items():
+        value = _setting(cfg, key)
+        if not rule.accepts(value):
+            raise ConfigError(f"{s}: {key} must be {rule.describe()}, got {value!r}")
+    weights = cfg.merge.weights
+    if weights is None:
+        return
+    if not isinstance(weights, list) or not weights:
+        raise ConfigError(
+            f"{s}: merge.weights must be a list of numbers (one per merged source), got {weights!r}"
+        )
+    for i, w in enumerate(weights):
+        if not MERGE_WEIGHT.accepts(w):
+            raise ConfigError(f"{s}: merge.weights[{i}] must be {MERGE_WEIGHT.describe()}, got {w!r}")
+    if sum(weights) <= 0:
+        raise ConfigError(f"{s}: merge.weights must not all be 0, got {weights}")
+    check_merge_weights(cfg, _planned_merges(cfg))
+
+
+def check_merge_weights(cfg: Config, merges: dict[str, int]) -> None:
+    """merge.weights weighs each merge's sources in order: every merge needs as many sources."""
+    weights = cfg.merge.weights
+    if weights is None:
+        return
+    wrong = {name: n for name, n in merges.items() if n != len(weights)}
+    if wrong:
+        raise ConfigError(
+            f"{cfg.source}: merge.weights has {len(weights)} value(s), but merge(s) {wrong} "
+            f"(name: number of sources) need one weight per source"
+        )
+
+
+def _planned_merges(cfg: Config) -> dict[str, int]:
+    """Merge name -> number of sources of the config's plan (none known before `auto` measures)."""
+    from datm.plan import make_plan
+
+    if cfg.strategy == "auto":
+        return {}  # checked when the auto plan is built
+    plan = make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
+    return {m.name: len(m.sources) for m in plan.merges}
+
+
+def _trains(cfg: Config) -> bool:
+    """Whether the config's plan trains anything (zero_shot does not, so it needs no train budget)."""
+    from datm.plan import make_plan
+
+    if cfg.strategy == "auto":
+        return True
+    return bool(make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method).adapters)
+
+
+def validate_auto(cfg: Config) -> None:
+    """The `auto` section: its source, and what that source needs (read only by strategy auto)."""
+    from datm.auto import SOURCES  # local: datm.auto imports this module
+
+    s, a = cfg.source, cfg.auto
+    if not isinstance(a.source, str) or a.source not in SOURCES:
+        raise ConfigError(f"{s}: auto.source must be one of {sorted(SOURCES)}, got {a.source!r}")
+    if a.pilot.metric not in ("chrf", "bleu"):
+        raise ConfigError(f"{s}: auto.pilot.metric must be 'chrf' or 'bleu', got {a.pilot.metric!r}")
+    if a.measurements is not None and a.source != "file":
+        raise ConfigError(
+            f"{s}: auto.measurements is read only with auto.source: file (source is {a.source!r}); "
+            "the pilot and the probe write their own measurements under output_dir"
+        )
+    if cfg.strategy != "auto":
+        return
+    if a.source == "file":
+        if a.measurements is None:
+            raise ConfigError(
+                f"{s}: auto.source file needs auto.measurements: a probe.json (`datm probe`) or an "
+                "analysis.json (`datm analyze`)"
+            )
+        if not Path(a.measurements).is_file():
+            raise ConfigError(f"{s}: auto.measurements: file {a.measurements} does not exist")
+    if a.source == "pilot" and not cfg.data.valid:
+        raise ConfigError(
+            f"{s}: auto.source pilot scores its trainings on the dev split: give data.valid "
+            "(the test split never decides the plan), or choose auto.source probe or file"
+        )
+    if a.source in ("pilot", "probe") and not cfg.data.train:
+        raise ConfigError(f"{s}: auto.source {a.source} trains or probes on data.train: give data.train")

@@ -41,6 +41,8 @@ class ReadReport:
     """What reading skipped, so nothing is dropped silently."""
 
     skipped: list[str] = field(default_factory=list)  # "file:line: why"
+    # direction -> the reverse direction's file it was read from (training only; see read_direction)
+    reversed_files: dict[str, str] = field(default_factory=dict)
 
     def add(self, msg: str) -> None:
         self.skipped.append(msg)
@@ -205,6 +207,60 @@ def pattern_path(pattern: str, direction: Direction) -> str:
     return pattern.format(xx=direction.foreign, src=direction.src, tgt=direction.tgt)
 
 
+def direction_file(pattern: str, direction: Direction, allow_reverse: bool = True) -> tuple[Path, bool]:
+    """The file holding a direction's pairs, and whether it is the reverse direction's file.
+
+    A `{xx}` pattern names one file per language pair, for both directions. With a `{src}-{tgt}`
+    pattern, a missing file may be replaced by the reverse direction's file only where
+    `allow_reverse` (training data: the same pairs read backwards); a test set is direction-specific
+    (WMT's de-en and en-de sets hold different documents), so it never is.
+    """
+    path = Path(pattern_path(pattern, direction))
+    if path.exists():
+        return path, False
+    backwards = Direction(direction.tgt, direction.src)
+    reverse = Path(pattern_path(pattern, backwards))
+    if "{xx}" not in pattern and reverse.exists() and allow_reverse:
+        return reverse, True
+    hint = (
+        f"; {reverse} (the reverse direction's set) exists but a test set is not read backwards: "
+        f"datm never scores {direction} on the {backwards} set"
+        if "{xx}" not in pattern and reverse.exists()
+        else ""
+    )
+    raise DataError(f"no data for {direction}: file {path} does not exist (pattern {pattern!r}){hint}")
+
+
+def check_readable(
+    pattern: str, direction: Direction, fmt: str = "auto", allow_reverse: bool = True, split: str = "train"
+) -> Path | None:
+    """Fail now, naming the file, if a direction's data file is missing or unreadable: before a model
+    is loaded. Returns the file (None for hub datasets, which only loading can check)."""
+    path = pattern_path(pattern, direction)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "flores":
+        root = Path(path.removeprefix("flores:"))
+        for lang in (direction.src, direction.tgt):
+            code = L.get(lang).flores
+            if _flores_file(root, code, split) is None:
+                raise DataError(
+                    f"FLORES directory {root}: no {split} file for {lang} ({code}), "
+                    f"expected e.g. {root}/{split}/{code}.{split}"
+                )
+        return root
+    if fmt == "datasets":
+        return None  # a hub id or a saved dataset: loading it is the check
+    file, _ = direction_file(pattern, direction, allow_reverse)
+    if file.is_dir():
+        raise DataError(f"data for {direction}: {file} is a directory; expected a {fmt} file")
+    try:
+        with file.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise DataError(f"data for {direction}: cannot read {file}: {e.strerror or e}") from None
+    return file
+
+
 def read_direction(
     pattern: str,
     direction: Direction,
@@ -212,9 +268,11 @@ def read_direction(
     on_bad: str = "error",
     report: ReadReport | None = None,
     split: str = "train",
+    allow_reverse: bool = True,
 ) -> list[Pair]:
-    """Pairs of one direction. A `{xx}` file (or a missing `{src}-{tgt}` file whose reverse exists)
-    feeds both directions of its language pair."""
+    """Pairs of one direction. A `{xx}` file feeds both directions of its language pair; so does a
+    `{src}-{tgt}` file for the missing reverse direction where `allow_reverse` (never for test sets),
+    recorded in `report.reversed_files`."""
     src, tgt = direction.src, direction.tgt
     path = pattern_path(pattern, direction)
     fmt = detect_format(path) if fmt == "auto" else fmt
@@ -223,14 +281,11 @@ def read_direction(
     if fmt == "datasets":
         rows = _read_datasets(path, src, tgt, split, on_bad, report)
         return [Pair(src, tgt, s, t, o) for s, t, o in rows]
-    reverse = False
-    if not Path(path).exists() and "{xx}" not in pattern:
-        rev = pattern_path(pattern, Direction(tgt, src))
-        if Path(rev).exists():
-            path, reverse = rev, True
-    if not Path(path).exists():
-        raise DataError(f"no data for {direction}: file {path} does not exist (pattern {pattern!r})")
-    p = Path(path)
+    p, reverse = direction_file(pattern, direction, allow_reverse)
+    if not p.exists():
+        raise DataError(f"no data for {direction}: file {p} does not exist (pattern {pattern!r})")
+    if reverse and report is not None:
+        report.reversed_files[str(direction)] = str(p)
     if fmt == "alma":
         rows = _read_alma(p, src, tgt, on_bad, report)
     elif fmt == "tsv":

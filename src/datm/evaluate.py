@@ -1,4 +1,6 @@
-"""Scoring translations against references: BLEU, chrF++, optional COMET, paired bootstrap.
+"""Scoring translations against references: BLEU, chrF++, optional COMET (bootstrap: `datm.significance`).
+
+COMET runs in an environment of its own (see `datm.comet`), never in this process.
 
 Knows nothing about models or runs. BLEU uses sacrebleu's default tokenizer for the target language
 (zh, ja-mecab, ko-mecab, else 13a), so scores equal the `sacrebleu -l SRC-TGT` command line.
@@ -9,19 +11,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.metrics.base import Metric
 
+from datm import comet as comet_env
+from datm.config import CometConfig
 from datm.errors import DatmError
-from datm.languages import Direction, bleu_tokenizer
+from datm.languages import Direction, bleu_tokenizer, by_family
 
 
 class EvaluationError(DatmError):
@@ -177,7 +179,8 @@ def _chrf_metric() -> CHRF:
     return CHRF(word_order=2)  # chrF++
 
 
-def _metric(name: str, tgt_lang: str) -> Metric:
+def make_metric(name: str, tgt_lang: str) -> Metric:
+    """The sacrebleu metric object datm scores `name` ("bleu" or "chrf") with for a target language."""
     if name == "bleu":
         return _bleu_metric(tgt_lang)
     if name == "chrf":
@@ -201,81 +204,6 @@ def score_chrf(hyps: list[str], refs: list[str]) -> tuple[float, str]:
     return s.score, s.signature
 
 
-# ----------------------------------------------------------------------------------- COMET
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _comet_encoder(checkpoint: Path) -> str:
-    """The Hugging Face encoder a COMET checkpoint is built on (named in its hparams.yaml)."""
-    hparams = checkpoint.parent.parent / "hparams.yaml"
-    try:
-        return str(yaml.safe_load(hparams.read_text(encoding="utf-8"))["pretrained_model"])
-    except Exception:  # only used to word an error message
-        return "its encoder (e.g. xlm-roberta-large)"
-
-
-def _comet_checkpoint(model: str, download: Any) -> Path:
-    """A local checkpoint file for a COMET model name, checkpoint file or model directory."""
-    local = Path(model).expanduser()
-    if local.is_file():
-        return local
-    if local.is_dir():
-        ckpt = local / "checkpoints" / "model.ckpt"
-        if not ckpt.is_file():
-            raise EvaluationError(f"COMET model directory {local} has no checkpoints/model.ckpt")
-        return ckpt
-    # Hub names are "name" or "owner/name"; anything else is a path that does not exist.
-    if model.endswith(".ckpt") or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise EvaluationError(f"COMET checkpoint {model} does not exist")
-    try:
-        return Path(download(model, local_files_only=_hub_offline()))
-    except Exception as e:  # hub errors come in many types; say what is missing instead
-        if _hub_offline():
-            how = "HF_HUB_OFFLINE is set and it is not in the local cache"
-        else:
-            how = f"download failed ({type(e).__name__}: {e})"
-        raise EvaluationError(
-            f"COMET model {model!r} is not available: {how}. COMET needs the checkpoint ({model}) and the "
-            "encoder it is built on (xlm-roberta-large for Unbabel/wmt22-comet-da) in the Hugging Face "
-            "cache; download both where there is network, or pass a local .ckpt / model directory"
-        ) from None
-
-
-def comet_score(
-    srcs: list[str], hyps: list[str], refs: list[str], model: str, batch_size: int = 8, device: str = "cpu"
-) -> float:
-    """System-level COMET score (mean of segment scores).
-
-    Needs the optional extra `unbabel-comet`. Not tested end to end: COMET models are built on a
-    pretrained encoder (xlm-roberta) and unbabel-comet is not installed in the test environment, so a
-    tiny random COMET model was not feasible; the tests cover the missing-package and missing-model
-    errors.
-    """
-    try:
-        from comet import download_model, load_from_checkpoint
-    except ImportError:
-        raise MissingPackageError(
-            "COMET scoring needs the optional extra: pip install 'datm[comet]'"
-        ) from None
-    _check_lengths(hyps, refs)
-    _check_lengths(srcs, refs, what="sources")
-    checkpoint = _comet_checkpoint(model, download_model)
-    try:
-        scorer = load_from_checkpoint(str(checkpoint), local_files_only=_hub_offline())
-    except Exception as e:
-        raise EvaluationError(
-            f"cannot load COMET checkpoint {checkpoint}: {type(e).__name__}: {e}. It needs the encoder "
-            f"{_comet_encoder(checkpoint)!r} in the Hugging Face cache (or network)"
-        ) from None
-    samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(srcs, hyps, refs, strict=True)]
-    gpus = 0 if device == "cpu" else 1
-    out = scorer.predict(samples, batch_size=batch_size, gpus=gpus, progress_bar=False)
-    return float(out.system_score)
-
-
 # ----------------------------------------------------------------------------------- directions
 
 
@@ -286,23 +214,27 @@ class DirectionScores:
     n: int
     signatures: dict[str, str] = field(default_factory=dict)
     comet: float | None = None
+    comet_segments: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"bleu": self.bleu, "chrf": self.chrf, "n": self.n}
         d["signatures"] = dict(self.signatures)
         if self.comet is not None:
             d["comet"] = self.comet
+        if self.comet_segments is not None:
+            d["comet_segments"] = list(self.comet_segments)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DirectionScores:
-        comet = d.get("comet")
+        comet, segments = d.get("comet"), d.get("comet_segments")
         return cls(
             float(d["bleu"]),
             float(d["chrf"]),
             int(d["n"]),
             dict(d.get("signatures", {})),
             None if comet is None else float(comet),
+            None if segments is None else [float(x) for x in segments],
         )
 
 
@@ -311,22 +243,37 @@ def score_direction(
     refs: list[str],
     tgt_lang: str,
     srcs: list[str] | None = None,
-    comet_model: str | None = None,
-    comet_batch_size: int = 8,
-    comet_device: str = "cpu",
+    comet: CometConfig | None = None,
 ) -> DirectionScores:
-    _check_lengths(hyps, refs)
-    if not hyps:
-        raise EvaluationError("nothing to score: no hypotheses and no references")
-    bleu, bleu_sig = score_bleu(hyps, refs, tgt_lang)
-    chrf, chrf_sig = score_chrf(hyps, refs)
-    scores = DirectionScores(bleu, chrf, len(hyps), {"bleu": bleu_sig, "chrf": chrf_sig})
-    if comet_model is not None:
-        if srcs is None:
-            raise EvaluationError("COMET needs the source sentences; none were given")
-        scores.comet = comet_score(srcs, hyps, refs, comet_model, comet_batch_size, comet_device)
-        scores.signatures["comet"] = f"model:{comet_model}"
-    return scores
+    if comet is not None and srcs is None:
+        raise EvaluationError("COMET needs the source sentences; none were given")
+    texts = {"texts": comet_env.Texts(srcs or [], hyps, refs)}
+    rows, _ = score_directions(texts, {"texts": tgt_lang}, comet)
+    return rows["texts"]
+
+
+def score_directions(
+    texts: Mapping[str, comet_env.Texts], tgt_langs: Mapping[str, str], comet: CometConfig | None = None
+) -> tuple[dict[str, DirectionScores], dict[str, Any] | None]:
+    """BLEU and chrF++ of each named set of texts (BLEU tokenized for its target language), and
+    COMET from one call that loads the model once; with COMET's provenance (model, version)."""
+    rows: dict[str, DirectionScores] = {}
+    for name, t in texts.items():
+        _check_lengths(t.hyps, t.refs)
+        if not t.hyps:
+            raise EvaluationError(f"{name}: nothing to score: no hypotheses and no references")
+        bleu, bleu_sig = score_bleu(list(t.hyps), list(t.refs), tgt_langs[name])
+        chrf, chrf_sig = score_chrf(list(t.hyps), list(t.refs))
+        rows[name] = DirectionScores(bleu, chrf, len(t.hyps), {"bleu": bleu_sig, "chrf": chrf_sig})
+    if comet is None:
+        return rows, None
+    for name, t in texts.items():
+        _check_lengths(t.srcs, t.refs, what=f"sources ({name})")
+    got = comet_env.score(texts, comet)
+    for name, row in rows.items():
+        row.comet, row.comet_segments = got.system[name], got.segments[name]
+        row.signatures["comet"] = got.signature
+    return rows, got.provenance()
 
 
 def _as_scores(scores: DirectionScores | Mapping[str, Any]) -> DirectionScores:
@@ -340,11 +287,8 @@ def averages(directions: Mapping[str, DirectionScores | Mapping[str, Any]]) -> d
     averaged only where every direction of the family has it.
     """
     rows = {k: _as_scores(v) for k, v in directions.items()}
-    families = {
-        "xx-en": [s for k, s in rows.items() if Direction.parse(k).family == "xx-en"],
-        "en-xx": [s for k, s in rows.items() if Direction.parse(k).family == "en-xx"],
-        "all": list(rows.values()),
-    }
+    families = {f: [rows[d] for d in ds] for f, ds in by_family(rows).items()}
+    families["all"] = list(rows.values())
     out: dict[str, dict[str, float]] = {}
     for family, members in families.items():
         if not members:
@@ -359,80 +303,21 @@ def averages(directions: Mapping[str, DirectionScores | Mapping[str, Any]]) -> d
     return out
 
 
-# ----------------------------------------------------------------------------------- significance
-
-
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    """95% bootstrap interval: drop 1/40 of the sorted samples on each side (as sacrebleu does)."""
-    ordered = np.sort(samples)
-    cut = len(ordered) // 40
-    return float(ordered[cut]), float(ordered[len(ordered) - cut - 1])
-
-
-def paired_bootstrap(
-    hyps_a: list[str],
-    hyps_b: list[str],
-    refs: list[str],
-    tgt_lang: str,
-    metric: str = "bleu",
-    n_samples: int = 1000,
-    seed: int = 12345,
-) -> dict[str, float]:
-    """Paired bootstrap resampling of system b against system a (sacrebleu's `--paired-bs`).
-
-    Both systems are scored on the same resampled segment sets, from per-segment sufficient
-    statistics. The p-value is sacrebleu's two-sided one: the share of samples whose mean-centred
-    absolute difference reaches the observed absolute difference, (count + 1) / (n_samples + 1). The
-    one departure: sacrebleu counts samples strictly above the observed difference, so a system
-    compared with itself gets p = 1/(n+1); counting ties too gives it p = 1 (no evidence of a
-    difference). Whether b is better or worse is the sign of `delta`.
-    """
-    _check_lengths(hyps_a, refs, what="hypotheses (system a)")
-    _check_lengths(hyps_b, refs, what="hypotheses (system b)")
-    if not refs:
-        raise EvaluationError("paired bootstrap needs at least one segment")
-    scorer = _metric(metric, tgt_lang)
-    stats_a = np.asarray(scorer._extract_corpus_statistics(list(hyps_a), [list(refs)]), dtype=np.float64)
-    stats_b = np.asarray(scorer._extract_corpus_statistics(list(hyps_b), [list(refs)]), dtype=np.float64)
-
-    def corpus(stats: np.ndarray) -> float:
-        return float(scorer._compute_score_from_stats(stats).score)
-
-    score_a, score_b = corpus(stats_a.sum(0)), corpus(stats_b.sum(0))
-    # Same draw as sacrebleu for the same seed, so its p-values can be reproduced.
-    rng = np.random.default_rng(seed)
-    samples = rng.choice(len(refs), size=(n_samples, len(refs)), replace=True)
-    sampled_a = np.array([corpus(stats_a[idx].sum(0)) for idx in samples])
-    sampled_b = np.array([corpus(stats_b[idx].sum(0)) for idx in samples])
-    deltas = sampled_b - sampled_a
-    centred = np.abs(deltas) - np.abs(deltas).mean()
-    observed = abs(score_b - score_a)
-    # Tolerance: identical systems give exact zeros, but keep float noise from breaking ties.
-    count = int(np.sum(centred >= observed - 1e-9))
-    ci_low, ci_high = _interval(sampled_b)
-    delta_low, delta_high = _interval(deltas)
-    return {
-        "metric": metric,
-        "n_samples": n_samples,
-        "seed": seed,
-        "a": score_a,
-        "b": score_b,
-        "delta": score_b - score_a,
-        "mean_b": float(sampled_b.mean()),
-        "ci_low": ci_low,
-        "ci_high": ci_high,
-        "delta_low": delta_low,
-        "delta_high": delta_high,
-        "p_value": (count + 1) / (n_samples + 1),
-    }
-
-
 # ----------------------------------------------------------------------------------- CLI
 
 
 def main(args: argparse.Namespace) -> int:
-    """`datm evaluate --pair SRC-TGT --hyp HYP --ref REF [--src SRC] [--comet MODEL] [--json]`."""
+    """`datm evaluate --pair SRC-TGT --hyp HYP --ref REF [--src SRC] [--comet MODEL
+    [--comet-python PY]] [--json]`."""
     direction = Direction.parse(args.pair)
+    comet = None
+    if args.comet:
+        if args.comet_batch_size < 1:
+            raise EvaluationError(f"--comet-batch-size must be >= 1, got {args.comet_batch_size}")
+        comet = CometConfig(args.comet, args.comet_python, args.comet_batch_size, args.comet_device)
+        comet_env.check(comet)  # before reading and scoring anything
+    elif args.comet_python:
+        raise EvaluationError("--comet-python names COMET's environment; give the model with --comet")
     hyps = read_lines(args.hyp)
     refs = read_references(args.ref, direction.tgt, direction.src)
     srcs: list[str] | None = None
@@ -442,7 +327,7 @@ def main(args: argparse.Namespace) -> int:
         srcs = read_references(args.ref, direction.src, direction.tgt)  # records carry the source side
     if args.comet and srcs is None:
         raise EvaluationError("--comet needs the sources: give --src (or ALMA records as --ref)")
-    scores = score_direction(hyps, refs, direction.tgt, srcs=srcs, comet_model=args.comet)
+    scores = score_direction(hyps, refs, direction.tgt, srcs=srcs, comet=comet)
     if args.json:
         print(json.dumps({"pair": str(direction), **scores.to_dict()}, ensure_ascii=False))
         return 0

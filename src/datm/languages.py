@@ -5,6 +5,7 @@ This module imports nothing from datm: every other stage may depend on it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from datm.errors import DatmError
@@ -96,6 +97,13 @@ XALMA_GROUPS: dict[str, list[str]] = {
 }
 
 
+# The two families of English-centric directions whose asymmetry the paper studies, in the order
+# tables and plots show them (XX→En first), and their display names.
+XX_EN, EN_XX = "xx-en", "en-xx"
+FAMILIES: tuple[str, ...] = (XX_EN, EN_XX)
+FAMILY_NAMES: dict[str, str] = {XX_EN: "XX→En", EN_XX: "En→XX"}
+
+
 class UnknownLanguageError(DatmError):
     pass
 
@@ -135,12 +143,20 @@ class Direction:
 
     @property
     def family(self) -> str:
-        """'xx-en' or 'en-xx' (the two families whose asymmetry the paper studies)."""
-        return "xx-en" if self.to_english else "en-xx"
+        """XX_EN ('xx-en') or EN_XX ('en-xx'): see FAMILIES."""
+        return XX_EN if self.to_english else EN_XX
 
     @property
     def foreign(self) -> str:
         return self.src if self.to_english else self.tgt
+
+
+def by_family(directions: Iterable[str]) -> dict[str, list[str]]:
+    """Directions ("de-en", ...) per family, in FAMILIES order and their given order; families with no
+    direction are left out."""
+    directions = list(directions)
+    out = {f: [d for d in directions if Direction.parse(d).family == f] for f in FAMILIES}
+    return {f: ds for f, ds in out.items() if ds}
 
 
 def directions_for(languages: list[str]) -> list[Direction]:

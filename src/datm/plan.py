@@ -38,6 +38,8 @@ class Plan:
     merges: list[MergeSpec] = field(default_factory=list)
     routes: dict[str, str] = field(default_factory=dict)  # "de-en" -> module name
     notes: dict[str, str] = field(default_factory=dict)  # direction -> why (used by `auto`)
+    # `auto` only: what decided it (source, threshold, the measurements file and its fingerprint)
+    decided_by: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +56,7 @@ class Plan:
             ],
             routes=dict(d["routes"]),
             notes=dict(d.get("notes", {})),
+            decided_by=dict(d.get("decided_by", {})),
         )
 
     @property
@@ -102,6 +105,20 @@ def group(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
         adapters.append(AdapterSpec(f"group-{g}", dirs))
         routes.update(dict.fromkeys(dirs, f"group-{g}"))
     return Plan("group", langs, groups, adapters, [], _ordered(routes, langs))
+
+
+def group_family(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
+    """One adapter per group and family (XX→En, En→XX): what `auto` means by training jointly, and
+    the joint half of its pilot. A family with one language in a group trains that direction alone,
+    under the direction's name (as `separate` and `auto` name it)."""
+    adapters, routes = [], {}
+    for g, members in groups.items():
+        for family, direction_of in (("xx-en", _xx_en), ("en-xx", _en_xx)):
+            dirs = [direction_of(x) for x in members]
+            name = f"{family}.{g}.joint" if len(dirs) >= 2 else dirs[0]
+            adapters.append(AdapterSpec(name, dirs))
+            routes.update(dict.fromkeys(dirs, name))
+    return Plan("group_family", langs, groups, adapters, [], _ordered(routes, langs))
 
 
 def dat(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
@@ -248,9 +265,9 @@ def auto_plan(
 
 def _auto_without_measurements(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
     raise MeasurementsRequired(
-        "strategy 'auto' decides per direction from measurements: run `datm probe CONFIG` (or score a "
-        "pilot and `datm analyze` it), then `datm plan CONFIG --measurements FILE`; in code, call "
-        "datm.plan.auto_plan with the measurements"
+        "strategy 'auto' decides per direction from measurements (a pilot by default, see the config's "
+        "`auto` section): build it with datm.auto.build_plan(config), or call datm.plan.auto_plan with "
+        "the measurements"
     )
 
 
@@ -259,6 +276,7 @@ STRATEGIES: dict[str, Callable[[list[str], dict[str, list[str]], str], Plan]] = 
     "multilingual": multilingual,
     "separate": separate,
     "group": group,
+    "group_family": group_family,
     "dat": dat,
     "datm": datm,
     "separate_merged": separate_merged,
@@ -334,6 +352,12 @@ def format_plan(
                 f"{bound}{merge_params[m]:,}" for m in shipped_merges
             )
         lines.append(f"parameters shipped: {total:,} = {parts}")
+    if plan.decided_by:
+        by = plan.decided_by
+        lines.append(
+            f"decided by: {by.get('source')} measurements > threshold {by.get('threshold')} "
+            f"({by.get('measurements')})"
+        )
     for d, why in plan.notes.items():
         lines.append(f"  {d}: {why}")
     return "\n".join(lines)

@@ -31,7 +31,6 @@ from datm.config import Config, ConfigError, LoraConfig
 from datm.data import IGNORE_INDEX, Example
 from datm.errors import DatmError
 from datm.languages import Direction
-from datm.plan import Plan, auto_plan
 
 FAMILIES = ("xx-en", "en-xx")
 # The layer index in parameter names of decoder stacks: `model.layers.3.` (Llama, Gemma, Qwen, ...),
@@ -306,42 +305,8 @@ def auto_measurements_from_probe(
     return out
 
 
-def measurements_from_file(path: str | Path, groups: dict[str, list[str]]) -> tuple[dict[str, float], str]:
-    """Measurements and their source ("probe" or "pilot") from a probe.json (`datm probe`) or an
-    analysis.json (`datm analyze` of a pilot: per direction Δ = joint − separate)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"measurements file {path} does not exist")
-    raw = artifacts.read_json(path)
-    if isinstance(raw, dict) and "matrix" in raw:
-        return auto_measurements_from_probe(raw, groups), "probe"
-    if isinstance(raw, dict) and isinstance(raw.get("directions"), dict):
-        try:
-            return {d: float(row["delta"]) for d, row in raw["directions"].items()}, "pilot"
-        except (KeyError, TypeError, ValueError):
-            pass
-    raise ProbeError(
-        f"{path}: neither a probe.json (from `datm probe`) nor an analysis.json (from `datm analyze`)"
-    )
-
-
 def default_probe_path(cfg: Config) -> Path:
     return Path(cfg.output_dir) / "probe" / "probe.json"
-
-
-def auto_plan_for_config(
-    cfg: Config, measurements_path: str | Path | None = None, threshold: float = 0.0
-) -> Plan:
-    """The `auto` plan of a config, from a measurements file (default: <output_dir>/probe/probe.json)."""
-    path = Path(measurements_path) if measurements_path is not None else default_probe_path(cfg)
-    if not path.is_file():
-        raise ConfigError(
-            f"{cfg.source}: strategy auto needs measurements and {path} does not exist; "
-            f"run `datm probe {cfg.source}` first (or pass --measurements FILE)"
-        )
-    groups = cfg.resolved_groups()
-    measurements, source = measurements_from_file(path, groups)
-    return auto_plan(cfg.languages, groups, measurements, threshold, source, cfg.merge.method)
 
 
 # ----------------------------------------------------------------------------------- files
@@ -437,12 +402,10 @@ __all__ = [
     "ProbeError",
     "ProbeResult",
     "auto_measurements_from_probe",
-    "auto_plan_for_config",
     "default_probe_path",
     "family_similarity",
     "format_summary",
     "layer_of",
-    "measurements_from_file",
     "probe",
     "probe_config",
     "write_probe",

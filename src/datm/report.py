@@ -15,17 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # Figures are drawn on an Agg canvas directly (no pyplot): no global state, never a window.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from datm import artifacts
 from datm.errors import DatmError
-from datm.evaluate import paired_bootstrap, read_lines
-from datm.languages import Direction
+from datm.evaluate import read_lines
+from datm.languages import FAMILIES, FAMILY_NAMES, Direction
+from datm.results import BootstrapResult, ResultsError, RunScores
+from datm.significance import DEFAULT_SEED, Paired, Statistics
 
-FAMILIES = ("xx-en", "en-xx")
-FAMILY_NAMES = {"xx-en": "XX→En", "en-xx": "En→XX"}
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF++", "comet": "COMET"}
 DECIMALS = {"bleu": 2, "chrf": 2, "comet": 4}
 SIGNIFICANT = 0.05
@@ -43,25 +45,10 @@ class Run:
     path: Path
     label: str
     strategy: str | None
-    scores: dict[str, dict[str, Any]]  # direction -> {"bleu", "chrf", "n", ...}
-    signatures: dict[str, str]
+    scores: RunScores
 
 
 # ----------------------------------------------------------------------------------- reading
-
-
-def _validated_directions(path: Path, directions: Any) -> dict[str, dict[str, Any]]:
-    if not isinstance(directions, dict):
-        raise ReportError(f'{path}: \'directions\' must be an object {{"de-en": {{"bleu": ..}}, ..}}')
-    for key, entry in directions.items():
-        try:
-            Direction.parse(key)
-        except ValueError as e:
-            raise ReportError(f"{path}: directions.{key}: {e}") from None
-        for metric in ("bleu", "chrf"):
-            if not isinstance(entry, dict) or not isinstance(entry.get(metric), (int, float)):
-                raise ReportError(f"{path}: directions.{key}.{metric} must be a number")
-    return directions
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -69,20 +56,16 @@ def load_run(run_dir: str | Path) -> Run:
     scores_path = run_dir / "scores.json"
     if not scores_path.is_file():
         raise ReportError(f"{run_dir}: no scores.json (expected {scores_path}); score the run first")
-    scores = artifacts.read_json(scores_path)
-    if not isinstance(scores, dict) or "directions" not in scores:
-        raise ReportError(f"{scores_path}: expected an object with a 'directions' key")
-    directions = _validated_directions(scores_path, scores["directions"])
+    try:
+        scores = RunScores.from_json(artifacts.read_json(scores_path), scores_path)
+    except ResultsError as e:
+        raise ReportError(str(e)) from None
     strategy = None
     if (run_dir / "plan.json").is_file():
         strategy = artifacts.read_json(run_dir / "plan.json").get("strategy")
-    strategy = strategy or scores.get("provenance", {}).get("strategy")
-    signatures = dict(scores.get("signatures") or {})
-    for entry in directions.values():
-        for metric, sig in entry.get("signatures", {}).items():
-            signatures.setdefault(metric, sig)
+    strategy = strategy or scores.strategy
     label = f"{run_dir.name} ({strategy})" if strategy else run_dir.name
-    return Run(run_dir, label, strategy, directions, signatures)
+    return Run(run_dir, label, strategy, scores)
 
 
 def _translation_file(run: Run, direction: str, kind: str) -> list[str]:
@@ -101,7 +84,7 @@ def _direction_columns(runs: Sequence[Run]) -> dict[str, list[str]]:
     """Every direction any run has, per family, in the order the runs list them."""
     out: dict[str, list[str]] = {f: [] for f in FAMILIES}
     for run in runs:
-        for key in run.scores:
+        for key in run.scores.directions:
             family = Direction.parse(key).family
             if key not in out[family]:
                 out[family].append(key)
@@ -112,11 +95,15 @@ def _avg_key(family: str) -> str:
     return f"avg:{family}"
 
 
-def _significance(runs: Sequence[Run], baseline: Run, common: list[str], n_samples: int) -> dict[str, Any]:
-    """label -> metric -> direction -> paired bootstrap result (baseline = system a)."""
-    out: dict[str, Any] = {}
+def _significance(
+    runs: Sequence[Run], baseline: Run, common: list[str], n_samples: int
+) -> dict[str, dict[str, dict[str, BootstrapResult]]]:
+    """label -> metric -> direction -> paired bootstrap result (baseline = system a). Each system's
+    per-segment statistics are computed once per metric and direction."""
+    out: dict[str, dict[str, dict[str, BootstrapResult]]] = {}
     refs = {d: _translation_file(baseline, d, "ref") for d in common}
     base_hyps = {d: _translation_file(baseline, d, "hyp") for d in common}
+    base_stats: dict[tuple[str, str], tuple[Statistics, np.ndarray]] = {}
     for run in runs:
         if run.path == baseline.path:
             continue
@@ -128,18 +115,23 @@ def _significance(runs: Sequence[Run], baseline: Run, common: list[str], n_sampl
                     f"{baseline.path}/translations/{d}.ref.txt; runs must be scored on the same test set"
                 )
             hyps = _translation_file(run, d, "hyp")
-            tgt = Direction.parse(d).tgt
             for metric in ("bleu", "chrf"):
-                out[run.label][metric][d] = paired_bootstrap(
-                    base_hyps[d], hyps, refs[d], tgt, metric=metric, n_samples=n_samples
-                )
+                if (metric, d) not in base_stats:
+                    stats = Statistics(metric, Direction.parse(d).tgt)
+                    base_stats[metric, d] = (
+                        stats,
+                        stats.segments(base_hyps[d], refs[d], "hypotheses (system a)"),
+                    )
+                stats, base = base_stats[metric, d]
+                paired = Paired(stats, base, stats.segments(hyps, refs[d], "hypotheses (system b)"))
+                out[run.label][metric][d] = paired.bootstrap(n_samples, DEFAULT_SEED)
     return out
 
 
-def _mark(result: dict[str, Any] | None) -> str:
-    if result is None or result["p_value"] >= SIGNIFICANT:
+def _mark(result: BootstrapResult | None) -> str:
+    if result is None or not result.significant(SIGNIFICANT):
         return ""
-    return BETTER if result["delta"] > 0 else WORSE
+    return BETTER if result.delta > 0 else WORSE
 
 
 def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: int = 1000) -> dict[str, Any]:
@@ -147,10 +139,10 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
     direction and per family average, with best-in-column flags and significance marks."""
     columns = _direction_columns(runs)
     every = [d for f in FAMILIES for d in columns[f]]
-    common = [d for d in every if all(d in r.scores for r in runs)]
+    common = [d for d in every if all(d in r.scores.directions for r in runs)]
     significance = _significance(runs, baseline, common, n_samples) if baseline is not None else {}
     base_path = baseline.path if baseline is not None else None
-    has_comet = any(s.get("comet") is not None for r in runs for s in r.scores.values())
+    has_comet = any(s.comet is not None for r in runs for s in r.scores.directions.values())
     metrics = ["bleu", "chrf"] + (["comet"] if has_comet else [])
     tables: dict[str, Any] = {}
     for metric in metrics:
@@ -159,11 +151,11 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
             cells: dict[str, dict[str, Any]] = {}
             for family in FAMILIES:
                 for d in columns[family]:
-                    value = run.scores.get(d, {}).get(metric)
+                    value = run.scores.value(d, metric)
                     result = significance.get(run.label, {}).get(metric, {}).get(d)
                     cells[d] = {"value": value, "mark": _mark(result)}
                     if result is not None:
-                        cells[d]["p_value"] = result["p_value"]
+                        cells[d]["p_value"] = result.p_value
                 if columns[family]:
                     mean = _mean(run, columns[family], common, metric)
                     cells[_avg_key(family)] = {"value": mean, "mark": ""}
@@ -185,14 +177,17 @@ def build_tables(runs: Sequence[Run], baseline: Run | None = None, n_samples: in
         "common_directions": common,
         "columns": column_order,
         "tables": tables,
-        "significance": significance,
-        "signatures": {r.label: r.signatures for r in runs},
+        "significance": {
+            label: {m: {d: r.to_json() for d, r in by_d.items()} for m, by_d in by_m.items()}
+            for label, by_m in significance.items()
+        },
+        "signatures": {r.label: r.scores.all_signatures() for r in runs},
     }
 
 
 def _mean(run: Run, directions: list[str], common: list[str], metric: str) -> float | None:
     """Mean over the directions every run has (so all rows average the same directions)."""
-    values = [run.scores[d].get(metric) for d in directions if d in common]
+    values = [run.scores.value(d, metric) for d in directions if d in common]
     if not values or any(v is None for v in values):
         return None
     return sum(values) / len(values)
@@ -407,7 +402,6 @@ def _disambiguate(runs: list[Run]) -> None:
                 f"{run.path} ({run.strategy})" if run.strategy else str(run.path),
                 run.strategy,
                 run.scores,
-                run.signatures,
             )
 
 

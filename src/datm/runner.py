@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, models
+from datm import artifacts, auto, models, preflight
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters, shipped_parameters
@@ -20,10 +20,9 @@ from datm.tasks.work import BODIES, test_pairs, train_pairs  # noqa: F401 (their
 
 
 def build_plan(cfg: Config) -> Plan:
+    """The one plan builder of every command (`auto`: from the measurements its config names)."""
     if cfg.strategy == "auto":
-        from datm.probe import auto_plan_for_config
-
-        return auto_plan_for_config(cfg)  # from <output_dir>/probe/probe.json
+        return auto.build_plan(cfg)
     return make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
 
 
@@ -95,7 +94,8 @@ def paper_comparison(plan: Plan, cfg: Config, base: int, module: int, total: int
 def _check_same(path: Path, new: dict[str, Any], what: str, ignore: tuple[str, ...] = ()) -> None:
     """An output dir belongs to one experiment: refuse to mix results of different configs."""
     if not path.is_file():
-        artifacts.atomic_write_json(path, new)
+        if _is_main_process():  # the others check it once the main process has written it
+            artifacts.atomic_write_json(path, new)
         return
     old = artifacts.read_json(path)
     diff = [k for k in _differences(old, new) if k.split(".")[0] not in ignore]
@@ -139,17 +139,6 @@ def print_scores(scores: dict[str, Any]) -> None:
         print(f"{'avg ' + fam:<10} {s['bleu']:>7.2f} {s['chrf']:>7.2f}")
 
 
-def _probe_if_auto(cfg: Config) -> None:
-    """`auto` plans from measurements: take the gradient probe first when there are none yet."""
-    if cfg.strategy != "auto":
-        return
-    from datm import probe
-
-    if not probe.default_probe_path(cfg).is_file():
-        print("strategy auto: measuring gradient similarity first (datm probe)")
-        probe.probe_config(cfg, probe.default_probe_path(cfg).parent)
-
-
 def run(
     cfg: Config, executor: str | None = None, address: str | None = None, only: str | None = None
 ) -> dict[str, Any]:
@@ -161,13 +150,19 @@ def run(
         raise ConfigError(f"--executor {name!r}: expected one of {sorted(EXECUTORS)}")
     if name in REQUIREMENTS and only is None:
         REQUIREMENTS[name]()
-    _probe_if_auto(cfg)
-    run_dir, plan = _prepare(cfg)
+    if cfg.eval.comet is not None:
+        from datm import comet
+
+        comet.check(cfg.eval.comet)  # COMET's environment and model, before hours of training
+    run_dir, plan = _start(cfg)
+    if only is None:
+        preflight.check_data(cfg, plan, run_dir.root)  # every file it reads, before any model loads
     tasks = build_tasks(plan, run_dir)
     if only is not None:
         run_one(cfg, plan, tasks, only)
         return {}
-    print(format_plan(plan))
+    if _is_main_process():
+        print(format_plan(plan))
     if _num_processes() > 1:  # `accelerate launch`: every process trains; the main one does the rest
         if name != "local":
             raise ConfigError(f"executor {name!r} cannot run under accelerate launch; use executor local")
@@ -212,11 +207,13 @@ def describe_tasks(cfg: Config, as_json: bool = False) -> str:
 def _train_all_processes(cfg: Config, plan: Plan, tasks: list[Task]) -> None:
     """Data-parallel training: the main process claims each adapter, then all processes train it
     together (or all skip it, when it turned out done)."""
-    from accelerate import PartialState
+    from datm.train import process_state
 
-    state = PartialState()
+    state = process_state()
     run_dir = RunDir(cfg.output_dir)
     worker = Worker(cfg)
+    with state.main_process_first():
+        worker.model_path  # noqa: B018 (resolving may convert a GGUF model once, on the main process)
     for t in tasks:
         held = artifacts.claim(run_dir.claim(t.id), t.id) if state.is_main_process else None
         state.wait_for_everyone()
@@ -230,28 +227,38 @@ def _train_all_processes(cfg: Config, plan: Plan, tasks: list[Task]) -> None:
                 held.release()
 
 
-def _num_processes() -> int:
-    from accelerate import PartialState
+def _start(cfg: Config) -> tuple[RunDir, Plan]:
+    """Probe (auto) and plan. Under a multi-process launch the main process goes first, so that it
+    alone writes (probe, plan.json, config.json) and the others find those written."""
+    from datm.train import process_state
 
-    return PartialState().num_processes
+    with process_state().main_process_first():
+        auto.ensure_measurements(cfg)  # strategy auto: the pilot (or the probe) first
+        return _prepare(cfg)
+
+
+def _num_processes() -> int:
+    from datm.train import process_state
+
+    return int(process_state().num_processes)
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
+    from datm.train import process_state
 
-    return PartialState().is_main_process
+    return bool(process_state().is_main_process)
 
 
 def train_only(cfg: Config, only: list[str] | None = None) -> None:
     from datm.tasks.executors import run_local
 
-    _probe_if_auto(cfg)
-    run_dir, plan = _prepare(cfg)
+    run_dir, plan = _start(cfg)
     unknown = sorted(set(only or []) - {a.name for a in plan.adapters})
     if unknown:
         raise ConfigError(
             f"--adapter {unknown}: not in the plan; adapters are {[a.name for a in plan.adapters]}"
         )
+    preflight.check_data(cfg, plan, run_dir.root, test=False)
     tasks = [t for t in build_tasks(plan, run_dir) if t.kind == "train" and (not only or t.name in only)]
     if _num_processes() > 1:
         _train_all_processes(cfg, plan, tasks)

@@ -8,6 +8,7 @@ would otherwise dominate), AdamW, a transformers LR schedule, periodic checkpoin
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import time
@@ -23,8 +24,13 @@ from datm import artifacts
 from datm.config import LoraConfig, TrainConfig
 from datm.data import IGNORE_INDEX, Example, length_batches
 from datm.device import cpu_has_fast_bf16, pick_precision  # noqa: F401 (their home was here)
+from datm.errors import DatmError
 
 CHECKPOINT = ".checkpoint"
+
+
+class TrainError(DatmError):
+    pass
 
 
 @dataclass
@@ -41,6 +47,35 @@ class TrainResult:
         d = asdict(self)
         d["out"] = str(self.out)
         return d
+
+
+def _launched_on_cpu() -> bool:
+    """Several processes (torchrun / `accelerate launch --multi_gpu`) on a machine without an
+    accelerator: accelerate treats them as one process each unless told to use the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return not accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
+def process_state() -> Any:
+    """accelerate's view of the processes of this launch (rank, world size, main process).
+
+    Under torchrun or `accelerate launch --multi_gpu --num_processes N` on CPUs this is N
+    processes on gloo; every caller must go through here so all agree on the world size.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=_launched_on_cpu())
+
+
+def make_accelerator(grad_accum: int) -> Any:
+    from accelerate import Accelerator
+
+    process_state()  # fixes the process group first, so the Accelerator shares it
+    return Accelerator(gradient_accumulation_steps=grad_accum, cpu=_launched_on_cpu())
 
 
 def steps_for(n_examples: int, cfg: TrainConfig, world_size: int = 1) -> int:
@@ -181,10 +216,15 @@ def _lora_config(cfg: LoraConfig) -> Any:
 
 
 def _save_checkpoint(
-    ckpt: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[float]
+    ckpt: Path, accel: Any, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[float]
 ) -> None:
+    """Called by every process (each contributes its RNG state); only the main one writes."""
+    from accelerate.utils import gather_object
     from peft import get_peft_model_state_dict
 
+    rng = gather_object([torch.get_rng_state()]) if accel.num_processes > 1 else [torch.get_rng_state()]
+    if not accel.is_main_process:
+        return
     stage = artifacts.staging_dir(ckpt)
     torch.save(
         {
@@ -192,7 +232,8 @@ def _save_checkpoint(
             "lora": get_peft_model_state_dict(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rng,  # one state per process: dropout draws differ between ranks
+            "world_size": accel.num_processes,
             "losses": losses,
         },
         stage / "state.pt",
@@ -200,6 +241,20 @@ def _save_checkpoint(
     if ckpt.exists():
         shutil.rmtree(ckpt)
     stage.rename(ckpt)
+
+
+def _load_checkpoint(path: Path, accel: Any) -> dict[str, Any]:
+    state = torch.load(path, weights_only=False)
+    saved = state.get("world_size", 1)
+    if saved != accel.num_processes:
+        raise TrainError(
+            f"{path}: checkpoint written by {saved} process(es), resumed by {accel.num_processes}; the "
+            f"global batches would differ. Launch {saved} process(es) again, or delete {path.parent} to "
+            "restart"
+        )
+    rng = state["rng"]
+    state["rng"] = rng[accel.process_index] if isinstance(rng, list) else rng
+    return state
 
 
 def train_adapter(
@@ -218,7 +273,6 @@ def train_adapter(
     A finished `out` is never retrained; an interrupted run resumes from `out/.checkpoint`.
     The base model is left without adapters when this returns.
     """
-    from accelerate import Accelerator
     from peft import get_peft_model, set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -232,7 +286,7 @@ def train_adapter(
 
     # Autocast is ours rather than accelerate's: its precision is fixed per process, and one
     # process may train adapters under different configs (tests, benchmarks).
-    accel = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    accel = make_accelerator(cfg.grad_accum)
     precision = pick_precision(cfg.precision, accel.device)
     autocast = torch.autocast(accel.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     total_steps = steps_for(len(examples), cfg, accel.num_processes)
@@ -251,11 +305,12 @@ def train_adapter(
         num_training_steps=total_steps,
     )
 
-    out.mkdir(parents=True, exist_ok=True)
+    if accel.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
     start, losses = 0, []
     if (ckpt / "state.pt").is_file():
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        state = _load_checkpoint(ckpt / "state.pt", accel)
         set_peft_model_state_dict(peft_model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -292,21 +347,20 @@ def train_adapter(
                 optimizer.zero_grad()
             step_loss += loss.item() / micro_per_step
             seen += len(idx)
+        if accel.num_processes > 1:  # the global batch's loss, as one process would log it
+            step_loss = accel.reduce(torch.tensor([step_loss]), reduction="mean").item()
         losses.append(step_loss)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
-        if (
-            accel.is_main_process
-            and cfg.checkpoint_every
-            and done % cfg.checkpoint_every == 0
-            and done < total_steps
-        ):
-            _save_checkpoint(ckpt, peft_model, optimizer, scheduler, done, losses)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
+            _save_checkpoint(ckpt, accel, peft_model, optimizer, scheduler, done, losses)
         if on_step is not None:
             on_step(done, step_loss)
     bar.close()
     seconds = time.perf_counter() - t0
+    if accel.num_processes > 1:  # examples of the global batches
+        seen = int(accel.reduce(torch.tensor([seen]), reduction="sum").item())
 
     result = TrainResult(
         out=out,
@@ -329,6 +383,7 @@ def train_adapter(
             "directions": sorted({e.direction for e in examples}),
             "precision": precision,
             "device": str(accel.device),
+            "world_size": accel.num_processes,
             "versions": artifacts.library_versions(),
             **(provenance or {}),
         }

@@ -103,13 +103,12 @@ def train_pairs(
 def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
     if not cfg.data.test:
         raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
-    fmt = (
-        cfg.data.format
-        if cfg.data.format != "auto"
-        else data.detect_format(data.pattern_path(cfg.data.test, direction))
+    from datm import preflight
+
+    fmt, split = preflight.eval_split(cfg, cfg.data.test, direction)
+    got = data.read_direction(
+        cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split, allow_reverse=False
     )
-    split = cfg.data.test_split or ("devtest" if fmt == "flores" else "test")
-    got = data.read_direction(cfg.data.test, direction, fmt, cfg.data.on_bad_record, None, split)
     return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
 
 
@@ -126,6 +125,8 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
     held_out = held_out_origins(cfg, plan)  # dev pairs of `merge: auto`, never trained on
     pairs = train_pairs(cfg, spec.directions, report, held_out)
     examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
+    for d, file in report.reversed_files.items():
+        print(f"adapter {spec.name}: {d} is trained on the reverse direction's file {file}")
     if report.skipped:
         print(f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}")
     if tok_report.truncated or tok_report.dropped:
@@ -140,6 +141,7 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
         "data_origin": sorted({p.origin.rsplit(":", 1)[0] for p in pairs}),
         "skipped_records": report.skipped,
         "held_out_for_dev": len(held_out),
+        "reversed_files": report.reversed_files,  # direction -> reverse direction's file it read
         "tokenize": asdict(tok_report),
         "prompt": cfg.prompt,
     }
@@ -215,18 +217,25 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
 
 
 def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> dict[str, Any]:
-    from datm import evaluate
+    from datm import comet, evaluate
 
-    directions: dict[str, Any] = {}
-    signatures: dict[str, str] = {}
+    texts: dict[str, comet.Texts] = {}
     for d in plan.directions():
         files = run.translations(d)
         srcs, refs, hyps = (evaluate.read_lines(p) for p in (files.src, files.ref, files.hyp))
-        s = evaluate.score_direction(hyps, refs, d.tgt, srcs=srcs, comet_model=cfg.eval.comet)
-        row = s.to_dict()
-        row["test_fingerprint"] = artifacts.fingerprint_texts(srcs + refs)
+        texts[str(d)] = comet.Texts(srcs, hyps, refs)
+    rows, comet_provenance = evaluate.score_directions(
+        texts, {str(d): d.tgt for d in plan.directions()}, cfg.eval.comet
+    )
+    directions: dict[str, Any] = {}
+    signatures: dict[str, str] = {}
+    for d in plan.directions():
+        row = rows[str(d)].to_dict()
+        t = texts[str(d)]
+        row["test_fingerprint"] = artifacts.fingerprint_texts(list(t.srcs) + list(t.refs))
         directions[str(d)] = row
-        signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in s.signatures.items()})
+        sigs = rows[str(d)].signatures
+        signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in sigs.items()})
     scores = {
         "directions": directions,
         "averages": evaluate.averages(directions),
@@ -242,6 +251,7 @@ def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: W
                 for n, p in module_dirs(plan, run).items()
             },
             "versions": artifacts.library_versions(),
+            **({"comet": comet_provenance} if comet_provenance else {}),
             "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     }

@@ -1,0 +1,185 @@
+"""`strategy: auto`: measure, per direction, whether joint training helps, then plan from that.
+
+One builder serves every command: `build_plan(cfg)` reads the measurements the config's `auto`
+section names and applies `datm.plan.auto_plan` with its threshold, so `datm plan`, `datm run` and
+`datm train` build the same plan from the same config (the command line's `--measurements` and
+`--threshold` are overrides of those keys, `datm.config.with_auto_overrides`). `plan.json` records
+what decided it (`Plan.decided_by`).
+
+Sources (`auto.source`, a registry):
+- `pilot` (default): short separate and joint trainings scored on the dev split, Δ = joint − separate
+  (`datm.pilot`);
+- `probe`: the LoRA-gradient cosine before training (`datm.probe`); measured *not* to predict the
+  gains on this project's data (`benchmarks/results/probe_validity.md`), so it is not the default;
+- `file`: measurements made elsewhere, `auto.measurements` (a probe.json or an analysis.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from datm import artifacts
+from datm.config import Config, ConfigError, check_merge_weights
+from datm.errors import DatmError
+from datm.plan import Plan, auto_plan
+
+
+class MeasurementsMissing(DatmError):
+    """The measurements an auto plan decides from have not been taken yet."""
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    path: Callable[[Config], Path]  # where the source's measurements are
+    measure: Callable[[Config], object] | None  # takes them (None: the user supplies the file)
+    describe: Callable[[Config], str]  # what it measures and what that costs
+    how: str  # how a user takes the measurements
+
+
+def _probe_path(cfg: Config) -> Path:
+    from datm.probe import default_probe_path
+
+    return default_probe_path(cfg)
+
+
+def _probe_measure(cfg: Config) -> object:
+    from datm import probe
+
+    print("strategy auto: measuring gradient similarity first (datm probe)")
+    return probe.probe_config(cfg, _probe_path(cfg).parent, cfg.auto.probe_examples)
+
+
+def _pilot_measure(cfg: Config) -> object:
+    from datm import pilot
+
+    print("strategy auto: running the pilot first")
+    return pilot.run_pilot(cfg)
+
+
+def _pilot_path(cfg: Config) -> Path:
+    from datm import pilot
+
+    return pilot.analysis_path(cfg)
+
+
+def _pilot_describe(cfg: Config) -> str:
+    from datm import pilot
+
+    return pilot.describe(cfg)
+
+
+SOURCES: dict[str, Source] = {
+    "pilot": Source(
+        "pilot",
+        _pilot_path,
+        _pilot_measure,
+        _pilot_describe,
+        "`datm run` (or `datm train`) runs the pilot first",
+    ),
+    "probe": Source(
+        "probe",
+        _probe_path,
+        _probe_measure,
+        lambda cfg: (
+            f"probe: LoRA-gradient cosine on {cfg.auto.probe_examples} training examples per direction, "
+            "before any training (it did not predict the gains: benchmarks/results/probe_validity.md)"
+        ),
+        "run `datm probe CONFIG` (or `datm run`, which probes first)",
+    ),
+    "file": Source(
+        "file",
+        lambda cfg: Path(str(cfg.auto.measurements)),
+        None,
+        lambda cfg: f"file: measurements in {cfg.auto.measurements}",
+        "give an existing probe.json or analysis.json as auto.measurements",
+    ),
+}
+
+
+def measurements_path(cfg: Config) -> Path:
+    return SOURCES[cfg.auto.source].path(cfg)
+
+
+def describe(cfg: Config) -> str:
+    """The auto section in words: where the measurements come from, what they cost, the threshold."""
+    a = cfg.auto
+    return f"auto: source {a.source}, threshold {a.threshold:g}: {SOURCES[a.source].describe(cfg)}"
+
+
+def ensure_measurements(cfg: Config) -> None:
+    """Take the config's measurements when strategy auto has none yet (the pilot or the probe),
+    after checking that every data file the whole run may read is there."""
+    if cfg.strategy != "auto" or measurements_path(cfg).is_file():
+        return
+    source = SOURCES[cfg.auto.source]
+    if source.measure is None:
+        raise ConfigError(f"{cfg.source}: auto.measurements: file {measurements_path(cfg)} does not exist")
+    from datm import preflight
+
+    preflight.check_auto_data(cfg)
+    source.measure(cfg)
+
+
+def measurements_from_file(path: str | Path, groups: dict[str, list[str]]) -> tuple[dict[str, float], str]:
+    """Measurements and their kind ("probe" or "pilot") from a probe.json (`datm probe`) or an
+    analysis.json (`datm analyze`, or a pilot's: per direction Δ = joint − separate)."""
+    from datm.probe import ProbeError, auto_measurements_from_probe
+
+    path = Path(path)
+    if not path.is_file():
+        raise MeasurementsMissing(f"measurements file {path} does not exist")
+    raw = artifacts.read_json(path)
+    if isinstance(raw, dict) and "matrix" in raw:
+        return auto_measurements_from_probe(raw, groups), "probe"
+    if isinstance(raw, dict) and isinstance(raw.get("directions"), dict):
+        try:
+            return {d: float(row["delta"]) for d, row in raw["directions"].items()}, "pilot"
+        except (KeyError, TypeError, ValueError):
+            pass
+    raise ProbeError(
+        f"{path}: neither a probe.json (from `datm probe`) nor an analysis.json (from `datm analyze`)"
+    )
+
+
+def build_plan(cfg: Config) -> Plan:
+    """The auto plan of a config, from the measurements its `auto` section names."""
+    path = measurements_path(cfg)
+    if not path.is_file():
+        raise MeasurementsMissing(
+            f"{cfg.source}: strategy auto decides from measurements and {path} does not exist yet; "
+            f"{SOURCES[cfg.auto.source].how}"
+        )
+    if cfg.auto.source == "pilot":
+        from datm import pilot
+
+        pilot.check_current(cfg, artifacts.read_json(path), path)
+    groups = cfg.resolved_groups()
+    measurements, kind = measurements_from_file(path, groups)
+    try:
+        plan = auto_plan(cfg.languages, groups, measurements, cfg.auto.threshold, kind, cfg.merge.method)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    check_merge_weights(cfg, {m.name: len(m.sources) for m in plan.merges})
+    plan.decided_by = {
+        "source": cfg.auto.source,
+        "kind": kind,
+        "threshold": cfg.auto.threshold,
+        "measurements": str(path),
+        "fingerprint": artifacts.fingerprint_files([path]),
+        "values": measurements,
+    }
+    return plan
+
+
+__all__ = [
+    "SOURCES",
+    "MeasurementsMissing",
+    "build_plan",
+    "describe",
+    "ensure_measurements",
+    "measurements_from_file",
+    "measurements_path",
+]

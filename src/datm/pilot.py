@@ -1,0 +1,186 @@
+"""The pilot that `strategy: auto` decides from by default (`auto.source: pilot`).
+
+Two short trainings of the config's own setting, each a fixed fraction (`auto.pilot.fraction`) of
+every adapter's training budget: `separate` (one adapter per direction) and `group_family` (one
+adapter per group and family: what `auto` means by training jointly). Both are scored on the dev
+split (`data.valid`) — never on the test split — and compared exactly as `datm analyze` compares
+runs (`datm.analyze`): per direction Δ = score(joint) − score(separate). `auto_plan` then trains
+jointly the directions whose Δ is above `auto.threshold`.
+
+The two trainings are ordinary run directories, <output_dir>/pilot/separate and
+<output_dir>/pilot/joint, so the pilot resumes after a kill like any run; the analysis goes to
+<output_dir>/pilot/analysis/ (analysis.json, .md and plots), written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from datm import artifacts, data
+from datm.config import Config, ConfigError
+from datm.languages import directions_for
+from datm.plan import make_plan
+
+ROLES = {"separate": "separate", "joint": "group_family"}  # pilot run -> its strategy
+
+
+def pilot_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / "pilot"
+
+
+def analysis_path(cfg: Config) -> Path:
+    return pilot_dir(cfg) / "analysis" / "analysis.json"
+
+
+def _dev_split(cfg: Config) -> str | None:
+    """The split name the dev pattern holds for formats that have splits (FLORES, datasets)."""
+    assert cfg.data.valid is not None
+    first = next(iter(directions_for(cfg.languages)))
+    fmt = cfg.data.format
+    if fmt == "auto":
+        fmt = data.detect_format(data.pattern_path(cfg.data.valid, first))
+    return {"flores": "dev", "datasets": "validation"}.get(fmt)
+
+
+def pilot_train(cfg: Config) -> dict[str, float | int | None]:
+    """The pilot's training budget per adapter: the full budget times auto.pilot.fraction."""
+    f, t = cfg.auto.pilot.fraction, cfg.train
+    if t.steps is not None:
+        return {"steps": max(1, math.ceil(t.steps * f)), "epochs": None}
+    assert t.epochs is not None  # config validation: strategy auto trains, so it has a budget
+    return {"steps": None, "epochs": t.epochs * f}
+
+
+def pilot_config(cfg: Config, role: str) -> Config:
+    """The config of one pilot run: the user's setting with the pilot's strategy, budget, dev split
+    in the place of the test split, and its own output directory."""
+    if not cfg.data.valid:
+        raise ConfigError(f"{cfg.source}: auto.source pilot needs data.valid (the dev split it scores on)")
+    p = cfg.auto.pilot
+    return dataclasses.replace(
+        cfg,
+        strategy=ROLES[role],
+        data=dataclasses.replace(cfg.data, test=cfg.data.valid, test_split=_dev_split(cfg)),
+        train=dataclasses.replace(cfg.train, **pilot_train(cfg)),
+        eval=dataclasses.replace(cfg.eval, max_examples=p.max_examples or cfg.eval.max_examples),
+        output_dir=str(pilot_dir(cfg) / role),
+        source=f"{cfg.source} (pilot {role})",
+    )
+
+
+def describe(cfg: Config) -> str:
+    """What the pilot runs and what it costs, in terms of the full run's budget."""
+    groups = cfg.resolved_groups()
+    plans = {role: make_plan(s, cfg.languages, groups) for role, s in ROLES.items()}
+    budget = pilot_train(cfg)
+    t = cfg.train
+    if t.steps is not None:
+        unit = f"{budget['steps']} steps (full: {t.steps})"
+    else:
+        unit = f"{budget['epochs']:g} epochs (full: {t.epochs:g})"
+    shared = len(_shared_adapters(plans))
+    trained = sum(len(p.adapters) for p in plans.values()) - shared
+    examples = cfg.auto.pilot.max_examples or cfg.eval.max_examples
+    segments = f"the first {examples}" if examples else "all"
+    return (
+        f"pilot: {cfg.auto.pilot.fraction:g} of the training budget per adapter, {unit}; "
+        f"{trained} pilot adapters ({len(plans['separate'].adapters)} separate + "
+        f"{len(plans['joint'].adapters)} joint per group and family"
+        + (f", {shared} of them the same as a separate one, trained once" if shared else "")
+        + f"), scored on data.valid ({segments} segments per direction; never the test split); "
+        f"Δ {cfg.auto.pilot.metric} = joint − separate, as `datm analyze`; runs in {pilot_dir(cfg)}"
+    )
+
+
+def _shared_adapters(plans: dict) -> list[str]:
+    """Joint-run adapters identical to a separate-run adapter (same name and directions)."""
+    separate = {a.name: a.directions for a in plans["separate"].adapters}
+    return [a.name for a in plans["joint"].adapters if separate.get(a.name) == a.directions]
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    tmp = dst.with_name(dst.name + ".linking")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=link)
+    tmp.rename(dst)  # whole or absent: a kill while linking leaves only the .linking folder
+
+
+def settings(cfg: Config) -> dict[str, Any]:
+    """What a pilot's measurements depend on beyond its run directories' own configs."""
+    p = cfg.auto.pilot
+    return {
+        "fraction": p.fraction,
+        "train": pilot_train(cfg),
+        "dev": cfg.data.valid,
+        "max_examples": p.max_examples or cfg.eval.max_examples,
+        "metric": p.metric,
+        "samples": p.samples,
+    }
+
+
+def check_current(cfg: Config, analysis: dict[str, Any], path: Path) -> None:
+    """A finished pilot's analysis was made with the config's pilot settings (else it is stale)."""
+    recorded, now = analysis.get("pilot"), settings(cfg)
+    if recorded != now:
+        changed = sorted(k for k in now if not isinstance(recorded, dict) or recorded.get(k) != now[k])
+        raise ConfigError(
+            f"{path} was made by a pilot with other settings (differs in {changed}); delete "
+            f"{pilot_dir(cfg)} to run the pilot again, or use a new output_dir"
+        )
+
+
+def run_pilot(cfg: Config) -> Path:
+    """Run (or resume) the pilot and write its analysis; returns analysis.json's path."""
+    from datm import analyze, runner
+
+    target = analysis_path(cfg)
+    if target.is_file():
+        return target
+    print(describe(cfg))
+    configs = {role: pilot_config(cfg, role) for role in ROLES}
+    runner.run(configs["separate"])
+    # A joint-run adapter that holds one direction is the separate run's adapter (same data, seed
+    # and budget): trained once, hard-linked.
+    plans = {role: runner.build_plan(c) for role, c in configs.items()}
+    for name in _shared_adapters(plans):
+        src = Path(configs["separate"].output_dir) / "adapters" / name
+        dst = Path(configs["joint"].output_dir) / "adapters" / name
+        if artifacts.is_done(src) and not dst.exists():
+            _link_tree(src, dst)
+    runner.run(configs["joint"])
+    p = cfg.auto.pilot
+    result = analyze.analyze(
+        Path(configs["separate"].output_dir),
+        Path(configs["joint"].output_dir),
+        metric=p.metric,
+        n_samples=p.samples,
+        seed=cfg.train.seed,
+    )
+    result = dataclasses.replace(result, pilot=settings(cfg))
+    path = analyze.write_analysis(result, target.parent)
+    print(analyze.format_table(result))
+    print(f"pilot analysis written: {path}")
+    return path
+
+
+__all__ = [
+    "analysis_path",
+    "check_current",
+    "describe",
+    "pilot_config",
+    "pilot_dir",
+    "pilot_train",
+    "run_pilot",
+    "settings",
+]

@@ -1,0 +1,246 @@
+"""`strategy: auto`: its config keys, one plan builder for `plan` and `run`, and the pilot end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import WORDS, write_alma
+
+from datm import analyze, models
+from datm import config as C
+from datm.cli import main
+
+
+def auto_raw(**auto: Any) -> dict[str, Any]:
+    return {
+        "languages": ["de", "cs"],
+        "groups": {"g": ["de", "cs"]},
+        "strategy": "auto",
+        "data": {
+            "train": "/d/train.{xx}-en.jsonl",
+            "test": "/d/test.{src}-{tgt}.jsonl",
+            "valid": "/d/v.jsonl",
+        },
+        "train": {"steps": 4},
+        "auto": auto,
+    }
+
+
+def test_auto_defaults_to_a_pilot_at_threshold_0():
+    cfg = C.from_dict(auto_raw())
+    assert (cfg.auto.source, cfg.auto.threshold, cfg.auto.pilot.fraction) == ("pilot", 0.0, 0.25)
+    assert cfg.to_dict()["auto"]["pilot"]["metric"] == "chrf"
+
+
+@pytest.mark.parametrize(
+    ("auto", "key"),
+    [
+        ({"source": "oracle"}, "auto.source"),
+        ({"source": ["pilot"]}, "auto.source"),
+        ({"threshold": "high"}, "auto.threshold"),
+        ({"threshold": float("nan")}, "auto.threshold"),
+        ({"threshold": True}, "auto.threshold"),
+        ({"probe_examples": 0}, "auto.probe_examples"),
+        ({"pilot": {"fraction": 0}}, "auto.pilot.fraction"),
+        ({"pilot": {"fraction": 1.5}}, "auto.pilot.fraction"),
+        ({"pilot": {"max_examples": -1}}, "auto.pilot.max_examples"),
+        ({"pilot": {"samples": 0}}, "auto.pilot.samples"),
+        ({"pilot": {"metric": "ter"}}, "auto.pilot.metric"),
+        ({"pilot": {"budget": 3}}, "auto.pilot: unknown key(s) ['budget']"),
+        ({"pilot": 0.5}, "auto.pilot: expected a mapping"),
+        ({"oracle": 1}, "auto: unknown key(s) ['oracle']"),
+        ({"measurements": "m.json"}, "auto.measurements is read only with auto.source: file"),
+        ({"source": "file"}, "auto.source file needs auto.measurements"),
+        ({"source": "file", "measurements": "/no/such.json"}, "/no/such.json does not exist"),
+    ],
+)
+def test_bad_auto_setting_is_refused_at_load_naming_the_key(auto, key):
+    with pytest.raises(C.ConfigError) as e:
+        C.from_dict(auto_raw(**auto), source="c.yaml")
+    assert key in str(e.value) and str(e.value).startswith("c.yaml")
+
+
+def test_pilot_needs_a_dev_split_never_the_test_split():
+    raw = auto_raw()
+    del raw["data"]["valid"]
+    with pytest.raises(C.ConfigError, match=r"data\.valid .*test split never decides"):
+        C.from_dict(raw)
+    C.from_dict({**raw, "auto": {"source": "probe"}})  # the probe reads training data only
+
+
+def write_analysis_file(path: Path, deltas: dict[str, float]) -> Path:
+    rows = {d: {"delta": v} for d, v in deltas.items()}
+    path.write_text(json.dumps({"metric": "chrf", "directions": rows}))
+    return path
+
+
+def test_threshold_override_needs_strategy_auto(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("languages: [de]\ndata: {train: t}\ntrain: {steps: 1}\nstrategy: dat\n")
+    assert main(["run", str(cfg), "--threshold", "0.5"]) == 2
+    assert "are for strategy auto; the config has strategy 'dat'" in capsys.readouterr().err
+
+
+def config_text(model: Path, data: Path, auto: str, steps: int = 2) -> str:
+    return f"""
+base_model: {model}
+languages: [de, cs, ru]
+groups: {{germanic: [de], slavic: [cs, ru]}}
+data:
+  train: {data}/train.{{xx}}-en.jsonl
+  test: {data}/test.{{src}}-{{tgt}}.jsonl
+  valid: {data}/valid.{{xx}}-en.jsonl
+strategy: auto
+auto: {auto}
+lora: {{r: 4, alpha: 8}}
+train: {{steps: {steps}, batch_size: 4, lr: 0.002, max_examples_per_pair: 8, seed: 1, checkpoint_every: 0}}
+merge: {{method: ties, density: 0.5}}
+eval: {{max_examples: 3, beams: 1, max_new_tokens: 4}}
+output_dir: out
+"""
+
+
+def test_plan_and_run_build_the_same_auto_plan(tmp_path, tiny_model_dir, alma_dir, capsys):
+    deltas = {"de-en": 0.4, "cs-en": 1.2, "ru-en": 0.3, "en-de": -1.0, "en-cs": 2.0, "en-ru": -0.5}
+    measured = write_analysis_file(tmp_path / "analysis.json", deltas)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        config_text(tiny_model_dir, alma_dir, f"{{source: file, measurements: {measured}, threshold: 0.35}}")
+    )
+    assert main(["plan", str(cfg), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    # threshold 0.35 from the config: ru-en (0.3) is separate, so cs-en has no joint partner
+    assert planned["routes"]["cs-en"] == planned["routes"]["ru-en"] == "xx-en.slavic"
+    assert planned["decided_by"]["threshold"] == 0.35 and planned["decided_by"]["source"] == "file"
+    assert planned["decided_by"]["values"] == deltas
+    assert main(["run", str(cfg)]) == 0
+    ran = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert ran == planned
+    capsys.readouterr()
+
+    # an override goes through the same builder for both commands, and a run directory refuses it
+    assert main(["plan", str(cfg), "--json", "--threshold", "0.25"]) == 0
+    lower = json.loads(capsys.readouterr().out)
+    assert lower["routes"]["cs-en"] == lower["routes"]["ru-en"] == "xx-en.slavic.joint"
+    assert main(["run", str(cfg), "--threshold", "0.25"]) == 2
+    assert "plan.json was written by a different plan" in capsys.readouterr().err
+
+
+def write_valid(path: Path, lang: str, n: int = 5) -> None:
+    """Dev records unlike the test set's (test lines end in their index; these in 'dev N')."""
+    lines = [
+        json.dumps(
+            {"translation": {lang: f"{WORDS[lang][i % 5]} dev {i}", "en": f"{WORDS['en'][i % 5]} dev {i}"}}
+        )
+        for i in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_pilot_end_to_end_decides_the_plan_on_the_dev_split(tmp_path, tiny_model_dir, alma_dir, capsys):
+    for lang in ("de", "cs", "ru"):
+        write_valid(alma_dir / f"valid.{lang}-en.jsonl", lang)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config_text(tiny_model_dir, alma_dir, "{pilot: {fraction: 0.5, samples: 20}}", steps=2))
+
+    # before the pilot: `datm plan` prints what the pilot costs and says how it is run
+    assert main(["plan", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "auto: source pilot, threshold 0" in printed
+    assert "0.5 of the training budget per adapter, 1 steps (full: 2)" in printed
+    assert "scored on data.valid" in printed and "`datm run`" in printed
+
+    assert main(["run", str(cfg)]) == 0
+    out = tmp_path / "out"
+    pilot = out / "pilot"
+    for role, strategy in (("separate", "separate"), ("joint", "group_family")):
+        assert json.loads((pilot / role / "plan.json").read_text())["strategy"] == strategy
+        run_cfg = json.loads((pilot / role / "config.json").read_text())
+        assert run_cfg["train"]["steps"] == 1 and run_cfg["data"]["test"].endswith("valid.{xx}-en.jsonl")
+        for d in ("de-en", "en-cs"):  # scored on the dev split, not the test split
+            refs = (pilot / role / "translations" / f"{d}.ref.txt").read_text().splitlines()
+            assert len(refs) == 3 and all(" dev " in r for r in refs)
+    # the joint run's one-direction adapters are the separate run's, trained once
+    for name in ("de-en", "en-de"):
+        sep, joint = (
+            pilot / r / "adapters" / name / "adapter_model.safetensors" for r in ("separate", "joint")
+        )
+        assert sep.stat().st_ino == joint.stat().st_ino
+    assert json.loads((pilot / "joint" / "plan.json").read_text())["routes"]["cs-en"] == "xx-en.slavic.joint"
+
+    # the measurements are `datm analyze`'s Δ of the two pilot runs, and decide the final plan
+    analysis = json.loads((pilot / "analysis" / "analysis.json").read_text())
+    again = analyze.analyze(pilot / "separate", pilot / "joint", n_samples=20, seed=1)
+    assert {d: r["delta"] for d, r in analysis["directions"].items()} == {
+        d: r.delta for d, r in again.directions.items()
+    }
+    assert analysis["pilot"]["fraction"] == 0.5 and analysis["pilot"]["train"]["steps"] == 1
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["decided_by"]["source"] == "pilot" and plan["decided_by"]["kind"] == "pilot"
+    deltas = {d: r["delta"] for d, r in analysis["directions"].items()}
+    assert plan["decided_by"]["values"] == deltas
+    for d in ("cs-en", "ru-en", "en-cs", "en-ru"):
+        assert "pilot Δ" in plan["notes"][d]
+    both = [d for d in ("cs-en", "ru-en") if deltas[d] > 0]
+    assert (plan["routes"]["cs-en"] == "xx-en.slavic.joint") == (len(both) == 2)
+    assert set(json.loads((out / "scores.json").read_text())["directions"]) == set(plan["routes"])
+    test_refs = (out / "translations" / "de-en.ref.txt").read_text().splitlines()
+    assert not any(" dev " in r for r in test_refs)  # the final run is scored on the test split
+
+    # `datm plan` now builds the same plan; a second run trains nothing (resumed)
+    capsys.readouterr()
+    assert main(["plan", str(cfg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == plan
+    assert main(["plan", str(cfg), "--json", "--threshold", "-1000"]) == 0  # every Δ is above it
+    lowered = json.loads(capsys.readouterr().out)
+    assert lowered["routes"]["cs-en"] == lowered["routes"]["ru-en"] == "xx-en.slavic.joint"
+    assert main(["run", str(cfg)]) == 0
+    assert "running the pilot" not in capsys.readouterr().out
+
+    # a pilot made with other settings is refused, not silently reused
+    cfg.write_text(cfg.read_text().replace("fraction: 0.5", "fraction: 1.0"))
+    assert main(["plan", str(cfg), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "made by a pilot with other settings" in err and "fraction" in err
+
+
+def test_auto_data_is_checked_before_the_pilot_loads_a_model(tmp_path, alma_dir, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_model", boom)
+    monkeypatch.setattr(models, "load_tokenizer", boom)
+    for lang in ("de", "cs"):  # no dev file for ru
+        write_valid(alma_dir / f"valid.{lang}-en.jsonl", lang)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config_text(tmp_path / "no-model", alma_dir, "{source: pilot}"))
+    assert main(["run", str(cfg)]) == 2
+    assert "valid.ru-en.jsonl does not exist" in capsys.readouterr().err
+    write_valid(alma_dir / "valid.ru-en.jsonl", "ru")
+    (alma_dir / "test.en-ru.jsonl").unlink()  # the final run's test set is checked before the pilot too
+    assert main(["run", str(cfg)]) == 2
+    assert "test.en-ru.jsonl does not exist" in capsys.readouterr().err
+    write_alma(alma_dir / "test.en-ru.jsonl", "ru", 4)
+    (alma_dir / "train.cs-en.jsonl").unlink()
+    assert main(["train", str(cfg)]) == 2
+    assert "train.cs-en.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_merge_weights_are_counted_against_the_auto_plans_merges(tmp_path):
+    from datm import auto
+
+    measured = write_analysis_file(
+        tmp_path / "a.json", {"de-en": -1.0, "cs-en": -1.0, "en-de": 1.0, "en-cs": 1.0}
+    )
+    raw = auto_raw(source="file", measurements=str(measured))
+    raw["merge"] = {"weights": [1.0, 2.0, 3.0]}
+    cfg = C.from_dict(raw, source="c.yaml")  # which merges auto makes is known only once measured
+    with pytest.raises(
+        C.ConfigError, match=r"merge\.weights has 3 value\(s\), but merge\(s\) \{'xx-en\.g': 2\}"
+    ):
+        auto.build_plan(cfg)
+    raw["merge"] = {"weights": [1.0, 2.0]}
+    assert auto.build_plan(C.from_dict(raw)).merges[0].sources == ["de-en", "cs-en"]
