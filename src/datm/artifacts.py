@@ -191,6 +191,10 @@ class RunDir:
     def merged(self, name: str) -> Path:
         return self.root / "merged" / name
 
+    def candidates(self, merge: str) -> Path:
+        """Where `merge: auto` keeps one merge's candidates, their dev translations and the selection."""
+        return self.root / "candidates" / merge
+
     def module(self, name: str, merges: Iterable[str] | None = None) -> Path:
         """Where a shipped module lives: merged/ for the plan's merges, adapters/ otherwise.
         `merges` (the plan's merge names) defaults to those in plan.json."""

@@ -58,11 +58,15 @@ class TrainConfig:
 
 @dataclass
 class MergeConfig:
-    method: str = "ties"  # ties | linear
+    method: str = "ties"  # a registered merge method (ties, linear, ...) or auto (datm.merge_select)
     density: float = 0.2
     rank: int | None = None  # rank of the re-factored LoRA; default: the adapters' rank
     form: str = "lowrank"  # lowrank | factor | dense | sparse
     weights: list[float] | None = None
+    # method auto: [{method, density, rank}, ...] or a grid {methods, densities, ranks}
+    candidates: list[dict[str, Any]] | dict[str, Any] | None = None
+    select_on: str = "valid"  # auto chooses on the dev set (data.valid, or held-out training pairs)
+    dev_size: int = 200  # auto: dev sentences per direction (and the held-out slice's size)
 
 
 @dataclass
@@ -301,11 +305,10 @@ def validate(cfg: Config) -> None:
         if value not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{s}: {section}.precision must be auto, bf16 or fp32, got {value!r}")
     m = cfg.merge
+    from datm import merge_select  # local: it imports this module
     from datm.merge.forms import FORMS
-    from datm.merge.methods import METHODS
 
-    if m.method not in METHODS:
-        raise ConfigError(f"{s}: merge.method must be one of {', '.join(METHODS)}, got {m.method!r}")
+    merge_select.validate(cfg)  # the method against the merge registry, and auto's keys
     if m.form not in FORMS:
         raise ConfigError(f"{s}: merge.form must be one of {', '.join(FORMS)}, got {m.form!r}")
     validate_scaleout(cfg)

@@ -412,5 +412,9 @@ def run_report(run_dir: Path) -> Path:
     data = build_tables([run])
     pngs = _write_plots(data, run_dir, ("bleu", "chrf"))
     files = {m: f"{m}_by_direction.png" for m in pngs}
-    artifacts.atomic_write_text(run_dir / "report.md", render_markdown(data, f"datm run: {run.label}", files))
+    from datm.merge_select import report_section
+
+    text = render_markdown(data, f"datm run: {run.label}", files)
+    selection = report_section(run_dir)  # merges chosen on the dev set (merge: auto), if any
+    artifacts.atomic_write_text(run_dir / "report.md", text + ("\n" + selection if selection else ""))
     return run_dir / "report.md"

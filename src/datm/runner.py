@@ -49,6 +49,9 @@ def describe_plan(cfg: Config, as_json: bool = False) -> str:
     except Exception as e:  # counting is informative only; the plan itself is still valid
         print(f"(parameter counts unavailable: {e})")
     text = format_plan(plan, base_params, module_params, merge_params, cfg.merge.form)
+    from datm.merge_select import describe as describe_selection
+
+    text += "".join(f"\n{line}" for line in describe_selection(cfg, plan))  # merge: auto's extra work
     kinds = Counter(t.kind for t in build_tasks(plan, RunDir(cfg.output_dir)))
     text += f"\ntasks: {sum(kinds.values())} = " + ", ".join(f"{n} {k}" for k, n in kinds.items())
     if base_params is not None and module_params is not None:

@@ -83,7 +83,11 @@ class Worker:
 # --- data of a config --------------------------------------------------------------------------------
 
 
-def train_pairs(cfg: Config, directions: list[str], report: data.ReadReport) -> list[data.Pair]:
+def train_pairs(
+    cfg: Config, directions: list[str], report: data.ReadReport, exclude: frozenset[str] = frozenset()
+) -> list[data.Pair]:
+    """The training pairs of some directions, without the records in `exclude` ('file:line': dev
+    pairs held out for `merge: auto`)."""
     if not cfg.data.train:
         raise ConfigError(f"{cfg.source}: data.train is required to train adapters")
     pairs: list[data.Pair] = []
@@ -91,6 +95,7 @@ def train_pairs(cfg: Config, directions: list[str], report: data.ReadReport) -> 
         got = data.read_direction(
             cfg.data.train, L.Direction.parse(d), cfg.data.format, cfg.data.on_bad_record, report, "train"
         )
+        got = [p for p in got if p.origin not in exclude]
         pairs += data.select(got, cfg.train.max_examples_per_pair, cfg.train.seed)
     return pairs
 
@@ -111,12 +116,14 @@ def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
 
 
 def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
+    from datm.merge_select import held_out_origins
     from datm.train import train_adapter
 
     spec = next(a for a in plan.adapters if a.name == task.name)
     fmt = data.PromptFormat(worker.tokenizer, cfg.prompt)
     report = data.ReadReport()
-    pairs = train_pairs(cfg, spec.directions, report)
+    held_out = held_out_origins(cfg, plan)  # dev pairs of `merge: auto`, never trained on
+    pairs = train_pairs(cfg, spec.directions, report, held_out)
     examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
     for d, file in report.reversed_files.items():
         print(f"adapter {spec.name}: {d} is trained on the reverse direction's file {file}")
@@ -133,6 +140,7 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
         "data_fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in pairs),
         "data_origin": sorted({p.origin.rsplit(":", 1)[0] for p in pairs}),
         "skipped_records": report.skipped,
+        "held_out_for_dev": len(held_out),
         "reversed_files": report.reversed_files,  # direction -> reverse direction's file it read
         "tokenize": asdict(tok_report),
         "prompt": cfg.prompt,
@@ -152,8 +160,13 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
 
 def merge_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
     from datm.merge import merge_adapters
+    from datm.merge_select import AUTO, select_merge
 
     spec = next(m for m in plan.merges if m.name == task.name)
+    if spec.method == AUTO:
+        chosen = select_merge(cfg, plan, run, spec.name, worker)["chosen"]
+        print(f"merge {spec.name}: chose {chosen} on the dev set (candidates: {run.candidates(spec.name)})")
+        return
     res = merge_adapters(
         [run.adapter(s) for s in spec.sources],
         run.merged(spec.name),

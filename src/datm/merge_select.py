@@ -1,0 +1,440 @@
+"""`merge: {method: auto}`: choose each group's merge by translation quality on the dev set.
+
+Per merge (group), every candidate (method × density × rank) is merged into
+`candidates/MERGE/CANDIDATE/module/` through the public `merge_adapters`, the group's **dev** sentences
+of the directions the merged module serves are translated with it, and chrF++ is scored. The best
+candidate (highest mean chrF++ over those directions; ties go to the smaller module, then to the
+earlier candidate in the config) is published as `merged/MERGE/`, and the table of candidates with the
+choice goes into its `merge_info.json` (key `selection`) and the run's report.
+
+The dev sentences are the data's `valid` split (`data.valid`, the first `merge.dev_size` of them);
+a direction without one uses a seeded held-out slice of `merge.dev_size` pairs of its training
+data, which training then does not use (`held_out_origins`). The test split is never read here.
+
+Everything is an artifact: a finished candidate merge (merge_adapters' DONE marker) or candidate
+translation (`translations.json`, made for a fingerprinted dev set) is reused when the task runs again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from datm import artifacts, data
+from datm import languages as L
+from datm.artifacts import RunDir
+from datm.config import Config, ConfigError, MergeConfig
+
+AUTO = "auto"
+SELECT_ON = ("valid",)
+CANDIDATE_KEYS = ("method", "density", "rank")
+GRID_KEYS = ("methods", "densities", "ranks")
+SELECTION_FILE = "selection.json"
+TRANSLATIONS_FILE = "translations.json"
+EXAMPLE = "e.g. [{method: ties, density: 0.2, rank: 16}] or {methods: [ties, linear], ranks: [16, 64]}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str
+    density: float
+    rank: int | None  # None: the sources' rank (merge_adapters' default)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-d{self.density:g}-r{self.rank if self.rank is not None else 'src'}"
+
+
+def registered_methods() -> list[str]:
+    """The merge methods `merge_adapters` knows (its registry): the one list names are checked against."""
+    from datm import merge
+
+    return list(merge.METHODS)
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+
+def candidates(m: MergeConfig, where: str = "merge") -> list[Candidate]:
+    """The candidates of `merge.candidates` (a list of {method, density, rank}, or a grid of
+    {methods, densities, ranks}); an unset density or rank is merge.density / merge.rank. Duplicates
+    are dropped (the first one stays)."""
+    raw = m.candidates
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - set(GRID_KEYS))
+        if unknown or "methods" not in raw:
+            raise ConfigError(f"{where}.candidates: a grid needs 'methods' and may have {list(GRID_KEYS)}")
+        grid = {k: raw.get(k) for k in GRID_KEYS}
+        for k, v in grid.items():
+            if v is not None and (not isinstance(v, list) or not v):
+                raise ConfigError(f"{where}.candidates.{k}: expected a non-empty list, got {v!r}")
+        rows = [
+            {"method": a, "density": b, "rank": c}
+            for a, b, c in itertools.product(
+                grid["methods"], grid["densities"] or [m.density], grid["ranks"] or [m.rank]
+            )
+        ]
+    elif isinstance(raw, list) and raw:
+        rows = raw
+    else:
+        raise ConfigError(f"{where}.candidates: method auto needs a non-empty list of candidates, {EXAMPLE}")
+    out: list[Candidate] = []
+    for i, row in enumerate(rows):
+        at = f"{where}.candidates[{i}]"
+        if not isinstance(row, dict) or "method" not in row or set(row) - set(CANDIDATE_KEYS):
+            raise ConfigError(
+                f"{at}: expected a mapping with 'method' and optional 'density', 'rank'; got {row!r}"
+            )
+        cand = Candidate(row["method"], row.get("density", m.density), row.get("rank", m.rank))
+        _check_candidate(cand, at)
+        if cand not in out:
+            out.append(cand)
+    return out
+
+
+def _check_candidate(c: Candidate, at: str) -> None:
+    methods = registered_methods()
+    if c.method not in methods:
+        raise ConfigError(f"{at}.method: unknown merge method {c.method!r}; registered: {', '.join(methods)}")
+    d = c.density
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+        raise ConfigError(f"{at}.density: expected a number in (0, 1], got {d!r}")
+    if c.rank is not None and (isinstance(c.rank, bool) or not isinstance(c.rank, int) or c.rank < 1):
+        raise ConfigError(f"{at}.rank: expected an integer >= 1 (or null: the sources' rank), got {c.rank!r}")
+
+
+def validate(cfg: Config) -> None:
+    """The merge method (a registered one, or auto) and auto's keys; called by config.validate."""
+    s, m = cfg.source, cfg.merge
+    methods = registered_methods()
+    if m.method != AUTO and m.method not in methods:
+        raise ConfigError(
+            f"{s}: merge.method: unknown merge method {m.method!r}; "
+            f"expected auto or one of {', '.join(methods)}"
+        )
+    if m.method != AUTO:
+        if m.candidates is not None:
+            raise ConfigError(f"{s}: merge.candidates is for merge.method: auto (got method {m.method!r})")
+        return
+    candidates(m, f"{s}: merge")
+    if m.select_on not in SELECT_ON:
+        raise ConfigError(f"{s}: merge.select_on must be one of {list(SELECT_ON)}, got {m.select_on!r}")
+    n = m.dev_size
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{s}: merge.dev_size must be an integer >= 1, got {n!r}")
+    files = cfg.data.format not in ("flores", "datasets")
+    if files and cfg.data.valid is not None and cfg.data.valid == cfg.data.test:
+        raise ConfigError(f"{s}: data.valid is the test pattern; merge auto never chooses on the test set")
+
+
+# --- dev sets ----------------------------------------------------------------------------------------
+
+
+def auto_merges(cfg: Config, plan: Any) -> dict[str, list[str]]:
+    """merge name -> the directions it serves, for the plan's merges chosen by `auto`."""
+    return {
+        m.name: [d for d, mod in plan.routes.items() if mod == m.name]
+        for m in plan.merges
+        if m.method == AUTO
+    }
+
+
+def _valid_split(fmt: str) -> str:
+    return {"flores": "dev", "datasets": "validation"}.get(fmt, "valid")
+
+
+def has_valid(cfg: Config, direction: L.Direction) -> bool:
+    """Whether `data.valid` has this direction (a file of its own, or of the reverse direction)."""
+    if not cfg.data.valid:
+        return False
+    path = data.pattern_path(cfg.data.valid, direction)
+    fmt = cfg.data.format if cfg.data.format != "auto" else data.detect_format(path)
+    if fmt in ("flores", "datasets"):
+        return True
+    reverse = data.pattern_path(cfg.data.valid, L.Direction(direction.tgt, direction.src))
+    return Path(path).is_file() or ("{xx}" not in cfg.data.valid and Path(reverse).is_file())
+
+
+def held_out(cfg: Config, direction: L.Direction) -> list[data.Pair]:
+    """`merge.dev_size` training pairs of a direction, a seeded sample kept out of training."""
+    if not cfg.data.train:
+        raise ConfigError(f"{cfg.source}: data.train is required to hold out dev pairs for {direction}")
+    pairs = data.read_direction(cfg.data.train, direction, cfg.data.format, cfg.data.on_bad_record, None)
+    n = cfg.merge.dev_size
+    if len(pairs) <= n:
+        raise ConfigError(
+            f"{cfg.source}: {direction} has no valid split and only {len(pairs)} training pairs; "
+            f"merge.dev_size={n} held out for choosing the merge would leave none to train on "
+            "(set data.valid, or a smaller merge.dev_size)"
+        )
+    idx = list(range(len(pairs)))
+    random.Random(f"datm-dev:{cfg.train.seed}:{direction}").shuffle(idx)
+    return [pairs[i] for i in sorted(idx[:n])]
+
+
+def dev_pairs(cfg: Config, direction: L.Direction) -> tuple[str, list[data.Pair]]:
+    """('valid' | 'held-out', the dev pairs) of one direction."""
+    if has_valid(cfg, direction):
+        path = data.pattern_path(cfg.data.valid or "", direction)
+        fmt = cfg.data.format if cfg.data.format != "auto" else data.detect_format(path)
+        got = data.read_direction(
+            cfg.data.valid or "", direction, fmt, cfg.data.on_bad_record, None, _valid_split(fmt)
+        )
+        return "valid", got[: cfg.merge.dev_size]
+    return "held-out", held_out(cfg, direction)
+
+
+def held_out_origins(cfg: Config, plan: Any) -> frozenset[str]:
+    """Where the held-out dev pairs come from ('file:line'): training skips these records, in both
+    directions of their file."""
+    origins: set[str] = set()
+    for directions in auto_merges(cfg, plan).values():
+        for d in directions:
+            direction = L.Direction.parse(d)
+            if not has_valid(cfg, direction):
+                origins.update(p.origin for p in held_out(cfg, direction))
+    return frozenset(origins)
+
+
+def describe(cfg: Config, plan: Any) -> list[str]:
+    """What `auto` adds to a plan: candidate merges, dev translations and where the dev sets come from."""
+    merges = auto_merges(cfg, plan)
+    if not merges:
+        return []
+    cands = candidates(cfg.merge)
+    n_dirs = sum(len(d) for d in merges.values())
+    lines = [
+        f"merge auto: {len(cands)} candidates x {len(merges)} merges = {len(cands) * len(merges)} candidate "
+        f"merges, {len(cands) * n_dirs} dev translations ({len(cands)} x {n_dirs} directions, "
+        f"<= {cfg.merge.dev_size} sentences each), chosen by chrF++ on {cfg.merge.select_on}",
+        "  candidates: " + ", ".join(c.name for c in cands),
+    ]
+    for name, directions in merges.items():
+        for d in directions:
+            if has_valid(cfg, L.Direction.parse(d)):
+                src = f"valid split (first {cfg.merge.dev_size})"
+            else:
+                src = (
+                    f"no valid split: {cfg.merge.dev_size} training pairs held out (seeded; training does "
+                    "not use them)"
+                )
+            lines.append(f"  dev {d} ({name}): {src}")
+    return lines
+
+
+# --- choosing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One candidate's line of the selection table."""
+
+    candidate: str
+    method: str
+    density: float
+    rank: int | None
+    chrf: dict[str, float]  # per direction, on the dev set
+    mean_chrf: float
+    bytes: int
+    merge_seconds: float
+    same_as: str | None = None  # an earlier candidate that wrote identical weights (not re-translated)
+
+
+def choose(rows: list[Row]) -> Row:
+    """Highest mean dev chrF++; ties go to the smaller module, then to the earlier candidate."""
+    order = {id(r): i for i, r in enumerate(rows)}
+    return min(rows, key=lambda r: (-r.mean_chrf, r.bytes, order[id(r)]))
+
+
+def _fingerprint(module: Path) -> str:
+    return artifacts.fingerprint_files(sorted(module.glob("*.safetensors")))
+
+
+def _translate(
+    cfg: Config, worker: Any, modules: dict[str, Path], devs: dict[str, list[data.Pair]]
+) -> dict[str, dict[str, list[str]]]:
+    """Dev hypotheses of each module (name -> direction -> lines), one base model for all."""
+    from peft import PeftModel
+
+    from datm import device
+    from datm.translate import Request, Translator, inference_dtype
+
+    model = worker.model(inference_dtype(cfg.eval.precision, device.current()))
+    translator = Translator(model, worker.tokenizer, modules, cfg.prompt)
+    out: dict[str, dict[str, list[str]]] = {}
+    try:
+        requests = [Request(L.Direction.parse(d), p.src) for d, pairs in devs.items() for p in pairs]
+        for name in modules:
+            hyps = translator.translate(
+                requests,
+                dict.fromkeys(devs, name),
+                beams=cfg.eval.beams,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                batch_size=cfg.eval.batch_size,
+                progress=worker.progress,
+            )
+            out[name], start = {}, 0
+            for d, pairs in devs.items():
+                out[name][d] = hyps[start : start + len(pairs)]
+                start += len(pairs)
+    finally:
+        if isinstance(translator.model, PeftModel):
+            translator.model.unload()  # give the shared base model back without adapters
+    return out
+
+
+def select_merge(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) -> dict[str, Any]:
+    """Merge `name` with every candidate, score each on the dev set, publish the best as
+    `run.merged(name)`; returns the selection (also in its merge_info.json)."""
+    from datm.merge.base import MERGE_INFO
+
+    selection = score_candidates(cfg, plan, run, name, worker)
+    _publish(run.candidates(name) / selection["chosen"] / "module", run.merged(name), selection, MERGE_INFO)
+    return selection
+
+
+def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) -> dict[str, Any]:
+    """Merge `name` with every candidate of `cfg.merge` and score each on the dev set (finished
+    merges and dev translations are reused); the selection table and choice, also written to
+    `run.candidates(name)/selection.json`. Publishes nothing."""
+    from datm import evaluate
+    from datm.merge import merge_adapters
+
+    spec = next(m for m in plan.merges if m.name == name)
+    sources = [run.adapter(s) for s in spec.sources]
+    root = run.candidates(name)
+    devs: dict[str, list[data.Pair]] = {}
+    dev_origin: dict[str, str] = {}
+    for d in auto_merges(cfg, plan)[name]:
+        dev_origin[d], devs[d] = dev_pairs(cfg, L.Direction.parse(d))
+        if not devs[d]:
+            raise ConfigError(f"{cfg.source}: the dev set of {d} is empty; merge auto needs dev sentences")
+    dev_fp = artifacts.fingerprint_obj({d: [p.src for p in pairs] for d, pairs in devs.items()})
+    cands = candidates(cfg.merge)
+
+    results, prints = {}, {}
+    for c in cands:
+        results[c.name] = merge_adapters(
+            sources,
+            root / c.name / "module",
+            method=c.method,
+            density=c.density,
+            rank=c.rank,
+            form=cfg.merge.form,
+            weights=cfg.merge.weights,
+            progress=worker.progress,
+        )
+        prints[c.name] = _fingerprint(root / c.name / "module")
+    same_as = {}
+    for i, c in enumerate(cands):
+        same_as[c.name] = next((e.name for e in cands[:i] if prints[e.name] == prints[c.name]), None)
+
+    def recorded(c: Candidate) -> dict[str, list[str]] | None:
+        f = root / c.name / TRANSLATIONS_FILE
+        if not f.is_file():
+            return None
+        rec = artifacts.read_json(f)
+        return rec["hyps"] if rec.get("dev_fingerprint") == dev_fp else None
+
+    hyps = {c.name: recorded(c) for c in cands if same_as[c.name] is None}
+    todo = {n: root / n / "module" for n, h in hyps.items() if h is None}
+    if todo:
+        for n, h in _translate(cfg, worker, todo, devs).items():
+            artifacts.atomic_write_json(root / n / TRANSLATIONS_FILE, {"dev_fingerprint": dev_fp, "hyps": h})
+            hyps[n] = h
+    refs = {d: [p.tgt for p in pairs] for d, pairs in devs.items()}
+    for d, pairs in devs.items():  # what the candidates were scored on, for people to read
+        artifacts.atomic_write_text(root / "dev" / f"{d}.src.txt", data.write_text(p.src for p in pairs))
+        artifacts.atomic_write_text(root / "dev" / f"{d}.ref.txt", data.write_text(refs[d]))
+
+    rows = []
+    for c in cands:
+        h = hyps[same_as[c.name] or c.name]
+        assert h is not None
+        chrf = {d: round(evaluate.score_chrf(h[d], refs[d])[0], 4) for d in devs}
+        res = results[c.name]
+        rows.append(
+            Row(
+                c.name,
+                c.method,
+                c.density,
+                res.rank,
+                chrf,
+                round(sum(chrf.values()) / len(chrf), 4),
+                res.bytes,
+                res.seconds,
+                same_as[c.name],
+            )
+        )
+    best = choose(rows)
+    selection = {
+        "select_on": cfg.merge.select_on,
+        "metric": "chrF++ (mean over the merged module's directions)",
+        "rule": "highest mean dev chrF++; ties: fewer bytes, then the earlier candidate",
+        "dev": {
+            d: {
+                "source": dev_origin[d],
+                "n": len(devs[d]),
+                "fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in devs[d]),
+            }
+            for d in devs
+        },
+        "candidates": [asdict(r) for r in rows],
+        "chosen": best.candidate,
+    }
+    artifacts.atomic_write_json(root / SELECTION_FILE, selection)
+    return selection
+
+
+def _publish(module: Path, final: Path, selection: dict[str, Any], info_name: str) -> None:
+    """A copy of the chosen candidate's module as the group's merged module, its merge_info.json
+    extended with the selection."""
+    staging = artifacts.staging_dir(final)
+    for f in module.iterdir():
+        if f.is_file() and f.name != artifacts.DONE:
+            shutil.copy2(f, staging / f.name)
+    info = artifacts.read_json(staging / info_name)
+    info["out"] = str(final)
+    info["selection"] = selection
+    artifacts.atomic_write_json(staging / info_name, info)
+    artifacts.publish_dir(staging, final)
+    done = artifacts.read_json(module / artifacts.DONE)
+    artifacts.mark_done(
+        final,
+        {k: v for k, v in done.items() if k != "finished_at"}
+        | {"out": str(final), "chosen": selection["chosen"]},
+    )
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+def report_section(run_dir: Path, merges: Iterable[Path] | None = None) -> str:
+    """Markdown: each auto-chosen merge's candidates table and choice ('' when there is none)."""
+    infos = merges if merges is not None else sorted((Path(run_dir) / "merged").glob("*/merge_info.json"))
+    out: list[str] = []
+    for f in infos:
+        sel = artifacts.read_json(f).get("selection")
+        if not sel:
+            continue
+        if not out:
+            out += ["## Merge chosen on the dev set (merge: auto)", ""]
+        dirs = list(sel["dev"])
+        dev = ", ".join(f"{d}: {v['n']} {v['source']}" for d, v in sel["dev"].items())
+        out += [f"### {Path(f).parent.name}: chose `{sel['chosen']}`", "", f"Dev sentences: {dev}.", ""]
+        out.append("| candidate | " + " | ".join(f"{d} chrF++" for d in dirs) + " | mean | MB | merge s |")
+        out.append("|---" * (len(dirs) + 4) + "|")
+        for r in sel["candidates"]:
+            mark = "**" if r["candidate"] == sel["chosen"] else ""
+            cells = " | ".join(f"{r['chrf'][d]:.2f}" for d in dirs)
+            out.append(
+                f"| {mark}{r['candidate']}{mark} | {cells} | {r['mean_chrf']:.2f} | "
+                f"{r['bytes'] / 1e6:.2f} | {r['merge_seconds']:.1f} |"
+            )
+        out += ["", f"Rule: {sel['rule']}. The test split is never used to choose.", ""]
+    return "\n".join(out)
