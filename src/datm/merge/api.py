@@ -17,43 +17,18 @@ from tqdm.auto import tqdm
 
 from datm import artifacts
 from datm.merge.base import MERGE_INFO, MergeError
-from datm.merge.delta import AppliedDelta, apply_delta, iter_delta, load_delta
-from datm.merge.forms import FORMS, Form, FormJob, LowRankForm, get_form
+from datm.merge.forms import Form, FormJob, LowRankForm, get_form
 from datm.merge.io import SafetensorsStreamWriter
-from datm.merge.methods import METHODS, Method, MethodSettings, derive_seed, get_method
+from datm.merge.methods import Method, MethodSettings, derive_seed, get_method
 from datm.merge.ops import (
     EXACT_SVD_MAX_DIM,
     SVD_NITER,
     SVD_OVERSAMPLE,
     SVD_SEED,
     check_density,
-    delta_of,
-    linear_merge,
-    lowrank_factor,
     resolve_weights,
-    ties_merge,
-    ties_merge_factored,
-    trim,
 )
 from datm.merge.sources import LoraSource, ModuleTask, load_factor, plan_merge, read_source
-
-__all__ = [
-    "FORMS",
-    "METHODS",
-    "AppliedDelta",
-    "MergeError",
-    "MergeResult",
-    "apply_delta",
-    "delta_of",
-    "iter_delta",
-    "linear_merge",
-    "load_delta",
-    "lowrank_factor",
-    "merge_adapters",
-    "ties_merge",
-    "ties_merge_factored",
-    "trim",
-]
 
 MERGE_SEED = 0  # the seed methods that draw random numbers derive their per-module seeds from
 
