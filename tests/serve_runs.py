@@ -148,7 +148,8 @@ class Server:
         raise TimeoutError(f"datm serve was not ready within {timeout} s:\n{self.tail()}")
 
     def tail(self, n: int = 4000) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")[-n:]
 
     def terminate(self) -> None:

@@ -63,14 +63,16 @@ def parse_translate(raw: bytes, run: ServedRun, engine: Engine) -> TranslateCall
         raise ApiError(422, "unknown_direction", str(e)) from None
     if name not in run.routes:
         raise ApiError(
-            422, "unserved_direction", f"this server does not translate {name}; it serves {sorted(run.routes)}"
+            422,
+            "unserved_direction",
+            f"no module serves {name} here; directions served: {sorted(run.routes)}",
         )
     if ("text" in body) == ("texts" in body):
         raise ApiError(422, "invalid_request", "give exactly one of 'text' (a string) or 'texts' (a list)")
     single = "text" in body
     texts = [body["text"]] if single else body["texts"]
     if not isinstance(texts, list):
-        raise ApiError(422, "invalid_request", f"'texts' must be a list of strings, got {type(texts).__name__}")
+        raise ApiError(422, "invalid_request", f"'texts' must be a list, got {type(texts).__name__}")
     limit = engine.settings.max_texts
     if len(texts) > limit:
         raise ApiError(413, "too_many_texts", f"{len(texts)} texts in one request; the limit is {limit}")

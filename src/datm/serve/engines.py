@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ def first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-class Engine(ABC):
+class Engine:
     """Loads the model in `start`, translates concurrently, and is closed after the server drained."""
 
     name: ClassVar[str]
@@ -60,12 +59,13 @@ class Engine(ABC):
     def check(cls, run: ServedRun) -> None:
         """Refuse a run this engine cannot serve correctly, before anything is loaded."""
 
-    @abstractmethod
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Load the model; errors here stop `datm serve` before its port opens."""
+        raise NotImplementedError
 
-    @abstractmethod
     async def translate(self, direction: Direction, texts: list[str], prompts: list[list[int]]) -> list[str]:
         """Translations of `texts` (whose prompt token ids are `prompts`), in order."""
+        raise NotImplementedError
 
     async def close(self) -> None:
         """Release the model; called once no request is in flight."""

@@ -161,9 +161,7 @@ def vllm_script(run: ServedRun, base: str, folded: bool) -> str:
     )
 
 
-def model_card(
-    run: ServedRun, module: Module, base: str, scores: dict[str, Any] | None, folded: bool
-) -> str:
+def model_card(run: ServedRun, module: Module, base: str, scores: dict[str, Any] | None, folded: bool) -> str:
     langs = sorted({code for d in module.directions for code in d.split("-")})
     kind = _describe_kind(module)
     front = [
@@ -202,7 +200,8 @@ def model_card(
             + ").",
         )
         front.append("")
-    front += ["| adapter | directions | examples | steps | batch | lr | final loss | data |", "|---" * 8 + "|"]
+    front.append("| adapter | directions | examples | steps | batch | lr | final loss | data |")
+    front.append("|---" * 8 + "|")
     for name in sources:
         t = _read_optional(run.run_dir / "adapters" / name / "train_info.json")
         if t is None:
@@ -214,7 +213,8 @@ def model_card(
         front.append(
             f"| {name} | {', '.join(t.get('directions', []))} | {res.get('examples', '')} | "
             f"{res.get('steps', '')} | {cfg.get('batch_size', '')} | {cfg.get('lr', '')} | "
-            f"{'' if loss is None else f'{loss:.4f}'} | {data} (fingerprint {t.get('data_fingerprint', '?')}) |"
+            f"{'' if loss is None else f'{loss:.4f}'} | {data} "
+            f"(fingerprint {t.get('data_fingerprint', '?')}) |"
         )
     front += ["", "## Scores (the run's test sets)", ""]
     rows = (scores or {}).get("directions", {})
@@ -269,7 +269,8 @@ def export_readme(run: ServedRun, base: str, fold: bool, refused: list[str]) -> 
             "curl -s localhost:8000/v1/completions -H 'content-type: application/json' -d '{"
             f'"model": "{BASE_NAME if example == BASE else example}", '
             f'"prompt": {_json_str(_example_prompt(direction))}, '
-            '"temperature": 0, "max_tokens": 128, "stop": ["\\n"]}\'',
+            '"temperature": 0, "max_tokens": '
+            f'{run.eval.get("max_new_tokens", 128)}, "stop": ["\\n"]}}\'',
             "```",
             "",
             "(the prompt must be the one for the request's direction; `datm serve` builds it for you).",
@@ -279,11 +280,12 @@ def export_readme(run: ServedRun, base: str, fold: bool, refused: list[str]) -> 
 
 def main(args: Any) -> None:
     res = export_run(args.run, args.to, fold=args.fold)
-    print(f"exported {len(res.modules)} module(s) to {res.out}" + (f", folded {len(res.folded)}" if res.folded else ""))
+    folded = f", folded into {len(res.folded)} full model(s)" if res.folded else ""
+    print(f"exported {len(res.modules)} module(s) to {res.out}{folded}")
     if res.vllm_command is None:
         print(
-            f"modules {', '.join(res.refused)} are weight deltas (merge form dense/sparse): vLLM cannot serve "
-            f"them as LoRAs. Run `datm export {args.run} --to NEW_DIR --fold` for full models vLLM can serve."
+            f"modules {', '.join(res.refused)} are weight deltas (merge form dense/sparse): vLLM cannot "
+            f"serve them as LoRAs. `datm export {args.run} --to NEW_DIR --fold` writes full models it can."
         )
         return
     print(f"serve it with vLLM (also in {res.out / 'serve_vllm.sh'}):\n")
