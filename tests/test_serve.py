@@ -83,6 +83,16 @@ def test_directions_and_health(server, run_dir):
     assert health["status"] == "ok" and health["engine"] == "transformers"
 
 
+def test_demo_ends_with_a_working_serve_command_and_request(server, run_dir):
+    from datm.demo import serving_hint
+
+    hint = serving_hint(run_dir, "de")
+    assert f"datm serve {run_dir} --engine vllm" in hint
+    body = hint.split("-d '", 1)[1].rsplit("'", 1)[0]  # the curl example's request body
+    status, answer = post(server.url, body.encode())
+    assert status == 200 and answer["module"] == "de-en" and answer["translation"]
+
+
 BAD = [
     (b'{"source": "de", "target": ', 400, "malformed_json"),
     ({"source": "xx", "target": "en", "text": "a"}, 422, "unknown_direction"),
