@@ -53,7 +53,8 @@ def build_vllm_model_dir(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def random_lora(model_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
+def random_lora(model_dir: Path, out: Path, seed: int, r: int = 4, b_std: float = 1.0) -> Path:
+    """A LoRA with random A and B ~ N(0, b_std): large by default (its outputs differ visibly)."""
     from peft import LoraConfig, get_peft_model
 
     base = models.load_model(str(model_dir))
@@ -64,7 +65,7 @@ def random_lora(model_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 1.0)
+                p.normal_(0, b_std)
     pm.save_pretrained(out)
     artifacts.mark_done(out, {"kind": "adapter", "note": "random weights for a test"})
     return out
