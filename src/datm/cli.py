@@ -130,6 +130,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from datm.serve import app
+
+    app.main(args)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from datm.serve import export
+
+    export.main(args)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from datm import demo
 
@@ -224,6 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--baseline", help="run directory that significance marks compare against")
     s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("serve", help="serve a run's routes over HTTP (vLLM or transformers engine)")
+    s.add_argument("run", help="run directory (holds plan.json and the modules)")
+    s.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval setting")
+    s.add_argument("--max-texts", type=int, default=64, help="most texts in one request (default 64)")
+    s.add_argument("--batch-size", type=int, default=None, help="transformers: default: the run's")
+    s.add_argument("--max-batch", type=int, default=32, help="transformers: segments per micro-batch")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="transformers: micro-batch window")
+    s.add_argument("--kv-cache-gib", type=float, default=2.0, help="vllm on CPU: KV cache size (GiB)")
+    s.add_argument("--drain-seconds", type=float, default=60.0, help="on shutdown, wait for requests")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("export", help="a run's modules with model cards, routes and a vllm command")
+    s.add_argument("run", help="run directory")
+    s.add_argument("--to", required=True, help="new (or empty) directory to write")
+    s.add_argument("--fold", action="store_true", help="also write one full model per module (base + module)")
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("demo", help="post-train Gemma 3 270M with DATM on the embedded corpus, offline")
     s.add_argument("--out", default="datm-demo", help="where the demo run goes")

