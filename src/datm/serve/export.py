@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from datm import artifacts
+from datm.artifacts import RunDir
 from datm.data import alma_prompt
 from datm.plan import BASE
 from datm.serve.engines import vllm_lora_rank
@@ -92,7 +93,7 @@ def fold_module(base: str, module: Module, target: Path) -> None:
     else:
         from datm.merge import apply_delta
 
-        apply_delta(model, module.path, sign=+1)
+        apply_delta(model, module.path)  # kept applied: the fold is W + ΔW in float32
     model.to(stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored)))
     model.save_pretrained(target)
     models.load_tokenizer(base).save_pretrained(target)
@@ -203,7 +204,7 @@ def model_card(run: ServedRun, module: Module, base: str, scores: dict[str, Any]
     front.append("| adapter | directions | examples | steps | batch | lr | final loss | data |")
     front.append("|---" * 8 + "|")
     for name in sources:
-        t = _read_optional(run.run_dir / "adapters" / name / "train_info.json")
+        t = _read_optional(RunDir(run.run_dir).adapter(name) / "train_info.json")
         if t is None:
             front.append(f"| {name} | | | | | | | (no train_info.json) |")
             continue

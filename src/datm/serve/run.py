@@ -56,7 +56,8 @@ class ServedRun:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> ServedRun:
-        from datm.runner import module_dirs
+        from datm.artifacts import RunDir
+        from datm.tasks.work import module_dirs
         from datm.translate import module_kind
 
         run_dir = Path(run_dir)
@@ -66,7 +67,7 @@ class ServedRun:
         plan = Plan.from_dict(artifacts.read_json(run_dir / "plan.json"))
         config = artifacts.read_json(run_dir / "config.json")
         modules = {}
-        for name, path in module_dirs(plan, run_dir).items():
+        for name, path in module_dirs(plan, RunDir(run_dir)).items():
             if not artifacts.is_done(path):
                 raise ServeError(f"module {name} is not finished at {path}; run `datm run` first")
             try:
