@@ -138,7 +138,7 @@ def main() -> int:
         "base_model": "tiny random Llama (--quick)" if args.quick else base,
         "torch_threads_per_worker": 1,
     }
-    record = common.new_record("bench_fanout", HEADLINE, args.quick, settings)
+    record = common.new_record("bench_fanout", HEADLINE, args.quick, settings, args.allow_load)
     record["settings"]["config"] = run_config(base, work / "SIDE", args.quick)
     sides: dict[str, Any] = {}
     for executor in ("local", "ray"):

@@ -247,7 +247,7 @@ def main() -> int:
         "engines": engines,
         "kv_cache_gib": args.kv_cache_gib,
     }
-    record = common.new_record("bench_serve", HEADLINE, args.quick, settings)
+    record = common.new_record("bench_serve", HEADLINE, args.quick, settings, args.allow_load)
     common.log(f"{len(requests)} requests over {len(settings['directions'])} directions, run {run}")
 
     common.log("sequential: datm translate's Translator over the stream (fresh process)")

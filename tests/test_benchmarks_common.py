@@ -83,7 +83,17 @@ def test_quiet_machine_runs_and_results_do_not_warn(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script", ["asymmetry_cpu", "bench_merge", "bench_train", "bench_translate", "merge_forms"]
+    "script",
+    [
+        "asymmetry_cpu",
+        "bench_fanout",
+        "bench_merge",
+        "bench_serve",
+        "bench_train",
+        "bench_translate",
+        "merge_forms",
+        "merge_methods",
+    ],
 )
 def test_every_benchmark_script_uses_the_load_check(script):
     text = (REPO / "benchmarks" / f"{script}.py").read_text()
