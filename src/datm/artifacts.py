@@ -25,6 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from datm.errors import DatmError
+
 DONE = "DONE.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -59,7 +61,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: broken JSON ({e.msg})") from None
+        raise DatmError(f"{path}:{e.lineno}: broken JSON ({e.msg})") from None
 
 
 def is_done(directory: str | Path) -> bool:
@@ -73,7 +75,7 @@ def mark_done(directory: str | Path, info: dict[str, Any]) -> None:
 def publish_dir(staging: Path, final: Path) -> None:
     """Move a fully written staging directory into place (one rename; never over a finished one)."""
     if is_done(final):
-        raise FileExistsError(f"{final} is already complete; refusing to overwrite it")
+        raise DatmError(f"{final} is already complete; refusing to overwrite it")
     old = final.parent / f".{final.name}.old"
     if final.exists():  # e.g. a training dir holding only its checkpoint: keep it until the swap is done
         if old.exists():

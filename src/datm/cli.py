@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from datm.errors import DatmError
+
 
 def _load(args: argparse.Namespace):  # -> datm.config.Config
     """The config, with `--measurements` / `--threshold` (strategy auto) as overrides of its `auto`
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except DatmError as e:
         # Our errors name the file/line/key; show them without a traceback.
         print(f"datm: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from typing import Any
 
 from datm import artifacts
 from datm import languages as L
+from datm.errors import DatmError
 
 DEMO_LANGUAGES = ["de", "nl", "es", "it", "ru", "uk", "cs", "pl"]
 TEST_EVERY = 5  # every 5th sentence is a test sentence: 64 of 320, spread over all topics
@@ -30,9 +31,7 @@ def read_corpus(langs: list[str] | None = None) -> dict[str, list[str]]:
     for lang in [L.ENGLISH] + (langs or DEMO_LANGUAGES):
         path = root / f"{lang}.txt"
         if not path.is_file():
-            raise FileNotFoundError(
-                f"demo corpus has no {lang}.txt in {root}; available: {available_languages()}"
-            )
+            raise DatmError(f"demo corpus has no {lang}.txt in {root}; available: {available_languages()}")
         out[lang] = path.read_text(encoding="utf-8").splitlines()
     return out
 
@@ -160,7 +159,7 @@ def main(args: Any) -> int:
     langs = args.languages.split(",") if getattr(args, "languages", None) else list(DEMO_LANGUAGES)
     unknown = sorted(set(langs) - set(available_languages()))
     if unknown:
-        raise ValueError(f"--languages: no demo data for {unknown}; the corpus has {available_languages()}")
+        raise DatmError(f"--languages: no demo data for {unknown}; the corpus has {available_languages()}")
     if args.dry_run:
         info = dry_run(args, langs)
         print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else _describe(info))

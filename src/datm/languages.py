@@ -104,7 +104,11 @@ FAMILIES: tuple[str, ...] = (XX_EN, EN_XX)
 FAMILY_NAMES: dict[str, str] = {XX_EN: "XX→En", EN_XX: "En→XX"}
 
 
-class UnknownLanguageError(DatmError):
+class LanguageError(DatmError):
+    """A language, direction or group that datm cannot use."""
+
+
+class UnknownLanguageError(LanguageError):
     pass
 
 
@@ -132,7 +136,7 @@ class Direction:
     def parse(cls, text: str) -> Direction:
         parts = text.split("-")
         if len(parts) != 2 or not all(parts):
-            raise ValueError(f"direction {text!r} is not of the form SRC-TGT (e.g. de-en)")
+            raise LanguageError(f"direction {text!r} is not of the form SRC-TGT (e.g. de-en)")
         get(parts[0])
         get(parts[1])
         return cls(parts[0], parts[1])
@@ -172,13 +176,13 @@ def resolve_groups(languages: list[str], groups: dict[str, list[str]] | None) ->
     for code in languages:
         get(code)
         if code == ENGLISH:
-            raise ValueError("'languages' lists the non-English languages; English is always the pivot")
+            raise LanguageError("'languages' lists the non-English languages; English is always the pivot")
     if groups is None:
         chosen = {g: [x for x in members if x in languages] for g, members in XALMA_GROUPS.items()}
         chosen = {g: m for g, m in chosen.items() if m}
         missing = [x for x in languages if not any(x in m for m in chosen.values())]
         if missing:
-            raise ValueError(f"languages {missing} are in no X-ALMA group; give 'groups' in the config")
+            raise LanguageError(f"languages {missing} are in no X-ALMA group; give 'groups' in the config")
         return chosen
     seen: dict[str, str] = {}
     out: dict[str, list[str]] = {}
@@ -186,14 +190,14 @@ def resolve_groups(languages: list[str], groups: dict[str, list[str]] | None) ->
         for x in members:
             get(x)
             if x not in languages:
-                raise ValueError(f"groups.{g} lists {x!r}, which is not in 'languages' {languages}")
+                raise LanguageError(f"groups.{g} lists {x!r}, which is not in 'languages' {languages}")
             if x in seen:
-                raise ValueError(f"language {x!r} is in two groups: {seen[x]!r} and {g!r}")
+                raise LanguageError(f"language {x!r} is in two groups: {seen[x]!r} and {g!r}")
             seen[x] = g
         out[g] = list(members)
     missing = [x for x in languages if x not in seen]
     if missing:
-        raise ValueError(f"languages {missing} are in no group; add them to 'groups'")
+        raise LanguageError(f"languages {missing} are in no group; add them to 'groups'")
     return out
 
 

@@ -168,7 +168,11 @@ def _ordered(routes: dict[str, str], langs: list[str]) -> dict[str, str]:
     return {str(d): routes[str(d)] for d in directions_for(langs)}
 
 
-class MeasurementsRequired(DatmError):
+class PlanError(DatmError):
+    """A plan that cannot be built from what it was given."""
+
+
+class MeasurementsRequired(PlanError):
     """Strategy `auto` was asked for without the measurements it decides from."""
 
 
@@ -212,7 +216,7 @@ def auto_plan(
     missing = [d for d in expected if d not in measurements]
     extra = sorted(set(measurements) - set(expected))
     if missing or extra:
-        raise ValueError(
+        raise PlanError(
             f"auto plan: measurements must cover exactly the directions {expected}; "
             + (f"missing {missing}" if missing else "")
             + ("; " if missing and extra else "")
@@ -220,7 +224,7 @@ def auto_plan(
         )
     for d, value in measurements.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"auto plan: measurement for {d} must be a finite number, got {value!r}")
+            raise PlanError(f"auto plan: measurement for {d} must be a finite number, got {value!r}")
     label = _MEASUREMENT_LABELS.get(source, source)
 
     def measured(d: str) -> str:
@@ -290,7 +294,7 @@ def make_plan(
     strategy: str, languages: list[str], groups: dict[str, list[str]], method: str = "ties"
 ) -> Plan:
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
+        raise PlanError(f"unknown strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
     return STRATEGIES[strategy](list(languages), groups, method)
 
 

@@ -282,7 +282,7 @@ def train_adapter(
         info = artifacts.read_json(out / "train_info.json")
         return TrainResult(out=out, **info["result"])
     if not examples:
-        raise ValueError(f"adapter {out.name}: no training examples")
+        raise TrainError(f"adapter {out.name}: no training examples")
 
     # Autocast is ours rather than accelerate's: its precision is fixed per process, and one
     # process may train adapters under different configs (tests, benchmarks).

@@ -19,9 +19,14 @@ from typing import Any
 import torch
 
 from datm.data import PromptFormat
+from datm.errors import DatmError
 from datm.languages import Direction
 from datm.merge.forms import DELTA, LORA
 from datm.plan import BASE
+
+
+class TranslateError(DatmError):
+    """A request or run directory that cannot be translated as asked."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ class Translator:
 
         for r in requests:
             if str(r.direction) not in routes:
-                raise ValueError(
+                raise TranslateError(
                     f"no module serves direction {r.direction}; the plan routes {sorted(routes)}"
                 )
         prompts = [self.format.prompt_ids(r.direction.src, r.direction.tgt, r.text) for r in requests]
@@ -227,11 +232,11 @@ def read_requests(lines: Sequence[str], pair: str | None) -> list[Request]:
             continue
         head, sep, text = line.partition("\t")
         if not sep:
-            raise ValueError(f"input line {n}: expected 'SRC-TGT<TAB>text' (or pass --pair SRC-TGT)")
+            raise TranslateError(f"input line {n}: expected 'SRC-TGT<TAB>text' (or pass --pair SRC-TGT)")
         try:
             out.append(Request(Direction.parse(head), text))
         except ValueError as e:
-            raise ValueError(f"input line {n}: {e}") from None
+            raise TranslateError(f"input line {n}: {e}") from None
     return out
 
 
@@ -244,7 +249,7 @@ def load_for_run(
 
     run_dir = Path(run_dir)
     if not (run_dir / "plan.json").is_file():
-        raise FileNotFoundError(f"{run_dir}/plan.json not found: is {run_dir} a datm run directory?")
+        raise TranslateError(f"{run_dir}/plan.json not found: is {run_dir} a datm run directory?")
     plan = Plan.from_dict(artifacts.read_json(run_dir / "plan.json"))
     run_cfg = artifacts.read_json(run_dir / "config.json")
     model_path = models.resolve(run_cfg.get("base_model"))
@@ -256,7 +261,7 @@ def load_for_run(
     for name in plan.shipped:
         d = run_dir / ("merged" if plan.kind(name) == "merge" else "adapters") / name
         if not artifacts.is_done(d):
-            raise FileNotFoundError(f"module {name} is not finished at {d}; run `datm run` first")
+            raise TranslateError(f"module {name} is not finished at {d}; run `datm run` first")
         modules[name] = d
     tr = Translator(model, tok, modules, prompt_style or run_cfg.get("prompt", "alma"))
     return tr, plan.routes, run_cfg
