@@ -191,6 +191,11 @@ def read_flores(root: str | Path, direction: Direction, split: str = "devtest") 
     ]
 
 
+def dev_split(fmt: str) -> str | None:
+    """The name of the dev split in formats that hold splits (FLORES, datasets); None for files."""
+    return {"flores": "dev", "datasets": "validation"}.get(fmt)
+
+
 def detect_format(path: str) -> str:
     if path.startswith("flores:"):
         return "flores"

@@ -144,10 +144,6 @@ def auto_merges(cfg: Config, plan: Any) -> dict[str, list[str]]:
     }
 
 
-def _valid_split(fmt: str) -> str:
-    return {"flores": "dev", "datasets": "validation"}.get(fmt, "valid")
-
-
 def has_valid(cfg: Config, direction: L.Direction) -> bool:
     """Whether `data.valid` has this direction (a file of its own, or of the reverse direction)."""
     if not cfg.data.valid:
@@ -183,7 +179,7 @@ def dev_pairs(cfg: Config, direction: L.Direction) -> tuple[str, list[data.Pair]
         path = data.pattern_path(cfg.data.valid or "", direction)
         fmt = cfg.data.format if cfg.data.format != "auto" else data.detect_format(path)
         got = data.read_direction(
-            cfg.data.valid or "", direction, fmt, cfg.data.on_bad_record, None, _valid_split(fmt)
+            cfg.data.valid or "", direction, fmt, cfg.data.on_bad_record, None, data.dev_split(fmt) or "valid"
         )
         return "valid", got[: cfg.merge.dev_size]
     return "held-out", held_out(cfg, direction)

@@ -44,7 +44,7 @@ def _dev_split(cfg: Config) -> str | None:
     fmt = cfg.data.format
     if fmt == "auto":
         fmt = data.detect_format(data.pattern_path(cfg.data.valid, first))
-    return {"flores": "dev", "datasets": "validation"}.get(fmt)
+    return data.dev_split(fmt)
 
 
 def pilot_train(cfg: Config) -> dict[str, float | int | None]:
