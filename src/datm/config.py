@@ -126,6 +126,7 @@ class Config:
     output_dir: str = "runs/default"
     executor: str = "local"  # local | ray (datm.tasks.executors)
     resources: dict[str, dict[str, float]] = field(default_factory=dict)  # per task kind, for ray
+    adapter_cache: str | None = None  # trained adapters shared across runs (datm.adapter_cache)
     source: str = "<dict>"  # the file it came from, for error messages
 
     def resolved_groups(self) -> dict[str, list[str]]:
@@ -207,6 +208,10 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None
     )
     if cfg.base_model is not None:
         cfg.base_model = _resolve_path(cfg.base_model, base)
+    if cfg.adapter_cache is not None:
+        if not isinstance(cfg.adapter_cache, str) or not cfg.adapter_cache:
+            raise ConfigError(f"{source}: adapter_cache must be a directory path, got {cfg.adapter_cache!r}")
+        cfg.adapter_cache = str(base / Path(cfg.adapter_cache).expanduser())
     cfg.eval.comet = comet_config(cfg.eval.comet, f"{source}: eval.comet", base)
     if cfg.auto.measurements is not None:
         if not isinstance(cfg.auto.measurements, str):

@@ -116,8 +116,9 @@ def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
 
 
 def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
+    from datm.adapter_cache import AdapterCache, adapter_key
     from datm.merge_select import held_out_origins
-    from datm.train import train_adapter
+    from datm.train import process_state, train_adapter
 
     spec = next(a for a in plan.adapters if a.name == task.name)
     fmt = data.PromptFormat(worker.tokenizer, cfg.prompt)
@@ -145,17 +146,45 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
         "tokenize": asdict(tok_report),
         "prompt": cfg.prompt,
     }
-    model = worker.model(device.base_dtype(cfg.train.precision, device.current()))
-    train_adapter(
-        model,
-        worker.tokenizer,
-        examples,
-        run.adapter(spec.name),
-        cfg.lora,
-        cfg.train,
-        provenance,
-        progress=worker.progress,
-    )
+    state = process_state()
+    cache = AdapterCache(cfg.adapter_cache) if cfg.adapter_cache else None
+    key = ""
+    if cache is not None:
+        key = adapter_key(
+            model_fingerprint=worker.fingerprint,
+            data_fingerprint=provenance["data_fingerprint"],
+            directions=spec.directions,
+            lora=cfg.lora,
+            train=cfg.train,
+            prompt=cfg.prompt,
+            device_type=device.current().type,
+            world_size=state.num_processes,
+        )
+    held = cache.claim(key, task.id) if cache is not None and state.is_main_process else None
+    state.wait_for_everyone()
+    try:
+        if cache is not None and artifacts.is_done(cache.entry(key)):
+            if state.is_main_process:
+                cache.fetch(key, run.adapter(spec.name), {"run": str(run.root), "adapter": spec.name})
+                print(f"adapter {spec.name}: the same adapter is in the cache ({cache.entry(key)}); reused")
+            state.wait_for_everyone()
+            return
+        model = worker.model(device.base_dtype(cfg.train.precision, device.current()))
+        train_adapter(
+            model,
+            worker.tokenizer,
+            examples,
+            run.adapter(spec.name),
+            cfg.lora,
+            cfg.train,
+            provenance,
+            progress=worker.progress,
+        )
+        if cache is not None and state.is_main_process:
+            cache.store(key, run.adapter(spec.name))
+    finally:
+        if held is not None:
+            held.release()
 
 
 def merge_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:

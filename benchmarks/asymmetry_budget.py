@@ -1,0 +1,303 @@
+"""Does XX→En conflict grow with the training budget? The asymmetry at several budgets (issue 14).
+
+At each budget (training pairs per direction), two systems see the same pairs, for the same epochs,
+with the same seed schedule: `separate` (one adapter per direction) and `group_family` (one adapter
+per group and family: the XX→En directions of a group train jointly, and so do its En→XX ones).
+`multilingual` (one adapter for all ten directions) runs at the largest budget. Every system is an
+ordinary `datm run` (Ray executor by default, a local cluster of --workers one-thread workers), and
+each budget's Δ = joint − separate comes from `datm analyze` on the two run directories, with its
+paired-bootstrap interval per direction and per family.
+
+Adapters that two systems would train identically (group_family's one-language groups, e.g. {zh},
+train the very adapter `separate` trains) are trained once: the runs share datm's adapter cache.
+
+Resumable: run the same command again after a kill; finished runs are reused, not rebuilt.
+
+    python benchmarks/asymmetry_budget.py [--budgets 20,80,320] [--test-size 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+from datm import artifacts, runner
+from datm import config as C
+from datm.artifacts import RunDir
+from datm.languages import FAMILIES, FAMILY_NAMES
+from datm.results import Analysis, RunScores
+
+LANGS = ["de", "is", "cs", "ru", "zh"]
+GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"], "cjk": ["zh"]}
+JOINT = "group_family"
+NAME = "asymmetry_budget"
+
+
+def make_config(args: argparse.Namespace, budget: int, system: str) -> C.Config:
+    raw: dict[str, Any] = {
+        "languages": LANGS,
+        "groups": GROUPS,
+        "data": {
+            "train": str(common.DATA_DIR / "train.{xx}-en.jsonl"),
+            "test": str(common.DATA_DIR / "test.{src}-{tgt}.jsonl"),
+        },
+        "strategy": system,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "schedule": "cosine",
+            "warmup_ratio": 0.05,
+            "max_examples_per_pair": budget,
+            "seed": 1,
+            "checkpoint_every": 20,
+        },
+        "eval": {"max_examples": args.test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
+        "output_dir": str(run_dir(args, budget, system)),
+        "executor": args.executor,
+        "adapter_cache": str(Path(args.work) / "adapter_cache"),
+    }
+    return C.from_dict(raw, source=f"{NAME}:{system}@{budget}")
+
+
+def run_dir(args: argparse.Namespace, budget: int, system: str) -> Path:
+    return Path(args.work) / f"budget-{budget}" / system
+
+
+def runs_to_do(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """Cheapest budget first, then the largest (the most informative), then the ones between."""
+    budgets = sorted(args.budgets)
+    order = budgets[:1] + budgets[:0:-1] if len(budgets) > 1 else budgets
+    todo = [(b, s) for b in order for s in ("separate", JOINT)]
+    if args.multilingual:
+        todo.append((max(budgets), "multilingual"))
+    return todo
+
+
+def analyze_budget(args: argparse.Namespace, budget: int, joint: str) -> Analysis | None:
+    """`datm analyze --separate … --joint …` of one budget (None until both runs are scored)."""
+    from datm.cli import main as datm
+
+    sep, jnt = run_dir(args, budget, "separate"), run_dir(args, budget, joint)
+    if not (RunDir(sep).scores.is_file() and RunDir(jnt).scores.is_file()):
+        return None
+    out = Path(args.work) / f"budget-{budget}" / "analysis" / f"{joint}_vs_separate"
+    if datm(["analyze", "--separate", str(sep), "--joint", str(jnt), "--out", str(out)]) != 0:
+        raise SystemExit(f"datm analyze failed for budget {budget} ({joint})")
+    return Analysis.from_json(artifacts.read_json(out / "analysis.json"), out / "analysis.json")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(common.REPO_ROOT / "runs" / NAME), help="run directories")
+    ap.add_argument("--results", type=Path, default=common.RESULTS_DIR)
+    ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[20, 80, 320])
+    ap.add_argument("--test-size", type=int, default=100, help="first N WMT'22 segments per direction")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3, help="the same at every budget and in every system")
+    ap.add_argument("--executor", default="ray", choices=["local", "ray"])
+    ap.add_argument("--workers", type=int, default=2, help="Ray workers (one torch thread each)")
+    ap.add_argument("--no-multilingual", dest="multilingual", action="store_false")
+    ap.add_argument("--summarize-only", action="store_true", help="write results from the finished runs")
+    common.add_load_argument(ap)
+    args = ap.parse_args()
+    load = None if args.summarize_only else common.check_load(args.allow_load)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    timings_path = work / "timings.json"
+    timings: dict[str, float] = artifacts.read_json(timings_path) if timings_path.is_file() else {}
+    if not args.summarize_only and args.executor == "ray":
+        import ray
+
+        ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING")
+    for budget, system in [] if args.summarize_only else runs_to_do(args):
+        key = f"{system}@{budget}"
+        if RunDir(run_dir(args, budget, system)).scores.is_file() and key in timings:
+            common.log(f"{key}: done, reused")
+            continue
+        common.log(f"{key}: datm run")
+        t0 = time.perf_counter()
+        runner.run(make_config(args, budget, system), executor=args.executor)
+        # A run resumed after a kill counts only the time of the invocation that finished it.
+        timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t0, 1)
+        artifacts.atomic_write_json(timings_path, timings)
+        summarize(args, timings, load)
+    summarize(args, timings, load)
+    return 0
+
+
+def summarize(args: argparse.Namespace, timings: dict[str, float], load: dict[str, Any] | None) -> None:
+    budgets = sorted(args.budgets)
+    scores: dict[str, dict[str, Any]] = {}
+    for budget, system in runs_to_do(args):
+        f = RunDir(run_dir(args, budget, system)).scores
+        if f.is_file():
+            sc = RunScores.from_json(artifacts.read_json(f), f)
+            scores[f"{system}@{budget}"] = {
+                "directions": {d: {"bleu": r.bleu, "chrf": r.chrf} for d, r in sc.directions.items()},
+                "averages": sc.averages,
+            }
+    analyses: dict[str, Any] = {}
+    for budget in budgets:
+        a = analyze_budget(args, budget, JOINT)
+        if a is not None:
+            analyses[f"{JOINT}@{budget}"] = a.to_json()
+    if args.multilingual:
+        a = analyze_budget(args, max(budgets), "multilingual")
+        if a is not None:
+            analyses[f"multilingual@{max(budgets)}"] = a.to_json()
+    missing = [f"{s}@{b}" for b, s in runs_to_do(args) if f"{s}@{b}" not in scores]
+    record = {
+        "benchmark": NAME,
+        "command": " ".join(["python", *sys.argv]),
+        "setting": {
+            "model": "Gemma 3 270M (embedded GGUF, de-quantized)",
+            "languages": LANGS,
+            "groups": GROUPS,
+            "joint_system": JOINT,
+            "budgets_pairs_per_direction": budgets,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "lora": {"r": 16, "alpha": 32},
+            "test_segments_per_direction": args.test_size,
+            "test_set": "WMT'22 general (first N segments per direction)",
+            "executor": f"{args.executor} ({args.workers} workers x 1 torch thread)"
+            if args.executor == "ray"
+            else "local",
+        },
+        "scores": scores,
+        "analyses": analyses,
+        "missing_runs": missing,
+        "wall_seconds": timings,
+        "load_check": load,
+        "machine": common.machine_info(),
+        "versions": artifacts.library_versions(),
+    }
+    record = common.repo_relative(record)
+    args.results.mkdir(parents=True, exist_ok=True)
+    artifacts.atomic_write_json(args.results / f"{NAME}.json", record)
+    artifacts.atomic_write_text(args.results / f"{NAME}.md", render(record))
+    if analyses:
+        artifacts.atomic_write_bytes(args.results / f"{NAME}.png", plot(record))
+    common.log(f"wrote {args.results / NAME}.{{json,md,png}}")
+
+
+def _family_rows(record: dict[str, Any]) -> list[tuple[str, int, str, dict[str, Any]]]:
+    rows = []
+    for name, a in record["analyses"].items():
+        system, budget = name.split("@")
+        for fam, r in a["families"].items():
+            rows.append((system, int(budget), fam, r))
+    return sorted(rows, key=lambda x: (x[0] != JOINT, x[1], FAMILIES.index(x[2])))
+
+
+def render(p: dict[str, Any]) -> str:
+    s = p["setting"]
+    out = [
+        "# Conflict and synergy against the training budget (Gemma 3 270M, ALMA human-written data)",
+        "",
+        f"Command: `{p['command']}`",
+        "",
+        f"Budgets (training pairs per direction): {s['budgets_pairs_per_direction']}; {s['epochs']:g} "
+        f"epoch(s), batch {s['batch_size']}, lr {s['lr']:g} at every budget and in every system; LoRA "
+        f"r {s['lora']['r']}; test: first {s['test_segments_per_direction']} WMT'22 segments of each of "
+        f"10 directions. Joint system: `{s['joint_system']}` (one adapter per group and family). "
+        f"Executor: {s['executor']}.",
+        "",
+    ]
+    busy = common.load_markdown(p.get("load_check") or {})
+    out += [busy, ""] if busy else []
+    if p["missing_runs"]:
+        out += [f"**Partial: not finished: {', '.join(p['missing_runs'])}** (the run resumes).", ""]
+    out += [
+        "## Δ chrF++ = joint − separate per family (mean over the family's directions, 95% paired "
+        "bootstrap interval, `datm analyze`)",
+        "",
+        "| joint system | budget | family | Δ | interval | kind |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system, budget, fam, r in _family_rows(p):
+        out.append(
+            f"| {system} | {budget} | {FAMILY_NAMES[fam]} | {r['delta']:+.2f} | "
+            f"[{r['low']:+.2f}, {r['high']:+.2f}] | {r.get('kind', '')} |"
+        )
+    out.append("")
+    for name, a in p["analyses"].items():
+        out += [f"## Per direction: {name.replace('@', ' at budget ')} vs separate (chrF++)", ""]
+        out.append("| direction | separate | joint | Δ | interval | kind | Δ BLEU |")
+        out.append("|---|---|---|---|---|---|---|")
+        for d, r in a["directions"].items():
+            out.append(
+                f"| {d} | {r['separate']:.2f} | {r['joint']:.2f} | {r['delta']:+.2f} | "
+                f"[{r['low']:+.2f}, {r['high']:+.2f}] | {r['kind']} | {r['bleu_delta']:+.2f} |"
+            )
+        out.append("")
+    out += ["## Averages per run (BLEU / chrF++)", "", "| run | XX→En | En→XX |", "|---|---|---|"]
+    for name, sc in p["scores"].items():
+        av = sc["averages"]
+        cells = [f"{av[f]['bleu']:.2f} / {av[f]['chrf']:.2f}" if f in av else "" for f in FAMILIES]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += ["", "## Wall time (s)", "", "| run | seconds |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in p["wall_seconds"].items()]
+    return "\n".join(out) + "\n"
+
+
+def plot(p: dict[str, Any]) -> bytes:
+    """Δ per family against the budget (log scale), error bars = the 95% intervals."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from datm.analyze import FAMILY_COLOURS
+
+    fig = Figure(figsize=(6.5, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rows = _family_rows(p)
+    for i, fam in enumerate(FAMILIES):
+        for system, marker, shift in ((JOINT, "o", -0.03), ("multilingual", "s", 0.03)):
+            pts = sorted((b, r) for s, b, f, r in rows if s == system and f == fam)
+            if not pts:
+                continue
+            xs = [b * (1 + shift + 0.02 * i) for b, _ in pts]
+            ys = [r["delta"] for _, r in pts]
+            err = [
+                [max(0.0, r["delta"] - r["low"]) for _, r in pts],
+                [max(0.0, r["high"] - r["delta"]) for _, r in pts],
+            ]
+            label = f"{FAMILY_NAMES[fam]}, {'group (per family)' if system == JOINT else 'multilingual'}"
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=err,
+                marker=marker,
+                capsize=4,
+                color=FAMILY_COLOURS[fam],
+                label=label,
+                linestyle="-" if system == JOINT else "none",
+            )
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    budgets = p["setting"]["budgets_pairs_per_direction"]
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("training pairs per direction")
+    ax.set_ylabel("Δ chrF++ (joint − separate)")
+    ax.set_title("Synergy (> 0) and conflict (< 0) against the training budget")
+    ax.legend(fontsize="small", frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""A store of trained adapters shared across runs, keyed by what trains them.
+
+Two runs that would train the same adapter (same base model, same training pairs, same LoRA and
+training settings, same prompt, same kind of device) train it once: the second takes the first's
+by hard links. The key is a fingerprint of those inputs, not of the adapter's name, so the
+`separate` system's zh→En adapter and the `group` system's one-language group {zh} are one entry.
+
+Config: `adapter_cache: DIR` (top level; off when absent). Entries are ordinary adapter directories
+(`DIR/<key>/`), published atomically and never overwritten; building an entry is claimed like any
+task, so concurrent runs never train the same adapter twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from datm import artifacts
+from datm.config import LoraConfig, TrainConfig
+
+REUSED = "reused_from.json"
+# Training settings that change where the work is saved or how often, never the adapter's numbers.
+_NOT_IN_KEY = ("checkpoint_every",)
+
+
+def adapter_key(
+    *,
+    model_fingerprint: str,
+    data_fingerprint: str,
+    directions: list[str],
+    lora: LoraConfig,
+    train: TrainConfig,
+    prompt: str,
+    device_type: str,
+    world_size: int,
+) -> str:
+    """The fingerprint of everything that decides a trained adapter's weights."""
+    settings = {k: v for k, v in asdict(train).items() if k not in _NOT_IN_KEY}
+    return artifacts.fingerprint_obj(
+        {
+            "model": model_fingerprint,
+            "data": data_fingerprint,
+            "directions": sorted(directions),
+            "lora": asdict(lora),
+            "train": settings,
+            "prompt": prompt,
+            "device_type": device_type,
+            "world_size": world_size,
+        }
+    )
+
+
+class AdapterCache:
+    """`DIR/<key>/` holds a finished adapter; `DIR/.claims/<key>.lock` guards building it."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, key: str) -> Path:
+        return self.root / key
+
+    def claim(self, key: str, task: str) -> artifacts.Claim:
+        return artifacts.claim(self.root / ".claims" / f"{key}.lock", f"{task} (adapter cache {key})")
+
+    def fetch(self, key: str, dest: Path, provenance: dict[str, Any]) -> bool:
+        """Publish the cached adapter at `dest` (hard links); False when there is none yet."""
+        src = self.entry(key)
+        if not artifacts.is_done(src):
+            return False
+        stage = artifacts.staging_dir(dest.parent / f"{dest.name}.cached")
+        _link_tree(src, stage)
+        artifacts.atomic_write_json(stage / REUSED, {"cache": str(src), "key": key, **provenance})
+        artifacts.publish_dir(stage, dest)
+        return True
+
+    def store(self, key: str, adapter: Path) -> None:
+        """Add a finished adapter (hard links); an entry that exists is kept as it is."""
+        dest = self.entry(key)
+        if artifacts.is_done(dest):
+            return
+        stage = artifacts.staging_dir(dest)
+        _link_tree(adapter, stage, skip=(REUSED,))
+        artifacts.publish_dir(stage, dest)
+
+
+def _link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a finished directory by hard links (plain copies across filesystems)."""
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.parts[0] in skip or not path.is_file():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
