@@ -61,7 +61,7 @@ def make_config(args: argparse.Namespace, budget: int, system: str) -> C.Config:
         "eval": {"max_examples": args.test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
         "output_dir": str(run_dir(args, budget, system)),
         "executor": args.executor,
-        "adapter_cache": str(Path(args.work) / "adapter_cache"),
+        "adapter_cache": str(common.ADAPTER_CACHE),
     }
     return C.from_dict(raw, source=f"{NAME}:{system}@{budget}")
 

@@ -31,6 +31,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 QUICK_DIR = Path(tempfile.gettempdir()) / "datm-bench-quick"
 REPO_ROOT = BENCH_DIR.parent
+# Trained adapters shared by the benchmarks' runs (datm's adapter cache): the merge benchmark's
+# separate XX->En adapters are the budget study's at 80 pairs, trained once.
+ADAPTER_CACHE = REPO_ROOT / "runs" / "adapter_cache"
 # The project's data lives beside the repository: ../shared/data/alma-human-parallel.
 DATA_DIR = Path(
     os.environ.get("DATM_BENCH_DATA", REPO_ROOT.parent / "shared" / "data" / "alma-human-parallel")
@@ -216,8 +219,11 @@ def repo_relative(obj: Any) -> Any:
         return {k: repo_relative(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [repo_relative(v) for v in obj]
-    if isinstance(obj, str) and obj.startswith(str(REPO_ROOT.parent) + os.sep):
+    prefix = str(REPO_ROOT.parent) + os.sep
+    if isinstance(obj, str) and obj.startswith(prefix):
         return os.path.relpath(obj, REPO_ROOT)
+    if isinstance(obj, str) and f" {prefix}" in obj:  # a command line: each argument on its own
+        return " ".join(repo_relative(word) for word in obj.split(" "))
     return obj
 
 
@@ -287,6 +293,7 @@ def checks_markdown(record: dict[str, Any]) -> str:
 
 
 def write_results(out_dir: Path, record: dict[str, Any], body_markdown: str) -> tuple[Path, Path]:
+    record = repo_relative(record)  # results never carry this machine's paths
     name = record["benchmark"]
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     key = record["headline_key"]

@@ -75,6 +75,7 @@ def make_config(args: argparse.Namespace, methods: list[str] | None = None) -> C
         },
         "eval": {"max_examples": args.test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
         "output_dir": str(Path(args.work) / "run"),
+        "adapter_cache": str(common.ADAPTER_CACHE),
     }
     return C.from_dict(raw, source="merge_methods")
 
