@@ -256,6 +256,7 @@ def plot(p: dict[str, Any]) -> bytes:
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     from datm.analyze import FAMILY_COLOURS
 
@@ -289,6 +290,8 @@ def plot(p: dict[str, Any]) -> bytes:
     ax.set_xscale("log")
     budgets = p["setting"]["budgets_pairs_per_direction"]
     ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(min(budgets) / 1.6, max(budgets) * 1.6)
     ax.set_xlabel("training pairs per direction")
     ax.set_ylabel("Δ chrF++ (joint − separate)")
     ax.set_title("Synergy (> 0) and conflict (< 0) against the training budget")
