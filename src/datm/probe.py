@@ -145,7 +145,7 @@ def probe(
     from peft import get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from datm.train import _lora_config, collate, target_loss
+    from datm.train import collate, peft_lora_config, target_loss
 
     if len(directions_examples) < 2:
         raise ProbeError(f"the probe compares directions; got {len(directions_examples)}, need at least 2")
@@ -164,7 +164,7 @@ def probe(
     was_training = model.training
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     torch.manual_seed(seed)  # the LoRA A init: the same starting point on every call with this seed
-    peft_model = get_peft_model(model, _lora_config(lora))
+    peft_model = get_peft_model(model, peft_lora_config(lora))
     try:
         peft_model.eval()  # no dropout: the gradient is a function of the data alone
         lora_b = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_B." in n]
