@@ -106,7 +106,7 @@ def make_run(
     out = Path(cfg.output_dir)
     if random_adapters:
         for seed, spec in enumerate(runner.build_plan(cfg).adapters):
-            random_lora(model_dir, out / "adapters" / spec.name, seed)
+            random_lora(model_dir, artifacts.RunDir(out).adapter(spec.name), seed)
     runner.run(cfg)
     return out
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from datm import artifacts
+from datm.artifacts import RunDir
 from datm.config import Config, ConfigError, LoraConfig
 from datm.data import IGNORE_INDEX, Example
 from datm.errors import DatmError
@@ -306,7 +307,7 @@ def auto_measurements_from_probe(
 
 
 def default_probe_path(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "probe" / "probe.json"
+    return RunDir(cfg.output_dir).probe_result
 
 
 # ----------------------------------------------------------------------------------- files
