@@ -28,6 +28,7 @@ import common
 from datm import artifacts, runner
 from datm import config as C
 from datm.artifacts import RunDir
+from datm.languages import EN_XX, XX_EN
 
 ROOT = common.REPO_ROOT
 DATA = common.DATA_DIR
@@ -203,7 +204,7 @@ def render(p: dict[str, Any]) -> str:
         for name, s in p["systems"].items():
             cells = " | ".join(f"{s['directions'][d][metric]:.2f}" for d in dirs)
             av = s["averages"]
-            out.append(f"| {name} | {cells} | {av['xx-en'][metric]:.2f} | {av['en-xx'][metric]:.2f} |")
+            out.append(f"| {name} | {cells} | {av[XX_EN][metric]:.2f} | {av[EN_XX][metric]:.2f} |")
         out.append("")
     for name, a in p["asymmetry"].items():
         out += [f"## Asymmetry: {name} (Δ chrF++ = joint − separate, 95% bootstrap interval)", ""]

@@ -25,7 +25,7 @@ from datm import artifacts
 from datm.artifacts import RunDir
 from datm.errors import DatmError
 from datm.evaluate import read_lines
-from datm.languages import FAMILIES, FAMILY_NAMES, Direction
+from datm.languages import FAMILIES, FAMILY_NAMES, XX_EN, Direction
 from datm.results import BootstrapResult, ResultsError, RunScores
 from datm.significance import DEFAULT_SEED, Paired, Statistics
 
@@ -337,7 +337,7 @@ def plot_metric(data: dict[str, Any], metric: str) -> Figure:
         ]
         heights = [row["cells"][d]["value"] for d in directions if row["cells"][d]["value"] is not None]
         ax.bar(xs, heights, width=width, label=row["run"])
-    n_xx = len(data["directions"]["xx-en"])
+    n_xx = len(data["directions"][XX_EN])
     if n_xx and n_xx < len(directions):
         ax.axvline(n_xx - 0.5, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xticks(range(len(directions)), directions, rotation=90 if len(directions) > 12 else 0)
