@@ -27,6 +27,8 @@ import common
 
 from datm import artifacts, runner
 from datm import config as C
+from datm.artifacts import RunDir
+from datm.languages import EN_XX, XX_EN
 
 ROOT = common.REPO_ROOT
 DATA = common.DATA_DIR
@@ -69,8 +71,8 @@ def share_adapters(work: Path, system: str) -> None:
     if system not in SHARED:
         return
     donor, keep = SHARED[system]
-    for src in sorted((work / donor / "adapters").glob("*")):
-        dst = work / system / "adapters" / src.name
+    for src in sorted(RunDir(work / donor).adapters_dir.glob("*")):
+        dst = RunDir(work / system).adapter(src.name)
         if artifacts.is_done(src) and not dst.exists() and (keep is None or keep(src.name)):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src, dst, copy_function=os.link)
@@ -81,12 +83,12 @@ def share_adapters(work: Path, system: str) -> None:
     mine, theirs = make_plan(system, LANGS, GROUPS), make_plan(donor, LANGS, GROUPS)
     adapters = {a.name for a in mine.adapters}
     for d, module in mine.routes.items():
-        src_dir, dst_dir = work / donor / "translations", work / system / "translations"
-        if module in adapters and theirs.routes.get(d) == module and (src_dir / f"{d}.hyp.txt").is_file():
-            dst_dir.mkdir(parents=True, exist_ok=True)
+        src_files, dst_files = RunDir(work / donor).translations(d), RunDir(work / system).translations(d)
+        if module in adapters and theirs.routes.get(d) == module and src_files.hyp.is_file():
+            dst_files.hyp.parent.mkdir(parents=True, exist_ok=True)
             for kind in ("src", "ref", "hyp"):
-                if not (dst_dir / f"{d}.{kind}.txt").exists():
-                    shutil.copyfile(src_dir / f"{d}.{kind}.txt", dst_dir / f"{d}.{kind}.txt")
+                if not dst_files.of(kind).exists():
+                    shutil.copyfile(src_files.of(kind), dst_files.of(kind))
 
 
 def main() -> int:
@@ -114,7 +116,7 @@ def main() -> int:
     timings = artifacts.read_json(timings_path) if timings_path.is_file() else {}
     for system in [] if args.summarize_only else args.systems.split(","):
         share_adapters(work, system)
-        if (work / system / "scores.json").is_file() and system in timings:
+        if RunDir(work / system).scores.is_file() and system in timings:
             print(f"{system}: done, reused")
             continue
         t0 = time.perf_counter()
@@ -131,7 +133,7 @@ def summarize(args: argparse.Namespace, work: Path, timings: dict[str, float]) -
     results = Path(args.results)
     systems = {}
     for system in SYSTEMS:
-        f = work / system / "scores.json"
+        f = RunDir(work / system).scores
         if f.is_file():
             sc = artifacts.read_json(f)
             systems[system] = {"directions": sc["directions"], "averages": sc["averages"]}
@@ -151,10 +153,10 @@ def summarize(args: argparse.Namespace, work: Path, timings: dict[str, float]) -
         ).get("merge")
     for name, res in analyses.items():
         analyze.write_analysis(res, work / "analysis" / name)
-    probe_file = work / "probe" / "probe.json"
+    probe_file = RunDir(work).probe_result  # the probe of the runs' setting, beside them
     if not probe_file.is_file() and not args.summarize_only:
         t0 = time.perf_counter()
-        probe.probe_config(make_config(args, "dat"), work / "probe")
+        probe.probe_config(make_config(args, "dat"), probe_file.parent)
         timings["probe"] = round(time.perf_counter() - t0, 1)
     probe_res = artifacts.read_json(probe_file) if probe_file.is_file() else None
     payload = {
@@ -202,7 +204,7 @@ def render(p: dict[str, Any]) -> str:
         for name, s in p["systems"].items():
             cells = " | ".join(f"{s['directions'][d][metric]:.2f}" for d in dirs)
             av = s["averages"]
-            out.append(f"| {name} | {cells} | {av['xx-en'][metric]:.2f} | {av['en-xx'][metric]:.2f} |")
+            out.append(f"| {name} | {cells} | {av[XX_EN][metric]:.2f} | {av[EN_XX][metric]:.2f} |")
         out.append("")
     for name, a in p["asymmetry"].items():
         out += [f"## Asymmetry: {name} (Δ chrF++ = joint − separate, 95% bootstrap interval)", ""]

@@ -52,9 +52,7 @@ def run_config(base_model: str | None, out: Path, quick: bool) -> dict[str, Any]
 
 def tiny_model(path: Path) -> str:
     """A 2-layer random Llama with a byte-level BPE tokenizer trained on the benchmark's data."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
+    from datm import tiny
     from datm.data import read_direction
     from datm.languages import Direction
 
@@ -64,33 +62,10 @@ def tiny_model(path: Path) -> str:
             f"{p.src} {p.tgt}"
             for p in read_direction(str(common.data_file(f"train.{x}-en.jsonl")), Direction(x, "en"))[:200]
         ]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    special = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    bpe.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=1000, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
+    tok = tiny.build_tokenizer(texts, vocab_size=1000, prepend_bos=False, chat_template=None)
+    # transformers' LlamaConfig defaults for the context and the initialisation
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 2048}
+    tiny.build_model_dir(path, tokenizer=tok, **sizes, initializer_range=0.02)
     return str(path)
 
 

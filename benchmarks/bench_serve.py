@@ -46,10 +46,11 @@ def load_segments(run: Path) -> list[tuple[str, str, str]]:
     from datm import artifacts
     from datm.evaluate import read_lines
 
-    plan = artifacts.read_json(run / "plan.json")
+    layout = artifacts.RunDir(run)
+    plan = artifacts.read_json(layout.plan)
     out = []
     for d in plan["routes"]:
-        src, ref = run / "translations" / f"{d}.src.txt", run / "translations" / f"{d}.ref.txt"
+        src, ref = layout.translations(d).src, layout.translations(d).ref
         if not src.is_file() or not ref.is_file():
             raise common.BenchError(
                 f"{src} (or .ref.txt) not found: run `datm run` on {run} to the end first"

@@ -29,7 +29,7 @@ import common
 import torch
 
 from datm.data import Example, PromptFormat, read_direction, select, tokenize_pairs
-from datm.languages import Direction
+from datm.languages import XX_EN, Direction
 
 HEADLINE = "train_speedup"
 LORA_R, LORA_ALPHA = 16, 32
@@ -329,7 +329,7 @@ def main() -> int:
     from datm import models
 
     direction = Direction.parse(args.direction)
-    if direction.family != "xx-en":
+    if direction.family != XX_EN:
         raise common.BenchError(f"--direction must be XX-en (ALMA train files are per XX), got {direction}")
     model_path = common.base_model_path()
     tok = models.load_tokenizer(model_path)

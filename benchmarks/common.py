@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from datm import artifacts
+from datm import artifacts, device
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -108,23 +108,8 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else "unknown"
-
-
-def cpu_flags_of_interest() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    match = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
-    flags = set(match.group(1).split()) if match else set()
-    return sorted(flags & {"amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2", "fma"})
+# The CPU flags a result records (what bf16 and matrix speed depend on).
+CPU_FLAGS_OF_INTEREST = {"amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2", "fma"}
 
 
 def machine_info() -> dict[str, Any]:
@@ -143,8 +128,8 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "cpu_model": cpu_model(),
-        "cpu_flags": cpu_flags_of_interest(),
+        "cpu_model": device.cpu_model(),
+        "cpu_flags": sorted(device.cpu_flags() & CPU_FLAGS_OF_INTEREST),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "torch_threads": torch.get_num_threads(),

@@ -21,6 +21,7 @@ from typing import Any
 import common
 
 from datm import artifacts, data, evaluate, models
+from datm.artifacts import RunDir
 from datm.languages import Direction
 from datm.merge import merge_adapters
 from datm.translate import Request, Translator
@@ -53,11 +54,11 @@ def main() -> int:
     args = ap.parse_args()
     args.load_check = common.check_load(args.allow_load)
     work = Path(args.work)
-    sep = work / "separate"
-    needed = [sep / "adapters" / f"{x}-en" for g in GROUPS.values() for x in g]
+    sep = RunDir(work / "separate")
+    needed = [sep.adapter(f"{x}-en") for g in GROUPS.values() for x in g]
     if not all(artifacts.is_done(a) for a in needed):
-        raise SystemExit(f"{sep}: XX->En adapters not finished; run benchmarks/asymmetry_cpu.py first")
-    cfg = artifacts.read_json(sep / "config.json")
+        raise SystemExit(f"{sep.root}: XX->En adapters not finished; run benchmarks/asymmetry_cpu.py first")
+    cfg = artifacts.read_json(sep.config)
     out = work / "merge_forms"
     out.mkdir(parents=True, exist_ok=True)
     ranks = [int(x) for x in args.ranks.split(",")]
@@ -93,7 +94,7 @@ def main() -> int:
     if cache.is_file():
         results = artifacts.read_json(cache)
     if "unmerged" not in results:
-        mods = {str(d): sep / "adapters" / str(d) for d in directions}
+        mods = {str(d): sep.adapter(str(d)) for d in directions}
         scores, load_s = score(mods, {str(d): str(d) for d in directions})
         size = sum(f.stat().st_size for m in mods.values() for f in m.glob("*.safetensors"))
         results["unmerged"] = {
@@ -112,7 +113,7 @@ def main() -> int:
         for g, members in GROUPS.items():
             target = out / name / g
             res = merge_adapters(
-                [sep / "adapters" / f"{x}-en" for x in members],
+                [sep.adapter(f"{x}-en") for x in members],
                 target,
                 "ties",
                 v["density"],

@@ -88,7 +88,7 @@ def systems(run: RunDir, cands: list[merge_select.Candidate]) -> dict[str, dict[
     """system -> direction -> the module that serves it."""
     out = {UNMERGED: {d: run.adapter(d) for d in DIRECTIONS}}
     for c in cands:
-        out[c.name] = {d: run.candidates(f"xx-en.{group_of(d)}") / c.name / "module" for d in DIRECTIONS}
+        out[c.name] = {d: run.candidate_module(f"xx-en.{group_of(d)}", c.name) for d in DIRECTIONS}
     return out
 
 
@@ -200,7 +200,7 @@ def summarize(
     refs = {d: [p.tgt for p in tests[d]] for d in DIRECTIONS}
     infos = {
         c.name: {
-            g: artifacts.read_json(run.candidates(f"xx-en.{g}") / c.name / "module" / "merge_info.json")
+            g: artifacts.read_json(run.candidate_module(f"xx-en.{g}", c.name) / "merge_info.json")
             for g in GROUPS
         }
         for c in cands

@@ -50,33 +50,9 @@ def write_alma(path: Path, lang: str, n: int = 12) -> Path:
 
 
 def build_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from datm.tiny import build_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.add_bos_token = True
-    # Prepend BOS like Llama/Gemma tokenizers do.
-    from tokenizers import processors
-
-    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-    )
-    return fast
+    return build_tokenizer(texts)
 
 
 def corpus_texts() -> list[str]:
@@ -91,31 +67,10 @@ def corpus_texts() -> list[str]:
 
 
 def build_model_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+    """datm.tiny's default model (2 layers, hidden size 32), its tokenizer trained on corpus_texts()."""
+    from datm.tiny import build_model_dir
 
-    tok = build_tokenizer(corpus_texts())
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,  # a wide LM head, so a LoRA can move the loss within a few steps
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    if arch == "gemma3":
-        cfg = Gemma3TextConfig(head_dim=8, sliding_window=64, **common)
-    else:
-        cfg = LlamaConfig(**common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return build_model_dir(path, corpus_texts(), arch=arch, seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -29,28 +29,12 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def build_vllm_model_dir(path: Path, seed: int = 0) -> Path:
     """A tiny Llama that vLLM's CPU attention accepts: head size 32 (it supports 32..512; the
     conftest models use 8). Same tokenizer as the conftest models."""
-    from conftest import build_tokenizer, corpus_texts
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from conftest import corpus_texts
 
-    tok = build_tokenizer(corpus_texts())
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        head_dim=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    from datm.tiny import build_model_dir
+
+    sizes = {"hidden_size": 64, "head_dim": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
+    return build_model_dir(path, corpus_texts(), seed=seed, **sizes)
 
 
 def random_lora(model_dir: Path, out: Path, seed: int, r: int = 4, b_std: float = 1.0) -> Path:
@@ -106,7 +90,7 @@ def make_run(
     out = Path(cfg.output_dir)
     if random_adapters:
         for seed, spec in enumerate(runner.build_plan(cfg).adapters):
-            random_lora(model_dir, out / "adapters" / spec.name, seed)
+            random_lora(model_dir, artifacts.RunDir(out).adapter(spec.name), seed)
     runner.run(cfg)
     return out
 

@@ -125,9 +125,9 @@ def test_probe_refuses_bad_input(tiny, examples):
         probe(model, tok, {"de-en": examples["de-en"], "cs-en": []}, LORA)
     from peft import get_peft_model
 
-    from datm.train import _lora_config
+    from datm.train import peft_lora_config
 
-    wrapped = get_peft_model(model, _lora_config(LORA))
+    wrapped = get_peft_model(model, peft_lora_config(LORA))
     try:
         with pytest.raises(ProbeError, match="already carries LoRA"):
             probe(model, tok, examples, LORA)

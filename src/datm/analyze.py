@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from datm import artifacts
+from datm.artifacts import RunDir
 from datm.errors import DatmError
 from datm.evaluate import read_lines, score_bleu, score_chrf
 from datm.languages import EN_XX, FAMILIES, FAMILY_NAMES, XX_EN, Direction, by_family
@@ -65,16 +66,16 @@ def load_run_texts(path: str | Path, role: str) -> RunTexts:
     path = Path(path)
     if not path.is_dir():
         raise AnalysisError(f"{role} run {path} is not a directory")
-    tdir = path / "translations"
+    run = RunDir(path)
     plan = None
-    if (path / "plan.json").is_file():
+    if run.plan.is_file():
         try:
-            plan = Plan.from_dict(artifacts.read_json(path / "plan.json"))
+            plan = Plan.from_dict(artifacts.read_json(run.plan))
         except (KeyError, TypeError) as e:
-            raise AnalysisError(f"{path / 'plan.json'}: not a datm plan ({type(e).__name__}: {e})") from None
+            raise AnalysisError(f"{run.plan}: not a datm plan ({type(e).__name__}: {e})") from None
         directions = list(plan.routes)
     else:
-        directions = sorted(p.name[: -len(".hyp.txt")] for p in tdir.glob("*.hyp.txt"))
+        directions = run.translated()
     if not directions:
         raise AnalysisError(
             f"{role} run {path}: no plan.json and no translations/*.hyp.txt; nothing to compare"
@@ -86,7 +87,7 @@ def load_run_texts(path: str | Path, role: str) -> RunTexts:
         except ValueError as e:
             raise AnalysisError(f"{role} run {path}: {e}") from None
         for kind, into in (("ref", refs), ("hyp", hyps)):
-            file = tdir / f"{d}.{kind}.txt"
+            file = run.translations(d).of(kind)
             if not file.is_file():
                 raise AnalysisError(
                     f"{role} run {path}: direction {d} has no {file}; translate the run first"

@@ -132,6 +132,9 @@ def library_versions() -> dict[str, str]:
 # --- The run directory -------------------------------------------------------------------------------
 
 
+HYP_SUFFIX = ".hyp.txt"
+
+
 @dataclass(frozen=True)
 class TranslationFiles:
     """One direction's test sources, references and hypotheses (hyp is written last: it marks completion)."""
@@ -143,7 +146,11 @@ class TranslationFiles:
     @property
     def info(self) -> Path:
         """How the hypotheses were made (e.g. leading line breaks skipped, a delta's applied error)."""
-        return self.hyp.with_name(self.hyp.name.removesuffix(".hyp.txt") + ".info.json")
+        return self.hyp.with_name(self.hyp.name.removesuffix(HYP_SUFFIX) + ".info.json")
+
+    def of(self, kind: str) -> Path:
+        """The file of a kind: 'src', 'ref' or 'hyp'."""
+        return {"src": self.src, "ref": self.ref, "hyp": self.hyp}[kind]
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,8 @@ class RunDir:
     """The one description of a run directory's layout; every stage asks it where things go.
 
     plan.json, config.json, adapters/NAME/, merged/NAME/, translations/DIR.{src,ref,hyp}.txt, DIR.info.json,
-    scores.json, report.md, probe/, and .claims/ (one lock file and one record per task).
+    scores.json, report.md, probe/probe.json, candidates/MERGE/ (merge: auto: CANDIDATE/module/ and
+    dev/DIR.{src,ref}.txt), and .claims/ (one lock file and one record per task).
     """
 
     root: Path
@@ -180,6 +188,11 @@ class RunDir:
         return self.root / "probe"
 
     @property
+    def probe_result(self) -> Path:
+        """`datm probe`'s measurements (probe.png beside them)."""
+        return self.probe / "probe.json"
+
+    @property
     def translations_dir(self) -> Path:
         return self.root / "translations"
 
@@ -187,15 +200,35 @@ class RunDir:
     def claims(self) -> Path:
         return self.root / ".claims"
 
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.root / "merged"
+
     def adapter(self, name: str) -> Path:
-        return self.root / "adapters" / name
+        return self.adapters_dir / name
 
     def merged(self, name: str) -> Path:
-        return self.root / "merged" / name
+        return self.merged_dir / name
 
     def candidates(self, merge: str) -> Path:
         """Where `merge: auto` keeps one merge's candidates, their dev translations and the selection."""
         return self.root / "candidates" / merge
+
+    def candidate(self, merge: str, candidate: str) -> Path:
+        """One candidate of a merge: its module/ and the record of its dev translations."""
+        return self.candidates(merge) / candidate
+
+    def candidate_module(self, merge: str, candidate: str) -> Path:
+        return self.candidate(merge, candidate) / "module"
+
+    def candidate_dev(self, merge: str, direction: object) -> tuple[Path, Path]:
+        """The dev sources and references a merge's candidates were scored on (for people to read)."""
+        d = self.candidates(merge) / "dev"
+        return d / f"{direction}.src.txt", d / f"{direction}.ref.txt"
 
     def module(self, name: str, merges: Iterable[str] | None = None) -> Path:
         """Where a shipped module lives: merged/ for the plan's merges, adapters/ otherwise.
@@ -208,7 +241,11 @@ class RunDir:
     def translations(self, direction: object) -> TranslationFiles:
         d = str(direction)
         t = self.translations_dir
-        return TranslationFiles(t / f"{d}.src.txt", t / f"{d}.ref.txt", t / f"{d}.hyp.txt")
+        return TranslationFiles(t / f"{d}.src.txt", t / f"{d}.ref.txt", t / f"{d}{HYP_SUFFIX}")
+
+    def translated(self) -> list[str]:
+        """The directions whose hypotheses are written, sorted."""
+        return sorted(p.name.removesuffix(HYP_SUFFIX) for p in self.translations_dir.glob(f"*{HYP_SUFFIX}"))
 
     def claim(self, task_id: str) -> Path:
         """The lock file of a task's claim (its record is the same name with .json)."""

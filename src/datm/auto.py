@@ -3,7 +3,7 @@
 One builder serves every command: `build_plan(cfg)` reads the measurements the config's `auto`
 section names and applies `datm.plan.auto_plan` with its threshold, so `datm plan`, `datm run` and
 `datm train` build the same plan from the same config (the command line's `--measurements` and
-`--threshold` are overrides of those keys, `datm.config.with_auto_overrides`). `plan.json` records
+`--threshold` are overrides of those keys, `datm.config.load(auto_overrides=...)`). `plan.json` records
 what decided it (`Plan.decided_by`).
 
 Sources (`auto.source`, a registry):

@@ -134,7 +134,7 @@ def _table(scores: dict[str, dict[str, Any]]) -> str:
             row += f"{s['bleu']:>20.1f}{s['chrf']:>8.1f}"
         lines.append(row)
     lines.append("-" * len(head))
-    for fam in ("xx-en", "en-xx"):
+    for fam in L.FAMILIES:
         row = f"{'avg ' + fam:<10}"
         for n in names:
             a = scores[n]["averages"][fam]
@@ -147,8 +147,7 @@ def _asymmetry(scores: dict[str, dict[str, Any]]) -> str:
     """Joint (multilingual) minus direction-aware (DATM), per family: the paper's asymmetry."""
     joint, dam = scores["multilingual"]["directions"], scores["datm"]["directions"]
     lines = ["multilingual − DATM (chrF++): negative = conflict in joint training"]
-    for fam in ("xx-en", "en-xx"):
-        ds = [d for d in joint if L.Direction.parse(d).family == fam]
+    for fam, ds in L.by_family(joint).items():
         deltas = [joint[d]["chrf"] - dam[d]["chrf"] for d in ds]
         per = ", ".join(f"{d} {x:+.1f}" for d, x in zip(ds, deltas, strict=True))
         lines.append(f"  {fam}: mean {sum(deltas) / len(deltas):+.2f}   ({per})")

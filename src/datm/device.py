@@ -6,6 +6,8 @@ Ray a task sees the GPUs it was given (CUDA_VISIBLE_DEVICES); otherwise the firs
 
 from __future__ import annotations
 
+import platform
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,12 +22,35 @@ def current() -> torch.device:
     return PartialState().device
 
 
-def cpu_has_fast_bf16() -> bool:
+def _cpuinfo() -> str | None:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return None
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line of /proc/cpuinfo (its first processor's), or None."""
+    text = _cpuinfo()
+    match = re.search(rf"^{name}\s*:\s*(.+)$", text, re.MULTILINE) if text is not None else None
+    return match.group(1).strip() if match else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it ('unknown' where it does not)."""
+    if _cpuinfo() is None:
+        return platform.processor() or "unknown"
+    return _cpuinfo_field("model name") or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86: avx2, avx512_bf16, amx_bf16, ...); empty where unknown."""
+    flags = _cpuinfo_field("flags")
+    return set(flags.split()) if flags else set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def pick_precision(precision: str, device: torch.device) -> str:

@@ -290,7 +290,7 @@ def select_merge(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) ->
     from datm.merge.base import MERGE_INFO
 
     selection = score_candidates(cfg, plan, run, name, worker)
-    _publish(run.candidates(name) / selection["chosen"] / "module", run.merged(name), selection, MERGE_INFO)
+    _publish(run.candidate_module(name, selection["chosen"]), run.merged(name), selection, MERGE_INFO)
     return selection
 
 
@@ -303,7 +303,6 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
 
     spec = next(m for m in plan.merges if m.name == name)
     sources = [run.adapter(s) for s in spec.sources]
-    root = run.candidates(name)
     devs: dict[str, list[data.Pair]] = {}
     dev_origin: dict[str, str] = {}
     for d in auto_merges(cfg, plan)[name]:
@@ -317,7 +316,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
     for c in cands:
         results[c.name] = merge_adapters(
             sources,
-            root / c.name / "module",
+            run.candidate_module(name, c.name),
             method=c.method,
             density=c.density,
             rank=c.rank,
@@ -325,28 +324,30 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
             weights=cfg.merge.weights,
             progress=worker.progress,
         )
-        prints[c.name] = _fingerprint(root / c.name / "module")
+        prints[c.name] = _fingerprint(run.candidate_module(name, c.name))
     same_as = {}
     for i, c in enumerate(cands):
         same_as[c.name] = next((e.name for e in cands[:i] if prints[e.name] == prints[c.name]), None)
 
     def recorded(c: Candidate) -> dict[str, list[str]] | None:
-        f = root / c.name / TRANSLATIONS_FILE
+        f = run.candidate(name, c.name) / TRANSLATIONS_FILE
         if not f.is_file():
             return None
         rec = artifacts.read_json(f)
         return rec["hyps"] if rec.get("dev_fingerprint") == dev_fp else None
 
     hyps = {c.name: recorded(c) for c in cands if same_as[c.name] is None}
-    todo = {n: root / n / "module" for n, h in hyps.items() if h is None}
+    todo = {n: run.candidate_module(name, n) for n, h in hyps.items() if h is None}
     if todo:
         for n, h in _translate(cfg, worker, todo, devs).items():
-            artifacts.atomic_write_json(root / n / TRANSLATIONS_FILE, {"dev_fingerprint": dev_fp, "hyps": h})
+            record = {"dev_fingerprint": dev_fp, "hyps": h}
+            artifacts.atomic_write_json(run.candidate(name, n) / TRANSLATIONS_FILE, record)
             hyps[n] = h
     refs = {d: [p.tgt for p in pairs] for d, pairs in devs.items()}
     for d, pairs in devs.items():  # what the candidates were scored on, for people to read
-        artifacts.atomic_write_text(root / "dev" / f"{d}.src.txt", data.write_text(p.src for p in pairs))
-        artifacts.atomic_write_text(root / "dev" / f"{d}.ref.txt", data.write_text(refs[d]))
+        src, ref = run.candidate_dev(name, d)
+        artifacts.atomic_write_text(src, data.write_text(p.src for p in pairs))
+        artifacts.atomic_write_text(ref, data.write_text(refs[d]))
 
     rows = []
     for c in cands:
@@ -383,7 +384,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
         "candidates": [asdict(r) for r in rows],
         "chosen": best.candidate,
     }
-    artifacts.atomic_write_json(root / SELECTION_FILE, selection)
+    artifacts.atomic_write_json(run.candidates(name) / SELECTION_FILE, selection)
     return selection
 
 
@@ -412,7 +413,7 @@ def _publish(module: Path, final: Path, selection: dict[str, Any], info_name: st
 
 def report_section(run_dir: Path, merges: Iterable[Path] | None = None) -> str:
     """Markdown: each auto-chosen merge's candidates table and choice ('' when there is none)."""
-    infos = merges if merges is not None else sorted((Path(run_dir) / "merged").glob("*/merge_info.json"))
+    infos = merges if merges is not None else sorted(RunDir(run_dir).merged_dir.glob("*/merge_info.json"))
     out: list[str] = []
     for f in infos:
         sel = artifacts.read_json(f).get("selection")

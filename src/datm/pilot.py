@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from datm import artifacts, data
+from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.languages import directions_for
 from datm.plan import make_plan
@@ -154,8 +155,8 @@ def run_pilot(cfg: Config) -> Path:
     # and budget): trained once, hard-linked.
     plans = {role: runner.build_plan(c) for role, c in configs.items()}
     for name in _shared_adapters(plans):
-        src = Path(configs["separate"].output_dir) / "adapters" / name
-        dst = Path(configs["joint"].output_dir) / "adapters" / name
+        src = RunDir(configs["separate"].output_dir).adapter(name)
+        dst = RunDir(configs["joint"].output_dir).adapter(name)
         if artifacts.is_done(src) and not dst.exists():
             _link_tree(src, dst)
     runner.run(configs["joint"])

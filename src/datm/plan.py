@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from datm.errors import DatmError
-from datm.languages import ENGLISH, Direction, directions_for
+from datm.languages import EN_XX, ENGLISH, XX_EN, Direction, directions_for
 
 BASE = "__base__"  # route target meaning "the base model, no module" (peft's name for it)
 
@@ -81,6 +81,10 @@ def _en_xx(x: str) -> str:
     return f"{ENGLISH}-{x}"
 
 
+# Each family (languages.FAMILIES, XX→En first) and the direction it gives a non-English language.
+_FAMILY_DIRECTION: tuple[tuple[str, Callable[[str], str]], ...] = ((XX_EN, _xx_en), (EN_XX, _en_xx))
+
+
 def multilingual(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
     dirs = [str(d) for d in directions_for(langs)]
     return Plan(
@@ -113,7 +117,7 @@ def group_family(langs: list[str], groups: dict[str, list[str]], method: str) ->
     under the direction's name (as `separate` and `auto` name it)."""
     adapters, routes = [], {}
     for g, members in groups.items():
-        for family, direction_of in (("xx-en", _xx_en), ("en-xx", _en_xx)):
+        for family, direction_of in _FAMILY_DIRECTION:
             dirs = [direction_of(x) for x in members]
             name = f"{family}.{g}.joint" if len(dirs) >= 2 else dirs[0]
             adapters.append(AdapterSpec(name, dirs))
@@ -125,7 +129,7 @@ def dat(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
     adapters = [AdapterSpec(_xx_en(x), [_xx_en(x)]) for x in langs]
     routes = {_xx_en(x): _xx_en(x) for x in langs}
     for g, members in groups.items():
-        name = f"en-xx.{g}"
+        name = f"{EN_XX}.{g}"
         adapters.append(AdapterSpec(name, [_en_xx(x) for x in members]))
         routes.update({_en_xx(x): name for x in members})
     return Plan("dat", langs, groups, adapters, [], _ordered(routes, langs))
@@ -137,7 +141,7 @@ def datm(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
     for g, members in groups.items():
         if len(members) < 2:
             continue  # a one-language group ships its adapter as is: merging one model only trims it
-        name = f"xx-en.{g}"
+        name = f"{XX_EN}.{g}"
         merges.append(MergeSpec(name, [_xx_en(x) for x in members], method))
         p.routes.update({_xx_en(x): name for x in members})
     return Plan("datm", langs, groups, p.adapters, merges, p.routes)
@@ -151,7 +155,7 @@ def separate_merged(langs: list[str], groups: dict[str, list[str]], method: str)
     for g, members in groups.items():
         if len(members) < 2:
             continue  # nothing to merge with
-        for fam, fn in (("xx-en", _xx_en), ("en-xx", _en_xx)):
+        for fam, fn in _FAMILY_DIRECTION:
             name = f"{fam}.{g}"
             merges.append(MergeSpec(name, [fn(x) for x in members], method))
             routes.update({fn(x): name for x in members})
@@ -236,7 +240,7 @@ def auto_plan(
     routes: dict[str, str] = {}
     notes: dict[str, str] = {}
     for g, members in groups.items():
-        for family, direction_of in (("xx-en", _xx_en), ("en-xx", _en_xx)):
+        for family, direction_of in _FAMILY_DIRECTION:
             dirs = [direction_of(x) for x in members]
             joint = [d for d in dirs if measurements[d] > threshold]
             if len(joint) >= 2:
@@ -253,13 +257,13 @@ def auto_plan(
                     notes[d] = f"own adapter: joint ({measured(d)}) but no other {family} direction of {g} is"
                 else:
                     notes[d] = f"separate ({measured(d)})"
-            if family == "xx-en" and len(own) >= 2:
-                name = f"xx-en.{g}"
+            if family == XX_EN and len(own) >= 2:
+                name = f"{XX_EN}.{g}"
                 merges.append(MergeSpec(name, own, method))
                 for d in own:
                     routes[d] = name
                     notes[d] += f"; merged into {name} ({method})"
-            elif family == "en-xx":
+            elif family == EN_XX:
                 for d in own:
                     notes[d] += "; shipped unmerged"
     notes = {d: notes[d] for d in expected}

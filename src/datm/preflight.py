@@ -43,12 +43,12 @@ def check_eval(cfg: Config, directions: list[L.Direction], pattern: str | None, 
 def check_data(cfg: Config, plan: Plan, out: Path, train: bool = True, test: bool = True) -> None:
     """Training files of every adapter not yet trained; test files of every direction not yet
     translated."""
+    run = artifacts.RunDir(out)
     if train:
-        todo = [a for a in plan.adapters if not artifacts.is_done(out / "adapters" / a.name)]
+        todo = [a for a in plan.adapters if not artifacts.is_done(run.adapter(a.name))]
         check_train(cfg, [d for a in todo for d in a.directions])
     if test:
-        tdir = out / "translations"
-        todo = [d for d in plan.directions() if not (tdir / f"{d}.hyp.txt").is_file()]
+        todo = [d for d in plan.directions() if not run.translations(d).hyp.is_file()]
         check_eval(cfg, todo, cfg.data.test)
 
 

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from datm import artifacts
+from datm.artifacts import RunDir
 from datm.config import Config, ConfigError, LoraConfig
 from datm.data import IGNORE_INDEX, Example
 from datm.errors import DatmError
-from datm.languages import Direction
+from datm.languages import EN_XX, FAMILIES, FAMILY_NAMES, XX_EN, Direction, by_family
 
-FAMILIES = ("xx-en", "en-xx")
 # The layer index in parameter names of decoder stacks: `model.layers.3.` (Llama, Gemma, Qwen, ...),
 # `transformer.h.3.` (GPT-2, Falcon, Bloom), `blocks.3.`, `layer.3.`.
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -107,7 +107,7 @@ def layer_of(parameter_name: str) -> int | None:
 
 
 def _family_order(directions: list[str]) -> list[str]:
-    return sorted(directions, key=lambda d: FAMILIES.index(Direction.parse(d).family))
+    return [d for ds in by_family(directions).values() for d in ds]
 
 
 def _target_tokens(example: Example) -> int:
@@ -145,7 +145,7 @@ def probe(
     from peft import get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from datm.train import _lora_config, collate, target_loss
+    from datm.train import collate, peft_lora_config, target_loss
 
     if len(directions_examples) < 2:
         raise ProbeError(f"the probe compares directions; got {len(directions_examples)}, need at least 2")
@@ -164,7 +164,7 @@ def probe(
     was_training = model.training
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     torch.manual_seed(seed)  # the LoRA A init: the same starting point on every call with this seed
-    peft_model = get_peft_model(model, _lora_config(lora))
+    peft_model = get_peft_model(model, peft_lora_config(lora))
     try:
         peft_model.eval()  # no dropout: the gradient is a function of the data alone
         lora_b = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_B." in n]
@@ -234,7 +234,7 @@ def family_similarity(directions: list[str], matrix: list[list[float]]) -> dict[
     two families (None where there is no such pair). The paper predicts that En→XX directions share
     more (synergy) than XX→En directions do; this reports what the gradients say."""
     fam = [Direction.parse(d).family for d in directions]
-    pairs: dict[str, list[float]] = {"xx-en": [], "en-xx": [], "cross": []}
+    pairs: dict[str, list[float]] = {XX_EN: [], EN_XX: [], "cross": []}
     for i in range(len(directions)):
         for j in range(i + 1, len(directions)):
             key = fam[i] if fam[i] == fam[j] else "cross"
@@ -251,11 +251,12 @@ def format_summary(result: ProbeResult) -> str:
     lines = [
         f"gradient cosine, mean over direction pairs ({result.parameters:,} LoRA-B parameters, "
         f"{result.seconds:.1f}s):",
-        f"  within XX→En: {show(sims['xx-en'])}   within En→XX: {show(sims['en-xx'])}   "
-        f"across families: {show(sims['cross'])}",
+        "  "
+        + "".join(f"within {FAMILY_NAMES[f]}: {show(sims[f])}   " for f in FAMILIES)
+        + f"across families: {show(sims['cross'])}",
     ]
-    if sims["xx-en"] is not None and sims["en-xx"] is not None:
-        more = "En→XX" if sims["en-xx"] > sims["xx-en"] else "XX→En"
+    if sims[XX_EN] is not None and sims[EN_XX] is not None:
+        more = FAMILY_NAMES[EN_XX] if sims[EN_XX] > sims[XX_EN] else FAMILY_NAMES[XX_EN]
         lines.append(f"  {more} directions share more gradient direction")
     width = max(len(d) for d in result.directions)
     lines.append("")
@@ -306,7 +307,7 @@ def auto_measurements_from_probe(
 
 
 def default_probe_path(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "probe" / "probe.json"
+    return RunDir(cfg.output_dir).probe_result
 
 
 # ----------------------------------------------------------------------------------- files
@@ -332,7 +333,7 @@ def plot_probe(result: ProbeResult) -> Any:
         for j, value in enumerate(row):
             colour = "white" if abs(value) > 0.6 else "black"
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=font, color=colour)
-    n_xx = sum(Direction.parse(d).family == "xx-en" for d in result.directions)
+    n_xx = sum(Direction.parse(d).family == XX_EN for d in result.directions)
     if 0 < n_xx < n:
         ax.axhline(n_xx - 0.5, color="black", linewidth=1.0)
         ax.axvline(n_xx - 0.5, color="black", linewidth=1.0)

@@ -22,9 +22,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from datm import artifacts
+from datm.artifacts import RunDir
 from datm.errors import DatmError
 from datm.evaluate import read_lines
-from datm.languages import FAMILIES, FAMILY_NAMES, Direction
+from datm.languages import FAMILIES, FAMILY_NAMES, XX_EN, Direction
 from datm.results import BootstrapResult, ResultsError, RunScores
 from datm.significance import DEFAULT_SEED, Paired, Statistics
 
@@ -53,7 +54,8 @@ class Run:
 
 def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
-    scores_path = run_dir / "scores.json"
+    layout = RunDir(run_dir)
+    scores_path = layout.scores
     if not scores_path.is_file():
         raise ReportError(f"{run_dir}: no scores.json (expected {scores_path}); score the run first")
     try:
@@ -61,15 +63,15 @@ def load_run(run_dir: str | Path) -> Run:
     except ResultsError as e:
         raise ReportError(str(e)) from None
     strategy = None
-    if (run_dir / "plan.json").is_file():
-        strategy = artifacts.read_json(run_dir / "plan.json").get("strategy")
+    if layout.plan.is_file():
+        strategy = artifacts.read_json(layout.plan).get("strategy")
     strategy = strategy or scores.strategy
     label = f"{run_dir.name} ({strategy})" if strategy else run_dir.name
     return Run(run_dir, label, strategy, scores)
 
 
 def _translation_file(run: Run, direction: str, kind: str) -> list[str]:
-    path = run.path / "translations" / f"{direction}.{kind}.txt"
+    path = RunDir(run.path).translations(direction).of(kind)
     if not path.is_file():
         raise ReportError(
             f"{path} is missing; significance against the baseline needs each run's translations"
@@ -111,8 +113,8 @@ def _significance(
         for d in common:
             if _translation_file(run, d, "ref") != refs[d]:
                 raise ReportError(
-                    f"{run.path}/translations/{d}.ref.txt differs from the baseline's "
-                    f"{baseline.path}/translations/{d}.ref.txt; runs must be scored on the same test set"
+                    f"{RunDir(run.path).translations(d).ref} differs from the baseline's "
+                    f"{RunDir(baseline.path).translations(d).ref}; runs must be scored on the same test set"
                 )
             hyps = _translation_file(run, d, "hyp")
             for metric in ("bleu", "chrf"):
@@ -335,7 +337,7 @@ def plot_metric(data: dict[str, Any], metric: str) -> Figure:
         ]
         heights = [row["cells"][d]["value"] for d in directions if row["cells"][d]["value"] is not None]
         ax.bar(xs, heights, width=width, label=row["run"])
-    n_xx = len(data["directions"]["xx-en"])
+    n_xx = len(data["directions"][XX_EN])
     if n_xx and n_xx < len(directions):
         ax.axvline(n_xx - 0.5, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xticks(range(len(directions)), directions, rotation=90 if len(directions) > 12 else 0)
@@ -416,5 +418,6 @@ def run_report(run_dir: Path) -> Path:
 
     text = render_markdown(data, f"datm run: {run.label}", files)
     selection = report_section(run_dir)  # merges chosen on the dev set (merge: auto), if any
-    artifacts.atomic_write_text(run_dir / "report.md", text + ("\n" + selection if selection else ""))
-    return run_dir / "report.md"
+    path = RunDir(run_dir).report
+    artifacts.atomic_write_text(path, text + ("\n" + selection if selection else ""))
+    return path

@@ -203,7 +203,8 @@ def gathered_lora_state(accel: Any, loss_module: Any) -> dict[str, torch.Tensor]
     return {"base_model.model." + k.removeprefix("causal_lm."): v for k, v in full.items() if "lora_" in k}
 
 
-def _lora_config(cfg: LoraConfig) -> Any:
+def peft_lora_config(cfg: LoraConfig) -> Any:
+    """peft's LoraConfig for a config's `lora` section (training and the probe wrap a model with it)."""
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -292,7 +293,7 @@ def train_adapter(
     total_steps = steps_for(len(examples), cfg, accel.num_processes)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    peft_model = get_peft_model(base_model, _lora_config(lora))
+    peft_model = get_peft_model(base_model, peft_lora_config(lora))
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(base_model, True)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]

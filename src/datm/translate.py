@@ -248,18 +248,20 @@ def load_for_run(
     from datm.plan import Plan
 
     run_dir = Path(run_dir)
-    if not (run_dir / "plan.json").is_file():
-        raise TranslateError(f"{run_dir}/plan.json not found: is {run_dir} a datm run directory?")
-    plan = Plan.from_dict(artifacts.read_json(run_dir / "plan.json"))
-    run_cfg = artifacts.read_json(run_dir / "config.json")
+    run = artifacts.RunDir(run_dir)
+    if not run.plan.is_file():
+        raise TranslateError(f"{run.plan} not found: is {run_dir} a datm run directory?")
+    plan = Plan.from_dict(artifacts.read_json(run.plan))
+    run_cfg = artifacts.read_json(run.config)
     model_path = models.resolve(run_cfg.get("base_model"))
     tok = models.load_tokenizer(model_path)
     precision = run_cfg.get("eval", {}).get("precision", "auto")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = models.load_model(model_path, dtype=inference_dtype(precision, device), device=str(device))
     modules = {}
+    merges = [m.name for m in plan.merges]
     for name in plan.shipped:
-        d = run_dir / ("merged" if plan.kind(name) == "merge" else "adapters") / name
+        d = run.module(name, merges)
         if not artifacts.is_done(d):
             raise TranslateError(f"module {name} is not finished at {d}; run `datm run` first")
         modules[name] = d

@@ -48,7 +48,7 @@ def export_run(run_dir: str | Path, to: str | Path, fold: bool = False) -> Expor
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ServeError(f"--to {out}: exists and is not an empty directory; export into a new one")
     base = run.base_model()
-    scores = _read_optional(run.run_dir / "scores.json")
+    scores = _read_optional(RunDir(run.run_dir).scores)
     stage = artifacts.staging_dir(out)
     for m in run.modules.values():
         target = stage / "modules" / m.name

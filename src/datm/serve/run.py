@@ -61,13 +61,14 @@ class ServedRun:
         from datm.translate import module_kind
 
         run_dir = Path(run_dir)
-        for name in ("plan.json", "config.json"):
-            if not (run_dir / name).is_file():
-                raise ServeError(f"{run_dir}/{name} not found: is {run_dir} a datm run directory?")
-        plan = Plan.from_dict(artifacts.read_json(run_dir / "plan.json"))
-        config = artifacts.read_json(run_dir / "config.json")
+        run = RunDir(run_dir)
+        for file in (run.plan, run.config):
+            if not file.is_file():
+                raise ServeError(f"{file} not found: is {run_dir} a datm run directory?")
+        plan = Plan.from_dict(artifacts.read_json(run.plan))
+        config = artifacts.read_json(run.config)
         modules = {}
-        for name, path in module_dirs(plan, RunDir(run_dir)).items():
+        for name, path in module_dirs(plan, run).items():
             if not artifacts.is_done(path):
                 raise ServeError(f"module {name} is not finished at {path}; run `datm run` first")
             try:
