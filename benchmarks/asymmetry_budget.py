@@ -30,6 +30,7 @@ from datm import artifacts, runner
 from datm import config as C
 from datm.artifacts import RunDir
 from datm.languages import FAMILIES, FAMILY_NAMES
+from datm.log import setup as setup_logging
 from datm.results import Analysis, RunScores
 
 LANGS = ["de", "is", "cs", "ru", "zh"]
@@ -108,6 +109,7 @@ def main() -> int:
     ap.add_argument("--summarize-only", action="store_true", help="write results from the finished runs")
     common.add_load_argument(ap)
     args = ap.parse_args()
+    setup_logging()  # datm's progress messages, as `datm run` shows them
     load = None if args.summarize_only else common.check_load(args.allow_load)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from datm import artifacts, runner
 from datm import config as C
 from datm.artifacts import RunDir
 from datm.languages import EN_XX, XX_EN
+from datm.log import setup as setup_logging
 
 ROOT = common.REPO_ROOT
 DATA = common.DATA_DIR
@@ -109,6 +110,7 @@ def main() -> int:
     )
     common.add_load_argument(ap)
     args = ap.parse_args()
+    setup_logging()  # datm's progress messages, as `datm run` shows them
     args.load_check = None if args.summarize_only else common.check_load(args.allow_load)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

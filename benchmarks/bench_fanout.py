@@ -21,6 +21,8 @@ from typing import Any
 import common
 import torch
 
+from datm.log import setup as setup_logging
+
 LANGUAGES = ["cs", "de", "is", "ru"]
 GROUPS = {"g1": ["cs", "ru"], "g2": ["de", "is"]}
 HEADLINE = "fanout_speedup"
@@ -102,6 +104,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (CPUs of the local cluster)")
     parser.add_argument("--work", type=Path, default=None, help="where the two runs go (default: a temp dir)")
     args = parser.parse_args()
+    setup_logging()  # datm's progress messages, as `datm run` shows them
     out_dir = common.output_dir(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-fanout-"))
     base = tiny_model(work / "tiny-model") if args.quick else common.base_model_path()

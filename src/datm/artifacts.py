@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from datm.errors import DatmError
+from datm.log import get_logger
 
+log = get_logger(__name__)
 DONE = "DONE.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -369,7 +371,7 @@ def claim(
     task: str,
     poll: float = 1.0,
     timeout: float | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = log.info,
 ) -> Claim:
     """Claim, waiting (with one message) while a live holder has it."""
     start = time.monotonic()

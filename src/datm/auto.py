@@ -23,7 +23,10 @@ from pathlib import Path
 from datm import artifacts
 from datm.config import Config, ConfigError, check_merge_weights
 from datm.errors import DatmError
+from datm.log import get_logger
 from datm.plan import Plan, auto_plan
+
+log = get_logger(__name__)
 
 
 class MeasurementsMissing(DatmError):
@@ -48,14 +51,14 @@ def _probe_path(cfg: Config) -> Path:
 def _probe_measure(cfg: Config) -> object:
     from datm import probe
 
-    print("strategy auto: measuring gradient similarity first (datm probe)")
+    log.info("strategy auto: measuring gradient similarity first (datm probe)")
     return probe.probe_config(cfg, _probe_path(cfg).parent, cfg.auto.probe_examples)
 
 
 def _pilot_measure(cfg: Config) -> object:
     from datm import pilot
 
-    print("strategy auto: running the pilot first")
+    log.info("strategy auto: running the pilot first")
     return pilot.run_pilot(cfg)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
+from datm import log
 from datm.errors import DatmError
 
 
@@ -168,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="datm", description="Direction-aware training and merging for multilingual MT"
     )
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors (results are still printed)"
+    )
+    talk.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("plan", help="print which adapters a config trains, merges and routes")
@@ -293,8 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_is_data(args: argparse.Namespace) -> bool:
+    """Whether the command writes data to stdout (JSON, translations): its messages go to stderr."""
+    if getattr(args, "json", False) or args.command == "merge":
+        return True
+    return args.command == "translate" and args.output == "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    log.setup(level, stderr=_stdout_is_data(args))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

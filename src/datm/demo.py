@@ -16,6 +16,9 @@ from typing import Any
 from datm import artifacts
 from datm import languages as L
 from datm.errors import DatmError
+from datm.log import get_logger
+
+log = get_logger(__name__)
 
 DEMO_LANGUAGES = ["de", "nl", "es", "it", "ru", "uk", "cs", "pl"]
 TEST_EVERY = 5  # every 5th sentence is a test sentence: 64 of 320, spread over all topics
@@ -170,7 +173,7 @@ def main(args: Any) -> int:
     train, test = write_data(out / "data", langs)
     scores = {}
     for strategy in strategies(args.compare):
-        print(f"\n=== {strategy} ===", flush=True)
+        log.info(f"\n=== {strategy} ===")
         scores[strategy] = runner.run(demo_config(args, out, strategy, langs, train, test))
     runs = [out / s for s in scores]
     path = report.write_report(runs, out / "report", baseline=out / "zero_shot")
@@ -178,8 +181,8 @@ def main(args: Any) -> int:
     if args.compare:
         print("\n" + _asymmetry(scores))
     print(f"\nreport: {path}  (and report.html, PNG plots beside it)")
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; run it again to reuse everything")
-    print("\n" + serving_hint(out / "datm", langs[0]))
+    log.info(f"demo finished in {time.perf_counter() - t0:.0f} s; run it again to reuse everything")
+    log.info("\n" + serving_hint(out / "datm", langs[0]))
     return 0
 
 

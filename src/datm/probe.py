@@ -32,6 +32,9 @@ from datm.config import Config, ConfigError, LoraConfig
 from datm.data import IGNORE_INDEX, Example
 from datm.errors import DatmError
 from datm.languages import EN_XX, FAMILIES, FAMILY_NAMES, XX_EN, Direction, by_family
+from datm.log import get_logger
+
+log = get_logger(__name__)
 
 # The layer index in parameter names of decoder stacks: `model.layers.3.` (Llama, Gemma, Qwen, ...),
 # `transformer.h.3.` (GPT-2, Falcon, Bloom), `blocks.3.`, `layer.3.`.
@@ -392,7 +395,7 @@ def probe_config(
             data.select(pairs, limit, cfg.train.seed), fmt, cfg.train.max_length
         )
     if report.skipped:
-        print(f"probe: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}")
+        log.warning(f"probe: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}")
     result = probe(model, tokenizer, examples, cfg.lora, seed=cfg.train.seed, batch_size=cfg.train.batch_size)
     result.groups = cfg.resolved_groups()
     write_probe(result, out)

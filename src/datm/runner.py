@@ -13,10 +13,13 @@ from typing import Any
 from datm import artifacts, auto, models, preflight
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
+from datm.log import get_logger
 from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters, shipped_parameters
 from datm.tasks import Task, Worker, build_tasks, execute, task_status
 from datm.tasks.graph import format_status, is_done
 from datm.tasks.work import BODIES, test_pairs, train_pairs  # noqa: F401 (their home was here)
+
+log = get_logger(__name__)
 
 
 def build_plan(cfg: Config) -> Plan:
@@ -47,7 +50,7 @@ def describe_plan(cfg: Config, as_json: bool = False) -> str:
             cfg.merge.density,
         )
     except Exception as e:  # counting is informative only; the plan itself is still valid
-        print(f"(parameter counts unavailable: {e})")
+        log.warning(f"(parameter counts unavailable: {e})")
     text = format_plan(plan, base_params, module_params, merge_params, cfg.merge.form)
     from datm.merge_select import describe as describe_selection
 
@@ -133,6 +136,7 @@ def _prepare(cfg: Config) -> tuple[RunDir, Plan]:
 
 
 def print_scores(scores: dict[str, Any]) -> None:
+    """The score table: `run`'s result, printed (not logged: `--quiet` keeps it)."""
     print(f"\n{'direction':<10} {'BLEU':>7} {'chrF++':>7}")
     for d, s in scores["directions"].items():
         print(f"{d:<10} {s['bleu']:>7.2f} {s['chrf']:>7.2f}")
@@ -163,7 +167,7 @@ def run(
         run_one(cfg, plan, tasks, only)
         return {}
     if _is_main_process():
-        print(format_plan(plan))
+        log.info(format_plan(plan))
     if _num_processes() > 1:  # `accelerate launch`: every process trains; the main one does the rest
         if name != "local":
             raise ConfigError(f"executor {name!r} cannot run under accelerate launch; use executor local")
@@ -222,7 +226,7 @@ def _train_all_processes(cfg: Config, plan: Plan, tasks: list[Task]) -> None:
             if not is_done(run_dir, t):
                 BODIES[t.kind](cfg, plan, run_dir, t, worker)
             elif state.is_main_process:
-                print(f"{t.id}: done, reused")
+                log.info(f"{t.id}: done, reused")
         finally:
             if held is not None:
                 held.release()

@@ -330,7 +330,7 @@ def train_adapter(
     order = order[accel.process_index :: accel.num_processes]
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    show = progress and accel.is_local_main_process
+    show = progress and accel.is_main_process  # one bar, as datm's messages: not one per node
     bar = tqdm(total=total_steps, initial=start, desc=f"train {out.name}", disable=not show, unit="step")
     t0, seen = time.perf_counter(), 0
     for step in range(start, total_steps):

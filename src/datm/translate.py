@@ -21,6 +21,7 @@ import torch
 from datm.data import PromptFormat
 from datm.errors import DatmError
 from datm.languages import Direction
+from datm.log import is_main_process
 from datm.merge.forms import DELTA, LORA
 from datm.plan import BASE
 
@@ -160,7 +161,8 @@ class Translator:
             passes.setdefault(m if m in self.deltas else None, []).append(i)
         out: list[str] = [""] * len(requests)
         info: dict[str, Any] = {"segments": len(requests), "leading_line_breaks": 0, "delta_modules": {}}
-        bar = tqdm(total=len(requests), desc="translate", unit="seg", disable=not progress)
+        show = progress and is_main_process()  # one bar, not one per process of a launcher
+        bar = tqdm(total=len(requests), desc="translate", unit="seg", disable=not show)
         for delta, idxs in passes.items():
             applied = apply_delta(self.model, self.deltas[delta]) if delta is not None else None
             try:

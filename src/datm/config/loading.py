@@ -11,6 +11,9 @@ import yaml
 
 from datm.config.schema import SECTIONS, AutoConfig, CometConfig, Config, ConfigError, PilotConfig
 from datm.config.validation import validate
+from datm.log import get_logger
+
+log = get_logger(__name__)
 
 
 def _auto_section(raw: Any, source: str) -> AutoConfig:
@@ -140,4 +143,8 @@ def load(path: str | Path, auto_overrides: dict[str, Any] | None = None) -> Conf
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: auto: expected a mapping, got {type(section).__name__}")
         raw = {**raw, "auto": {**section, **auto_overrides}}
-    return from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+    cfg = from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+    keys = ", ".join(f"auto.{k}" for k in sorted(auto_overrides or {}))
+    overridden = f" (command line: {keys})" if keys else ""
+    log.debug(f"config {path}{overridden}: strategy {cfg.strategy}, output_dir {cfg.output_dir}")
+    return cfg

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from datm import artifacts
+from datm.log import is_main_process
 from datm.merge.base import MERGE_INFO, MergeError
 from datm.merge.forms import Form, FormJob, LowRankForm, get_form
 from datm.merge.io import SafetensorsStreamWriter
@@ -62,7 +63,8 @@ def execute(
         handles = [
             stack.enter_context(safe_open(src.weights_file, framework="pt", device="cpu")) for src in sources
         ]
-        for task in tqdm(tasks, desc=f"merge ({job.method.name}, {form.name})", disable=not progress):
+        show = progress and is_main_process()  # one bar, not one per process of a launcher
+        for task in tqdm(tasks, desc=f"merge ({job.method.name}, {form.name})", disable=not show):
             a_list = [load_factor(h, k, s) for h, k, s in zip(handles, task.a_keys, sources, strict=True)]
             b_list = [load_factor(h, k, s) for h, k, s in zip(handles, task.b_keys, sources, strict=True)]
             factors = list(zip(a_list, b_list, task.scalings, strict=True))

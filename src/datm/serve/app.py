@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from datm.languages import Direction
+from datm.log import get_logger
 from datm.serve.engines import INSTALL_HINT, Engine, make_engine
 from datm.serve.run import ServedRun, ServeError
+
+log = get_logger(__name__)
 
 
 class ApiError(Exception):
@@ -196,10 +199,9 @@ async def _serve(
         timeout_graceful_shutdown=drain_seconds,
         lifespan="on",
     )
-    print(
+    log.info(
         f"datm serve: {run.run_dir} on http://{host}:{port} ({engine.name} engine, "
-        f"{len(run.routes)} directions, {len(run.modules)} modules)",
-        flush=True,
+        f"{len(run.routes)} directions, {len(run.modules)} modules)"
     )
     try:
         await uvicorn.Server(config).serve()

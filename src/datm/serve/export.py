@@ -25,9 +25,12 @@ from typing import Any
 from datm import artifacts
 from datm.artifacts import RunDir
 from datm.data import alma_prompt
+from datm.log import get_logger
 from datm.plan import BASE
 from datm.serve.engines import vllm_lora_rank
 from datm.serve.run import Module, ServedRun, ServeError
+
+log = get_logger(__name__)
 
 SKIPPED_FILES = {artifacts.DONE, "README.md"}  # the card replaces peft's stub README
 BASE_NAME = "base"  # the name vLLM serves the base model under
@@ -284,7 +287,7 @@ def main(args: Any) -> None:
     folded = f", folded into {len(res.folded)} full model(s)" if res.folded else ""
     print(f"exported {len(res.modules)} module(s) to {res.out}{folded}")
     if res.vllm_command is None:
-        print(
+        log.warning(
             f"modules {', '.join(res.refused)} are weight deltas (merge form dense/sparse): vLLM cannot "
             f"serve them as LoRAs. `datm export {args.run} --to NEW_DIR --fold` writes full models it can."
         )

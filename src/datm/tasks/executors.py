@@ -19,9 +19,13 @@ from typing import Any
 from datm.artifacts import RunDir, describe_holder, holder
 from datm.config import Config
 from datm.errors import DatmError
+from datm.log import configured_level, get_logger
+from datm.log import setup as setup_logging
 from datm.plan import Plan
 from datm.tasks.graph import Task, build_tasks, is_done
 from datm.tasks.work import Worker, execute
+
+log = get_logger(__name__)
 
 DEFAULT_RESOURCES: dict[str, float] = {"num_cpus": 1}
 DEFAULT_MAX_RETRIES = 3  # for a task whose worker died (killed, out of memory, node lost)
@@ -52,7 +56,7 @@ def run_local(
                 pending.remove(t)
                 break
             if t.id not in told:
-                print(
+                log.info(
                     f"{t.id}: claimed by {describe_holder(holder(run.claim(t.id)))}; doing other tasks first"
                 )
                 told.add(t.id)
@@ -73,12 +77,17 @@ def worker_threads() -> int:
 _WORKER: Worker | None = None
 
 
-def ray_task(cfg: Config, plan: Plan, task: Task, *needs: Any) -> dict[str, Any]:
+def ray_task(
+    cfg: Config, plan: Plan, task: Task, *needs: Any, log_level: int | None = None
+) -> dict[str, Any]:
     """One task in a Ray worker (`needs`: the results of its dependencies, only waited for).
-    The worker process keeps its base model for the next task it runs."""
+    The worker process keeps its base model for the next task it runs. `log_level`: the driver's
+    (`datm.log.setup`), so that the worker's messages reach the driver's output as they did."""
     import torch
 
     global _WORKER
+    if log_level is not None:
+        setup_logging(log_level)
     torch.set_num_threads(worker_threads())
     if _WORKER is None or not _WORKER.serves(cfg):
         _WORKER = Worker(cfg, progress=False)
@@ -123,11 +132,12 @@ def run_ray(cfg: Config, plan: Plan, tasks: list[Task], address: str | None = No
     refs: dict[str, Any] = {}
     for t in tasks:  # dependencies first: the refs a task needs already exist
         if t.kind not in ("score", "report") and is_done(run, t):
-            print(f"{t.id}: done, reused")
+            log.info(f"{t.id}: done, reused")
             continue
         needs = [refs[d] for d in t.deps if d in refs]
-        refs[t.id] = remote.options(name=t.id, **ray_options(cfg, t.kind)).remote(cfg, plan, t, *needs)
-    print(f"ray: {len(refs)} tasks submitted to {ray.cluster_resources()}")
+        options = remote.options(name=t.id, **ray_options(cfg, t.kind))
+        refs[t.id] = options.remote(cfg, plan, t, *needs, log_level=configured_level())
+    log.info(f"ray: {len(refs)} tasks submitted to {ray.cluster_resources()}")
     task_of = {r: i for i, r in refs.items()}
     remaining = list(refs.values())
     try:
@@ -141,7 +151,7 @@ def run_ray(cfg: Config, plan: Plan, tasks: list[Task], address: str | None = No
                 ) from None
             done = len(refs) - len(remaining)
             how = f"{res['outcome']} in {res['seconds']} s on {res['where']}"
-            print(f"[{done}/{len(refs)}] {res['task']}: {how}")
+            log.info(f"[{done}/{len(refs)}] {res['task']}: {how}")
     except BaseException:
         for r in remaining:
             ray.cancel(r, force=True)

@@ -17,8 +17,11 @@ from datm import artifacts, data, device, models
 from datm import languages as L
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
+from datm.log import get_logger
 from datm.plan import BASE, Plan
 from datm.tasks.graph import ALWAYS_RUN, Task, is_done
+
+log = get_logger(__name__)
 
 
 class Worker:
@@ -66,6 +69,7 @@ class Worker:
                 self.forget_model()
         if self._model is None:
             models.check_attn_implementation(self.attn_implementation)
+            log.debug(f"loading the base model {self.model_path} ({dtype}) on {device.current()}")
             self._model = models.load_model(
                 self.model_path,
                 dtype=dtype,
@@ -127,14 +131,20 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
     pairs = train_pairs(cfg, spec.directions, report, held_out)
     examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
     for d, file in report.reversed_files.items():
-        print(f"adapter {spec.name}: {d} is trained on the reverse direction's file {file}")
+        log.info(f"adapter {spec.name}: {d} is trained on the reverse direction's file {file}")
     if report.skipped:
-        print(f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}")
+        log.warning(
+            f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}"
+        )
     if tok_report.truncated or tok_report.dropped:
-        print(
+        log.warning(
             f"adapter {spec.name}: {tok_report.truncated} truncated, "
             f"{tok_report.dropped} dropped (prompt alone too long)"
         )
+    log.debug(
+        f"adapter {spec.name}: {len(examples)} training examples of {', '.join(spec.directions)}"
+        + (f" ({len(held_out)} dev pairs held out)" if held_out else "")
+    )
     provenance = {
         "model": worker.model_path,
         "model_fingerprint": worker.fingerprint,
@@ -166,7 +176,9 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
         if cache is not None and artifacts.is_done(cache.entry(key)):
             if state.is_main_process:
                 cache.fetch(key, run.adapter(spec.name), {"run": str(run.root), "adapter": spec.name})
-                print(f"adapter {spec.name}: the same adapter is in the cache ({cache.entry(key)}); reused")
+                log.info(
+                    f"adapter {spec.name}: the same adapter is in the cache ({cache.entry(key)}); reused"
+                )
             state.wait_for_everyone()
             return
         model = worker.model(device.base_dtype(cfg.train.precision, device.current()))
@@ -194,7 +206,9 @@ def merge_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
     spec = next(m for m in plan.merges if m.name == task.name)
     if spec.method == AUTO:
         chosen = select_merge(cfg, plan, run, spec.name, worker)["chosen"]
-        print(f"merge {spec.name}: chose {chosen} on the dev set (candidates: {run.candidates(spec.name)})")
+        log.info(
+            f"merge {spec.name}: chose {chosen} on the dev set (candidates: {run.candidates(spec.name)})"
+        )
         return
     res = merge_adapters(
         [run.adapter(s) for s in spec.sources],
@@ -206,7 +220,7 @@ def merge_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
         weights=cfg.merge.weights,
     )
     err = f", relative reconstruction error {res.rel_error:.3f}" if res.rel_error is not None else ""
-    print(f"merge {spec.name}: {spec.method}/{res.form} of {len(spec.sources)} adapters{err}")
+    log.info(f"merge {spec.name}: {spec.method}/{res.form} of {len(spec.sources)} adapters{err}")
 
 
 def module_dirs(plan: Plan, run: RunDir) -> dict[str, Any]:
@@ -240,7 +254,7 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
         artifacts.atomic_write_text(files.ref, data.write_text(p.tgt for p in pairs))
         artifacts.atomic_write_json(files.info, translator.last_info)
         artifacts.atomic_write_text(files.hyp, data.write_text(hyps))  # last: marks the direction done
-        print(f"translated {direction}: {len(hyps)} segments (module {module})")
+        log.info(f"translated {direction}: {len(hyps)} segments (module {module})")
     finally:
         if isinstance(translator.model, PeftModel):
             translator.model.unload()  # give the shared base model back without adapters
@@ -310,10 +324,11 @@ def execute(
     task: Task,
     worker: Worker,
     wait: bool = True,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = log.info,
 ) -> str:
     """Build one task's artifact under its claim: 'built', 'reused' (complete already, perhaps
-    by another process), or 'busy' (claimed by a live holder and `wait` is False)."""
+    by another process), or 'busy' (claimed by a live holder and `wait` is False). `say`: where its
+    messages go (datm's log)."""
     run = RunDir(cfg.output_dir)
     always = task.kind in ALWAYS_RUN
     if not always and is_done(run, task):
@@ -333,6 +348,7 @@ def execute(
             say(f"{task.id}: done by another process, reused")
             return "reused"
         t0 = time.perf_counter()
+        log.debug(f"{task.id}: starting (needs {', '.join(task.deps) or 'nothing'})")
         try:
             BODIES[task.kind](cfg, plan, run, task, worker)
         except BaseException:
