@@ -40,30 +40,18 @@ NAME = "asymmetry_budget"
 
 
 def make_config(args: argparse.Namespace, budget: int, system: str) -> C.Config:
-    raw: dict[str, Any] = {
-        "languages": LANGS,
-        "groups": GROUPS,
-        "data": {
-            "train": str(common.DATA_DIR / "train.{xx}-en.jsonl"),
-            "test": str(common.DATA_DIR / "test.{src}-{tgt}.jsonl"),
-        },
-        "strategy": system,
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "train": {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "schedule": "cosine",
-            "warmup_ratio": 0.05,
-            "max_examples_per_pair": budget,
-            "seed": 1,
-            "checkpoint_every": 20,
-        },
-        "eval": {"max_examples": args.test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
-        "output_dir": str(run_dir(args, budget, system)),
-        "executor": args.executor,
-        "adapter_cache": str(common.ADAPTER_CACHE),
-    }
+    raw = common.alma_run_config(
+        system,
+        LANGS,
+        GROUPS,
+        run_dir(args, budget, system),
+        examples_per_pair=budget,
+        test_size=args.test_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        executor=args.executor,
+    )
     return C.from_dict(raw, source=f"{NAME}:{system}@{budget}")
 
 

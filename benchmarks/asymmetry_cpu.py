@@ -6,8 +6,8 @@ its directions `--epochs` times), scored on the first N WMT'22 test segments of 
 
 Resumable: every system is an ordinary datm run directory under --work; run the same command again
 after a kill. Adapters that two systems would train identically (same directions, data, seed and
-budget) are trained once and hard-linked: dat's XX->En adapters are separate's, datm reuses dat's,
-separate_merged reuses separate's.
+budget) are trained once, through datm's adapter cache (`adapter_cache` in every system's config):
+dat's XX->En adapters are separate's, datm reuses dat's, separate_merged reuses separate's.
 
     python benchmarks/asymmetry_cpu.py [--examples-per-pair 100] [--test-size 50]
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -36,49 +35,33 @@ DATA = common.DATA_DIR
 LANGS = ["de", "is", "cs", "ru", "zh"]
 GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"], "cjk": ["zh"]}
 SYSTEMS = ["zero_shot", "multilingual", "separate", "group", "dat", "datm", "separate_merged"]
-# system -> (donor system, which adapters to take): trained once, shared by hard links
-SHARED = {
-    "dat": ("separate", lambda n: n.endswith("-en")),
-    "datm": ("dat", None),
-    "separate_merged": ("separate", None),
-}
+# system -> donor: its adapters of the same directions, data and budget come from datm's adapter
+# cache (trained once), and so the directions it serves with them translate identically.
+SHARED = {"dat": "separate", "datm": "dat", "separate_merged": "separate"}
 
 
 def make_config(args: argparse.Namespace, strategy: str) -> C.Config:
-    raw: dict[str, Any] = {
-        "languages": LANGS,
-        "groups": GROUPS,
-        "data": {"train": str(DATA / "train.{xx}-en.jsonl"), "test": str(DATA / "test.{src}-{tgt}.jsonl")},
-        "strategy": strategy,
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "train": {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "schedule": "cosine",
-            "warmup_ratio": 0.05,
-            "max_examples_per_pair": args.examples_per_pair,
-            "seed": 1,
-            "checkpoint_every": 20,
-        },
-        "merge": {"method": "ties", "density": args.density},
-        "eval": {"max_examples": args.test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
-        "output_dir": str(Path(args.work) / strategy),
-    }
+    raw = common.alma_run_config(
+        strategy,
+        LANGS,
+        GROUPS,
+        Path(args.work) / strategy,
+        examples_per_pair=args.examples_per_pair,
+        test_size=args.test_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        merge={"method": "ties", "density": args.density},
+    )
     return C.from_dict(raw, source=f"asymmetry_cpu:{strategy}")
 
 
-def share_adapters(work: Path, system: str) -> None:
+def share_translations(work: Path, system: str) -> None:
+    """A direction served by the same adapter (from datm's adapter cache) in this system and its
+    donor translates identically (greedy, same batches): reuse the donor's finished translation."""
     if system not in SHARED:
         return
-    donor, keep = SHARED[system]
-    for src in sorted(RunDir(work / donor).adapters_dir.glob("*")):
-        dst = RunDir(work / system).adapter(src.name)
-        if artifacts.is_done(src) and not dst.exists() and (keep is None or keep(src.name)):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, dst, copy_function=os.link)
-    # A direction served by the same (shared) adapter in both systems translates identically
-    # (greedy, same batches): reuse the donor's finished translation instead of recomputing it.
+    donor = SHARED[system]
     from datm.plan import make_plan
 
     mine, theirs = make_plan(system, LANGS, GROUPS), make_plan(donor, LANGS, GROUPS)
@@ -117,7 +100,7 @@ def main() -> int:
     timings_path = work / "timings.json"
     timings = artifacts.read_json(timings_path) if timings_path.is_file() else {}
     for system in [] if args.summarize_only else args.systems.split(","):
-        share_adapters(work, system)
+        share_translations(work, system)
         if RunDir(work / system).scores.is_file() and system in timings:
             print(f"{system}: done, reused")
             continue

@@ -45,6 +45,49 @@ QUIET_LOAD = 0.5
 FOREIGN = ("cs", "de", "is", "ru", "zh")
 
 
+def alma_run_config(
+    strategy: str,
+    languages: list[str],
+    groups: dict[str, list[str]],
+    output_dir: Path,
+    *,
+    examples_per_pair: int,
+    test_size: int,
+    epochs: float = 1.0,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The raw config of the CPU-scale studies (asymmetry, budgets, merge methods): Gemma 3 270M
+    (datm's default), ALMA's human-written data, LoRA r=16 on all linear layers, cosine schedule,
+    seed 1, greedy decoding of the first `test_size` WMT'22 segments; adapters shared across the
+    studies through ADAPTER_CACHE. `extra` adds or replaces top-level keys (merge, executor, ...)."""
+    return {
+        "languages": languages,
+        "groups": groups,
+        "data": {
+            "train": str(DATA_DIR / "train.{xx}-en.jsonl"),
+            "test": str(DATA_DIR / "test.{src}-{tgt}.jsonl"),
+        },
+        "strategy": strategy,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "schedule": "cosine",
+            "warmup_ratio": 0.05,
+            "max_examples_per_pair": examples_per_pair,
+            "seed": 1,
+            "checkpoint_every": 20,
+        },
+        "eval": {"max_examples": test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
+        "output_dir": str(output_dir),
+        "adapter_cache": str(ADAPTER_CACHE),
+        **extra,
+    }
+
+
 class BenchError(ValueError):
     """A benchmark cannot run as asked (missing data, bad arguments)."""
 

@@ -44,27 +44,22 @@ UNMERGED = "unmerged"
 
 def make_config(args: argparse.Namespace, methods: list[str] | None = None) -> C.Config:
     """The setting's config; its merge candidates are `methods` x --ranks (default --methods)."""
-    raw: dict[str, Any] = {
-        "languages": LANGS,
-        "groups": GROUPS,
-        "data": {
-            "train": str(Path(args.data) / "train.{xx}-en.jsonl"),
-            "valid": str(Path(args.data) / "valid.{xx}-en.jsonl"),
-            "test": str(Path(args.data) / "test.{src}-{tgt}.jsonl"),
+    data = Path(args.data)
+    raw = common.alma_run_config(
+        "datm",
+        LANGS,
+        GROUPS,
+        Path(args.work) / "run",
+        examples_per_pair=args.examples_per_pair,
+        test_size=args.test_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        data={
+            "train": str(data / "train.{xx}-en.jsonl"),
+            "valid": str(data / "valid.{xx}-en.jsonl"),
+            "test": str(data / "test.{src}-{tgt}.jsonl"),
         },
-        "strategy": "datm",
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "train": {
-            "epochs": args.epochs,
-            "batch_size": 8,
-            "lr": args.lr,
-            "schedule": "cosine",
-            "warmup_ratio": 0.05,
-            "max_examples_per_pair": args.examples_per_pair,
-            "seed": 1,
-            "checkpoint_every": 20,
-        },
-        "merge": {
+        merge={
             "method": "auto",
             "candidates": {
                 "methods": methods or args.methods,
@@ -73,10 +68,7 @@ def make_config(args: argparse.Namespace, methods: list[str] | None = None) -> C
             },
             "dev_size": args.dev_size,
         },
-        "eval": {"max_examples": args.test_size, "beams": 1, "max_new_tokens": 128, "batch_size": 16},
-        "output_dir": str(Path(args.work) / "run"),
-        "adapter_cache": str(common.ADAPTER_CACHE),
-    }
+    )
     return C.from_dict(raw, source="merge_methods")
 
 
