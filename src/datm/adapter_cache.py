@@ -12,8 +12,6 @@ task, so concurrent runs never train the same adapter twice.
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -65,36 +63,20 @@ class AdapterCache:
     def claim(self, key: str, task: str) -> artifacts.Claim:
         return artifacts.claim(self.root / ".claims" / f"{key}.lock", f"{task} (adapter cache {key})")
 
-    def fetch(self, key: str, dest: Path, provenance: dict[str, Any]) -> bool:
-        """Publish the cached adapter at `dest` (hard links); False when there is none yet."""
-        src = self.entry(key)
-        if not artifacts.is_done(src):
-            return False
+    def has(self, key: str) -> bool:
+        return artifacts.is_done(self.entry(key))
+
+    def fetch(self, key: str, dest: Path, provenance: dict[str, Any]) -> None:
+        """Publish the cached adapter (see `has`) at `dest`, by hard links."""
         stage = artifacts.staging_dir(dest.parent / f"{dest.name}.cached")
-        _link_tree(src, stage)
-        artifacts.atomic_write_json(stage / REUSED, {"cache": str(src), "key": key, **provenance})
+        artifacts.link_tree(self.entry(key), stage)
+        artifacts.atomic_write_json(stage / REUSED, {"cache": str(self.entry(key)), "key": key, **provenance})
         artifacts.publish_dir(stage, dest)
-        return True
 
     def store(self, key: str, adapter: Path) -> None:
         """Add a finished adapter (hard links); an entry that exists is kept as it is."""
-        dest = self.entry(key)
-        if artifacts.is_done(dest):
+        if self.has(key):
             return
-        stage = artifacts.staging_dir(dest)
-        _link_tree(adapter, stage, skip=(REUSED,))
-        artifacts.publish_dir(stage, dest)
-
-
-def _link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy a finished directory by hard links (plain copies across filesystems)."""
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if rel.parts[0] in skip or not path.is_file():
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
+        stage = artifacts.staging_dir(self.entry(key))
+        artifacts.link_tree(adapter, stage, skip=(REUSED,))
+        artifacts.publish_dir(stage, self.entry(key))

@@ -88,6 +88,19 @@ def publish_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a finished directory by hard links (plain copies across filesystems), leaving out the
+    names in `skip`; `dst` may exist already (e.g. a staging directory)."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns(*skip), dirs_exist_ok=True)
+
+
 def staging_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.staging"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -108,15 +107,9 @@ def _shared_adapters(plans: dict) -> list[str]:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
     tmp = dst.with_name(dst.name + ".linking")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=link)
+    artifacts.link_tree(src, tmp)
     tmp.rename(dst)  # whole or absent: a kill while linking leaves only the .linking folder
 
 

@@ -173,7 +173,7 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
     held = cache.claim(key, task.id) if cache is not None and state.is_main_process else None
     state.wait_for_everyone()
     try:
-        if cache is not None and artifacts.is_done(cache.entry(key)):
+        if cache is not None and cache.has(key):
             if state.is_main_process:
                 cache.fetch(key, run.adapter(spec.name), {"run": str(run.root), "adapter": spec.name})
                 log.info(
