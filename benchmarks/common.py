@@ -242,15 +242,20 @@ def load_markdown(load_check: dict[str, Any]) -> str:
 
 def repo_relative(obj: Any) -> Any:
     """`obj` with absolute paths under the repository's parent folder written relative to the
-    repository (results files must not carry one machine's paths)."""
+    repository, and those under the home folder (datm's model cache) as `~/...` (results files
+    must not carry one machine's paths)."""
     if isinstance(obj, dict):
         return {k: repo_relative(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [repo_relative(v) for v in obj]
-    prefix = str(REPO_ROOT.parent) + os.sep
-    if isinstance(obj, str) and obj.startswith(prefix):
+    if not isinstance(obj, str):
+        return obj
+    prefix, home = str(REPO_ROOT.parent) + os.sep, str(Path.home()) + os.sep
+    if obj.startswith(prefix):
         return os.path.relpath(obj, REPO_ROOT)
-    if isinstance(obj, str) and f" {prefix}" in obj:  # a command line: each argument on its own
+    if home != os.sep and obj.startswith(home):
+        return "~" + os.sep + obj[len(home) :]
+    if any(f" {p}" in obj for p in (prefix, home)):  # a command line: each argument on its own
         return " ".join(repo_relative(word) for word in obj.split(" "))
     return obj
 

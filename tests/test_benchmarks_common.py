@@ -41,6 +41,8 @@ def test_no_tracked_file_names_an_absolute_path_of_this_machine():
     roots = [str(REPO)]
     if str(REPO.parent) not in ("/", "/tmp", "/var/tmp"):
         roots.append(str(REPO.parent))
+    if str(Path.home()) != "/":  # e.g. datm's model cache, ~/.cache/datm
+        roots.append(str(Path.home()))
     offenders = []
     for name in listed.stdout.splitlines():
         path = REPO / name
@@ -102,3 +104,14 @@ def test_quiet_machine_runs_and_results_do_not_warn(monkeypatch, tmp_path):
 def test_every_benchmark_script_uses_the_load_check(script):
     text = (REPO / "benchmarks" / f"{script}.py").read_text()
     assert "common.check_load(" in text or "args.allow_load)" in text
+
+
+def test_results_name_paths_relative_to_the_repository_or_the_home_folder():
+    cache = str(Path.home() / ".cache" / "datm" / "models" / "m")
+    data = str(common.REPO_ROOT.parent / "shared" / "data")
+    got = common.repo_relative({"model": cache, "cmd": f"python x.py --data {data}", "n": [data, 3]})
+    assert got == {
+        "model": "~/.cache/datm/models/m",
+        "cmd": "python x.py --data ../shared/data",
+        "n": ["../shared/data", 3],
+    }
