@@ -181,3 +181,39 @@ def test_auto_picks_the_best_on_dev_never_reads_test_and_resumes(
     runner.run(cfg)
     report = run.report.read_text(encoding="utf-8")
     assert "## Merge chosen on the dev set (merge: auto)" in report and f"chose `{target}`" in report
+
+
+def test_a_killed_candidate_scoring_keeps_the_dev_translations_it_finished(
+    tmp_path, tiny_model_dir, data_dir, monkeypatch
+):
+    """Dev translations are the long part of merge auto: each candidate's is kept as it finishes, so a
+    merge task killed between candidates translates only the rest when it runs again."""
+    from datm import translate
+
+    cfg = auto_config(tmp_path, tiny_model_dir, data_dir)
+    run = RunDir(cfg.output_dir)
+    real, calls = translate.Translator.translate, []
+
+    def dies_on_the_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(translate.Translator, "translate", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        _merge(cfg)
+    cands = run.candidates("xx-en.slavic")
+    kept = sorted(p.parent.name for p in cands.glob("*/translations.json"))
+    assert len(kept) == 1
+
+    calls.clear()
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(translate.Translator, "translate", counted)
+    _merge(cfg)
+    rows = artifacts.read_json(cands / "selection.json")["candidates"]
+    assert len(calls) == len([r for r in rows if r["same_as"] is None]) - 1

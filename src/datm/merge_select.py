@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -252,9 +252,14 @@ def _fingerprint(module: Path) -> str:
 
 
 def _translate(
-    cfg: Config, worker: Any, modules: dict[str, Path], devs: dict[str, list[data.Pair]]
-) -> dict[str, dict[str, list[str]]]:
-    """Dev hypotheses of each module (name -> direction -> lines), one base model for all."""
+    cfg: Config,
+    worker: Any,
+    modules: dict[str, Path],
+    devs: dict[str, list[data.Pair]],
+    done: Callable[[str, dict[str, list[str]]], None],
+) -> None:
+    """Dev hypotheses of each module (direction -> lines), one base model for all; `done(name, hyps)`
+    is called as each module finishes, so that a killed task keeps what it translated."""
     from peft import PeftModel
 
     from datm import device
@@ -262,7 +267,6 @@ def _translate(
 
     model = worker.model(inference_dtype(cfg.eval.precision, device.current()))
     translator = Translator(model, worker.tokenizer, modules, cfg.prompt)
-    out: dict[str, dict[str, list[str]]] = {}
     try:
         requests = [Request(L.Direction.parse(d), p.src) for d, pairs in devs.items() for p in pairs]
         for name in modules:
@@ -274,14 +278,14 @@ def _translate(
                 batch_size=cfg.eval.batch_size,
                 progress=worker.progress,
             )
-            out[name], start = {}, 0
+            by_direction, start = {}, 0
             for d, pairs in devs.items():
-                out[name][d] = hyps[start : start + len(pairs)]
+                by_direction[d] = hyps[start : start + len(pairs)]
                 start += len(pairs)
+            done(name, by_direction)
     finally:
         if isinstance(translator.model, PeftModel):
             translator.model.unload()  # give the shared base model back without adapters
-    return out
 
 
 def select_merge(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) -> dict[str, Any]:
@@ -338,11 +342,15 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
 
     hyps = {c.name: recorded(c) for c in cands if same_as[c.name] is None}
     todo = {n: run.candidate_module(name, n) for n, h in hyps.items() if h is None}
+
+    def record(n: str, h: dict[str, list[str]]) -> None:
+        artifacts.atomic_write_json(
+            run.candidate(name, n) / TRANSLATIONS_FILE, {"dev_fingerprint": dev_fp, "hyps": h}
+        )
+        hyps[n] = h
+
     if todo:
-        for n, h in _translate(cfg, worker, todo, devs).items():
-            record = {"dev_fingerprint": dev_fp, "hyps": h}
-            artifacts.atomic_write_json(run.candidate(name, n) / TRANSLATIONS_FILE, record)
-            hyps[n] = h
+        _translate(cfg, worker, todo, devs, record)
     refs = {d: [p.tgt for p in pairs] for d, pairs in devs.items()}
     for d, pairs in devs.items():  # what the candidates were scored on, for people to read
         src, ref = run.candidate_dev(name, d)
