@@ -21,6 +21,7 @@ file under --work; run the same command again after a kill.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,16 +93,29 @@ def translate_tests(
     tests: dict[str, list[data.Pair]],
 ) -> dict[str, dict[str, list[str]]]:
     """Test hypotheses of every system and direction, translated as datm's translate task does (same
-    model dtype, batch size and decoding as the dev translations); each a file under --work, reused."""
+    model dtype, batch size and decoding as the dev translations); each a file under --work, reused.
+    Each file is claimed while it is made: calls running side by side (say one per --ranks) share the
+    work, a file another call is making is left to the second pass."""
     from datm import device
     from datm.translate import Request, Translator, inference_dtype
 
-    hyps: dict[str, dict[str, list[str]]] = {}
-    for system, by_dir in mods.items():
-        hyps[system] = {}
-        for d, module in by_dir.items():
-            f = work / f"test-{len(tests[d])}" / system / f"{d}.hyp.txt"  # keyed by the test size
-            if not f.is_file():
+    def path(system: str, d: str) -> Path:
+        return work / f"test-{len(tests[d])}" / system / f"{d}.hyp.txt"  # keyed by the test size
+
+    todo = [(s, d, m) for s, by_dir in mods.items() for d, m in by_dir.items()]
+    for wait in (False, True):
+        for system, d, module in todo:
+            f = path(system, d)
+            if f.is_file():
+                continue
+            lock = f.with_name(f.name + ".lock")
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            held = artifacts.claim(lock, f"test {system} {d}") if wait else artifacts.try_claim(lock, "test")
+            if held is None:
+                continue
+            with held:
+                if f.is_file():  # made by another call while this one waited
+                    continue
                 model = worker.model(inference_dtype(cfg.eval.precision, device.current()))
                 tr = Translator(model, worker.tokenizer, {"m": module}, cfg.prompt)
                 out = tr.translate(
@@ -115,13 +129,18 @@ def translate_tests(
                 tr.model.unload()
                 artifacts.atomic_write_text(f, data.write_text(out))
                 print(f"[{time.strftime('%H:%M:%S')}] translated {d} with {system}", flush=True)
-            hyps[system][d] = evaluate.read_lines(f)
-    return hyps
+    return {s: {d: evaluate.read_lines(path(s, d)) for d in by_dir} for s, by_dir in mods.items()}
 
 
-def note(timings: dict[str, float], key: str, t0: float) -> None:
-    """Add this call's wall time of a step (a resumed call adds only the work it did)."""
-    timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t0, 1)
+def note(timings: dict[str, Any], key: str, t0: float) -> None:
+    """This call's wall time of a step (a resumed call times only the work it did)."""
+    timings[key] = round(time.perf_counter() - t0, 1)
+
+
+def calls(work: Path) -> list[dict[str, Any]]:
+    """Every call's command, start, load and step times (`work/calls/*.json`), oldest first: calls may
+    resume one another or run side by side, so their times are listed, not added."""
+    return [artifacts.read_json(f) for f in sorted((work / "calls").glob("*.json"))]
 
 
 def compare(a: list[str], b: list[str], refs: list[str], samples: int) -> dict[str, float]:
@@ -143,9 +162,11 @@ def main() -> int:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     common.add_load_argument(ap)
     args = ap.parse_args()
     args.load_check = common.check_load(args.allow_load)
+    common.set_threads(args.threads)
     args.methods = args.methods.split(",") if args.methods else merge_select.registered_methods()
     args.ranks = [int(r) for r in args.ranks.split(",")]
     work = Path(args.work)
@@ -154,8 +175,9 @@ def main() -> int:
     train_cfg = make_config(args, methods=["ties"])
     cfg = make_config(args)
     run = RunDir(cfg.output_dir)
-    timings_file = work / "timings.json"
-    timings = artifacts.read_json(timings_file) if timings_file.is_file() else {}
+    started = time.strftime("%Y%m%dT%H%M%S")
+    timings_file = work / "calls" / f"{started}-{os.getpid()}.json"
+    timings: dict[str, Any] = {"command": " ".join(sys.argv[1:]), "started": started, "load": args.load_check}
 
     t0 = time.perf_counter()
     for d in DIRECTIONS:
@@ -174,7 +196,7 @@ def main() -> int:
     hyps = translate_tests(cfg, worker, work, systems(run, cands), tests)
     note(timings, "test_translation_s", t0)
     artifacts.atomic_write_json(timings_file, timings)
-    payload = summarize(args, cfg, run, cands, tests, hyps, selections, timings)
+    payload = summarize(args, cfg, run, cands, tests, hyps, selections, calls(work))
     write(Path(args.results), payload)
     return 0
 
@@ -187,7 +209,7 @@ def summarize(
     tests: dict[str, list[data.Pair]],
     hyps: dict[str, dict[str, list[str]]],
     selections: dict[str, dict[str, Any]],
-    timings: dict[str, float],
+    timings: list[dict[str, Any]],
 ) -> dict[str, Any]:
     refs = {d: [p.tgt for p in tests[d]] for d in DIRECTIONS}
     infos = {
@@ -221,7 +243,7 @@ def summarize(
             {
                 "system": system,
                 "method": cand.method if cand else UNMERGED,
-                "rank": cand.rank if cand else 16,
+                "rank": next(iter(infos[system].values()))["rank"] if cand else 16,  # as shipped
                 "directions": per_dir,
                 "mean_bleu": round(sum(r["bleu"] for r in per_dir.values()) / len(per_dir), 2),
                 "mean_chrf": round(sum(r["chrf"] for r in per_dir.values()) / len(per_dir), 2),
@@ -273,7 +295,7 @@ def summarize(
             "best_mean_chrf": best["mean_chrf"],
             "gap_to_unmerged": round(best["mean_chrf"] - unmerged, 2),
         },
-        "wall_seconds": timings,
+        "calls": timings,
         "load_check": args.load_check,
         "machine": {"versions": artifacts.library_versions()},
     }
@@ -328,10 +350,13 @@ def render(p: dict[str, Any]) -> str:
         "",
         "![quality vs size](merge_methods.png)",
         "",
-        "## Wall time (s, summed over resumed calls)",
+        "## The calls that made it (wall seconds of what each call did; calls may overlap)",
         "",
     ]
-    out += [f"- {k}: {v}" for k, v in p["wall_seconds"].items()]
+    for c in p["calls"]:
+        steps = ", ".join(f"{k} {v}" for k, v in c.items() if k.endswith("_s"))
+        load = c["load"]["load_average_1min"]
+        out.append(f"- {c['started']} `{c['command']}`: {steps or 'unfinished'}; load at start {load}")
     return "\n".join(out) + "\n"
 
 

@@ -107,3 +107,23 @@ def test_every_method_merges_from_the_cli(
     with pytest.raises(SystemExit) as bad:  # argparse names the registered methods
         main(["merge", *sources, "--out", str(tmp_path / "bad"), "--method", "nope"])
     assert bad.value.code == 2 and method in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_rank_above_what_the_merge_holds_is_not_zero_padding(
+    method: str, lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Σ w_i ΔW_i-like merges (linear, cat, knots, tsv, iso_c, core_space) have rank ≤ Σ r_i: asked for
+    more, the lowrank form ships rank Σ r_i, exact, not a bigger adapter of zeros. Trimming merges
+    (ties, dare_ties) are full rank, so the asked rank is what they ship."""
+    sources = [lora_dirs["s1"], lora_dirs["s2"]]  # rank 4 each
+    bounded = METHODS[method].max_rank([4, 4])
+    res = merge_adapters(sources, tmp_path / "m", method=method, form="lowrank", rank=20, density=0.5)
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "m" / "adapter_model.safetensors")
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
+    if method in ("ties", "dare_ties"):
+        assert bounded is None and res.rank == config["r"] == 20 and ranks == {20}
+    else:
+        assert bounded == 8 and res.rank == config["r"] == 8 and ranks == {8}
+        assert res.rel_error is not None and res.rel_error < 1e-3  # nothing of ΔW was cut

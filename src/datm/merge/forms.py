@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from datm import artifacts
+from datm.log import get_logger
 from datm.merge.base import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 LORA = "lora"  # applied through peft, side by side with other adapters
 DELTA = "delta"  # added to the base weights for the batches that use it
 INDEX_BYTES = 4  # a sparse entry's int32 flat index
+
+log = get_logger(__name__)
 
 
 class Form:
@@ -168,7 +171,19 @@ class LowRankForm(_LoraForm):
     error_meaning = "truncated-SVD error of the rank-`rank` LoRA against the merged ΔW"
 
     def resolve_rank(self, rank: int | None, sources: Sequence[LoraSource], method: Method) -> int | None:
-        return rank if rank is not None else method.default_rank([s.r for s in sources])
+        ranks = [s.r for s in sources]
+        rank = rank if rank is not None else method.default_rank(ranks)
+        bound = method.max_rank(ranks)
+        if bound is not None and rank > bound:
+            log.info(
+                "%s's ΔW has rank <= %d (the sources' ranks summed): rank %d ships as %d, exact",
+                method.name,
+                bound,
+                rank,
+                bound,
+            )
+            return bound
+        return rank
 
     def write(self, writer, task, merged, factors, job):  # type: ignore[no-untyped-def]
         import torch

@@ -95,9 +95,17 @@ class Method:
     def default_weight(self, n_sources: int) -> float:
         return 1.0
 
+    # Whether ΔW's rank is at most Σ r_i (sums and re-bases of the sources' updates; trimming makes
+    # a full-rank ΔW): a LoRA of a larger rank would only add zeros.
+    rank_within_sources: ClassVar[bool] = True
+
     def default_rank(self, source_ranks: Sequence[int]) -> int:
         """The rank a LoRA-shaped merged module gets when none is asked for."""
         return max(source_ranks)
+
+    def max_rank(self, source_ranks: Sequence[int]) -> int | None:
+        """The rank of the merged ΔW at most (None: full rank, any rank keeps more of it)."""
+        return sum(source_ranks) if self.rank_within_sources else None
 
     def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
         raise NotImplementedError
@@ -126,6 +134,7 @@ class Ties(Method):
     title = "TIES"
     uses_density = True
     min_sources = 2
+    rank_within_sources = False  # trimming: a full-rank ΔW
 
     def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
         from datm.merge.ops import ties_merge_factored
@@ -205,6 +214,7 @@ class DareTies(Method):
     title = "DARE-TIES"
     uses_density = True
     min_sources = 2
+    rank_within_sources = False  # trimming: a full-rank ΔW
 
     def merge(self, factors: Factors, weights: Sequence[float], settings: MethodSettings) -> Merged:
         from datm.merge.recent import dare_ties
