@@ -43,8 +43,10 @@ DIRECTIONS = [f"{x}-en" for x in LANGS]
 UNMERGED = "unmerged"
 
 
-def make_config(args: argparse.Namespace, methods: list[str] | None = None) -> C.Config:
-    """The setting's config; its merge candidates are `methods` x --ranks (default --methods)."""
+def make_config(
+    args: argparse.Namespace, methods: list[str] | None = None, ranks: list[int] | None = None
+) -> C.Config:
+    """The setting's config; its merge candidates are `methods` x `ranks` (default --methods, --ranks)."""
     data = Path(args.data)
     raw = common.alma_run_config(
         "datm",
@@ -65,7 +67,7 @@ def make_config(args: argparse.Namespace, methods: list[str] | None = None) -> C
             "candidates": {
                 "methods": methods or args.methods,
                 "densities": [args.density],
-                "ranks": args.ranks,
+                "ranks": ranks or args.ranks,
             },
             "dev_size": args.dev_size,
         },
@@ -171,8 +173,9 @@ def main() -> int:
     args.ranks = [int(r) for r in args.ranks.split(",")]
     work = Path(args.work)
     # Training does not depend on the candidates (only on merge auto's held-out dev slice), so the
-    # run is trained under a fixed candidate list: a later call with other --methods reuses it.
-    train_cfg = make_config(args, methods=["ties"])
+    # run is trained under a fixed candidate list: a later call with other --methods or --ranks (or
+    # one beside it) reuses it.
+    train_cfg = make_config(args, methods=["ties"], ranks=[16])
     cfg = make_config(args)
     run = RunDir(cfg.output_dir)
     started = time.strftime("%Y%m%dT%H%M%S")
