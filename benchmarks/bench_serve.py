@@ -70,19 +70,23 @@ def make_stream(segments: list[tuple[str, str, str]], n: int, seed: int) -> list
     return stream[:n]
 
 
-def run_sequential(run: str, requests: list[tuple[str, str]], threads: int | None) -> dict[str, Any]:
-    """`datm translate` over the stream (fresh process): time after loading, and its outputs."""
+def run_sequential(
+    run: str, requests: list[tuple[str, str]], threads: int | None, batch_size: int | None = None
+) -> dict[str, Any]:
+    """`datm translate` over the stream (fresh process): time after loading, and its outputs.
+    `batch_size` replaces the run's eval batch size (the control)."""
     common.set_threads(threads)
     from datm.translate import Request, load_for_run
 
     translator, routes, cfg = load_for_run(Path(run))
     ev = cfg.get("eval", {})
     reqs = [Request(Direction.parse(d), text) for d, text in requests]
-    settings = dict(beams=1, max_new_tokens=ev.get("max_new_tokens", 128), batch_size=ev.get("batch_size", 8))
+    batch = batch_size or ev.get("batch_size", 8)
+    settings = dict(beams=1, max_new_tokens=ev.get("max_new_tokens", 128), batch_size=batch)
     translator.translate(reqs[:1], routes, progress=False, **settings)  # warm-up, untimed
     start = time.perf_counter()
     outs = translator.translate(reqs, routes, progress=False, **settings)
-    return {"seconds": time.perf_counter() - start, "outputs": outs}
+    return {"seconds": time.perf_counter() - start, "outputs": outs, "batch_size": batch}
 
 
 async def load_test(
@@ -177,13 +181,32 @@ def scores_of(
 
 
 def agreement(a: list[str | None], b: list[str | None], stream: list[int]) -> dict[str, Any]:
-    """Identical answers per distinct segment (the first answer of each)."""
-    seen: dict[int, bool] = {}
+    """Identical answers per distinct segment (the first answer of each), and where the others part:
+    the share of words they have in common before the first different one (median over the segments
+    that differ; near 1 = a late tie broken the other way, near 0 = different from the start)."""
+    import statistics
+
+    seen: dict[int, tuple[str, str]] = {}
     for x, y, seg in zip(a, b, stream, strict=True):
         if x is not None and y is not None and seg not in seen:
-            seen[seg] = x == y
-    same = sum(seen.values())
-    return {"segments": len(seen), "identical": same, "share": same / len(seen) if seen else None}
+            seen[seg] = (x, y)
+    same = sum(x == y for x, y in seen.values())
+    shared = [_common_prefix_share(x, y) for x, y in seen.values() if x != y]
+    return {
+        "segments": len(seen),
+        "identical": same,
+        "share": same / len(seen) if seen else None,
+        "differing_median_shared_prefix": statistics.median(shared) if shared else None,
+    }
+
+
+def _common_prefix_share(x: str, y: str) -> float:
+    """Words before the first difference ÷ the longer output's words."""
+    xs, ys = x.split(), y.split()
+    n = 0
+    while n < min(len(xs), len(ys)) and xs[n] == ys[n]:
+        n += 1
+    return n / max(len(xs), len(ys), 1)
 
 
 def serve_engine(run: Path, engine: str, args: Any, requests: list[tuple[str, str]], log: Path) -> dict:
@@ -222,6 +245,12 @@ def main() -> int:
     )
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vllm on CPU: KV cache (GiB)")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for a server")
+    parser.add_argument(
+        "--control-batch-size",
+        type=int,
+        default=8,
+        help="the control: datm translate again with this batch size (0: none; default 8)",
+    )
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
     unknown = sorted(set(engines) - set(ENGINES))
@@ -264,6 +293,20 @@ def main() -> int:
             "scores": scores_of(seq["outputs"], stream, segments),
         }
     }
+    if args.control_batch_size:
+        # The control: the same Translator, another batch size. Greedy decoding in bf16 depends on the
+        # batch a segment shares (padding, kernel shapes); this is how much, without any server.
+        b = args.control_batch_size
+        common.log(f"control: the same Translator with batch size {b} (fresh process)")
+        ctl = common.run_isolated(run_sequential, str(run), requests, args.threads, b)
+        systems[f"control: datm translate, batch size {b}"] = {
+            "seconds": ctl["seconds"],
+            "segments_per_second": len(requests) / ctl["seconds"],
+            "answered": len(requests),
+            **dict.fromkeys(("p50", "p95", "p99")),
+            "scores": scores_of(ctl["outputs"], stream, segments),
+            "agreement_with_sequential": agreement(ctl["outputs"], seq["outputs"], stream),
+        }
     for engine in engines:
         res = serve_engine(run, engine, args, requests, work / f"{engine}.log")
         answered = res["answered"]
@@ -326,6 +369,7 @@ def main() -> int:
                 fmt(s["scores"]["bleu"]),
                 fmt(s["scores"]["chrf"]),
                 "-" if ag is None else f"{ag['identical']}/{ag['segments']} ({ag['share']:.1%})",
+                fmt(ag and ag.get("differing_median_shared_prefix")),
             ]
         )
     header = ["system", "answered", "seconds", "segments/s", "p50 ms", "p95 ms", "p99 ms", "BLEU", "chrF++"]
@@ -335,8 +379,13 @@ def main() -> int:
             f"{len(settings['directions'])} directions, shuffled), {args.clients} concurrent clients; "
             "sequential = the run's Translator over the same stream in one call (what `datm translate` "
             "does), timed after loading. BLEU/chrF++: mean over directions on the distinct segments. "
-            "Identical: translations equal to the sequential Translator's (greedy both).",
-            common.markdown_table([*header, "identical to datm translate"], rows),
+            "Identical: translations equal to the sequential Translator's (greedy both); for the "
+            "others, the median share of words before the first different one. The control row is the "
+            "same Translator with another batch size: how much batch composition alone changes greedy "
+            "output at the run's precision.",
+            common.markdown_table(
+                [*header, "identical to datm translate", "differing: shared prefix (median)"], rows
+            ),
             f"serve_speedup (vllm ÷ sequential) = {fmt(record.get(HEADLINE))}; "
             f"transformers engine ÷ sequential = {fmt(record.get('transformers_speedup'))}.",
         ]
