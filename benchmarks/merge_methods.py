@@ -15,7 +15,7 @@ per group with its test score. Writes benchmarks/results/merge_methods.{md,json,
 Resumable: adapters, merges and dev translations are datm artifacts; every test translation is a
 file under --work; run the same command again after a kill.
 
-    python benchmarks/merge_methods.py [--methods ties,linear,...] [--ranks 16,64] [--test-size 100]
+    python benchmarks/merge_methods.py [--methods ties,...] [--ranks 16,64[=ties+cat]] [--test-size 100]
 """
 
 from __future__ import annotations
@@ -43,10 +43,37 @@ DIRECTIONS = [f"{x}-en" for x in LANGS]
 UNMERGED = "unmerged"
 
 
+def parse_ranks(spec: str, methods: list[str]) -> dict[int, list[str]]:
+    """--ranks: `16,64` (every method at each rank) or `16,64=ties+cat` (at 64 only those methods)."""
+    out: dict[int, list[str]] = {}
+    for item in spec.split(","):
+        rank, _, only = item.partition("=")
+        try:
+            r = int(rank)
+        except ValueError:
+            raise common.BenchError(f"--ranks: expected RANK or RANK=METHOD+METHOD, got {item!r}") from None
+        chosen = only.split("+") if only else methods
+        unknown = sorted(set(chosen) - set(merge_select.registered_methods()))
+        if unknown:
+            raise common.BenchError(f"--ranks {item}: unknown merge methods {unknown}")
+        out[r] = chosen
+    return out
+
+
+def candidate_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """merge.candidates as a list: each rank's methods (--ranks) at --density."""
+    return [
+        {"method": m, "density": args.density, "rank": r}
+        for r, methods in args.ranks.items()
+        for m in methods
+    ]
+
+
 def make_config(
     args: argparse.Namespace, methods: list[str] | None = None, ranks: list[int] | None = None
 ) -> C.Config:
-    """The setting's config; its merge candidates are `methods` x `ranks` (default --methods, --ranks)."""
+    """The setting's config; its merge candidates are the grid `methods` x `ranks` when given, else
+    --ranks' candidates."""
     data = Path(args.data)
     raw = common.alma_run_config(
         "datm",
@@ -64,11 +91,11 @@ def make_config(
         },
         merge={
             "method": "auto",
-            "candidates": {
-                "methods": methods or args.methods,
-                "densities": [args.density],
-                "ranks": ranks or args.ranks,
-            },
+            "candidates": (
+                {"methods": methods, "densities": [args.density], "ranks": ranks}
+                if methods and ranks
+                else candidate_rows(args)
+            ),
             "dev_size": args.dev_size,
         },
     )
@@ -156,7 +183,9 @@ def main() -> int:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--data", default=str(DATA), help="ALMA human-written data folder")
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    ap.add_argument("--ranks", default="16,64")
+    ap.add_argument(
+        "--ranks", default="16,64", help="ranks of the candidates: 16,64 (every method) or 16,64=ties+cat"
+    )
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--test-size", type=int, default=100, help="first N WMT'22 segments per direction")
     ap.add_argument("--dev-size", type=int, default=100, help="dev sentences per direction for auto")
@@ -170,7 +199,7 @@ def main() -> int:
     args.load_check = common.check_load(args.allow_load)
     common.set_threads(args.threads)
     args.methods = args.methods.split(",") if args.methods else merge_select.registered_methods()
-    args.ranks = [int(r) for r in args.ranks.split(",")]
+    args.ranks = parse_ranks(args.ranks, args.methods)
     work = Path(args.work)
     # Training does not depend on the candidates (only on merge auto's held-out dev slice), so the
     # run is trained under a fixed candidate list: a later call with other --methods or --ranks (or
@@ -282,7 +311,7 @@ def summarize(
             "schedule": "cosine",
             "lora_r": 16,
             "methods": args.methods,
-            "ranks": args.ranks,
+            "ranks": {str(r): m for r, m in args.ranks.items()},
             "density": args.density,
             "form": cfg.merge.form,
             "test_segments_per_direction": args.test_size,

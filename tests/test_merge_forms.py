@@ -127,3 +127,6 @@ def test_a_rank_above_what_the_merge_holds_is_not_zero_padding(
     else:
         assert bounded == 8 and res.rank == config["r"] == 8 and ranks == {8}
         assert res.rel_error is not None and res.rel_error < 1e-3  # nothing of ΔW was cut
+    # The same request again is answered by the finished merge (the request is what was asked).
+    again = merge_adapters(sources, tmp_path / "m", method=method, form="lowrank", rank=20, density=0.5)
+    assert again == res

@@ -146,7 +146,7 @@ def merge_adapters(
     started = time.perf_counter()
     srcs = [read_source(p) for p in sources]
     tasks = plan_merge(srcs)
-    rank = merge_form.resolve_rank(rank, srcs, merge_method)
+    asked_rank, rank = rank, merge_form.resolve_rank(rank, srcs, merge_method)
     default_weight = merge_method.default_weight(len(srcs))
     job = FormJob(
         method=merge_method,
@@ -180,7 +180,7 @@ def merge_adapters(
     )
     info = {
         **result.to_dict(),
-        "request": _request(sources, method, form, density, rank, job.weights),
+        "request": _request(sources, method, form, density, asked_rank, job.weights),
         "weights": job.weights,
         "base_model_name_or_path": srcs[0].base_model,
         "sources": [
