@@ -84,7 +84,15 @@ def test_config_validates_candidates(tmp_path, tiny_model_dir, data_dir):
     with pytest.raises(C.ConfigError, match=r"candidates\[0\].density"):
         auto_config(tmp_path, tiny_model_dir, data_dir, candidates=[{"method": "ties", "density": 2}])
     with pytest.raises(C.ConfigError, match="needs a non-empty list"):
-        auto_config(tmp_path, tiny_model_dir, data_dir, candidates=None)
+        auto_config(tmp_path, tiny_model_dir, data_dir, candidates=[])
+    # None listed: the benchmark's best methods and the paper's ties, at the adapters' rank (lora.r 4)
+    default = auto_config(tmp_path, tiny_model_dir, data_dir, candidates=None)
+    assert [c.name for c in merge_select.candidates(default.merge, adapter_rank=default.lora.r)] == [
+        "iso_c-d0.2-r4",
+        "core_space-d0.2-r4",
+        "knots-d0.2-r4",
+        "ties-d0.2-r4",
+    ]
     with pytest.raises(C.ConfigError, match="merge.method: unknown merge method 'foo'; expected auto"):
         auto_config(tmp_path, tiny_model_dir, data_dir, method="foo", candidates=None)
     with pytest.raises(C.ConfigError, match="merge.candidates is for merge.method: auto"):

@@ -36,6 +36,11 @@ CANDIDATE_KEYS = ("method", "density", "rank")
 GRID_KEYS = ("methods", "densities", "ranks")
 SELECTION_FILE = "selection.json"
 TRANSLATIONS_FILE = "translations.json"
+# merge auto's candidates when the config lists none: at the adapters' rank (one adapter's size per
+# group, DATM's parameter budget), the methods that did best in benchmarks/results/merge_methods.md
+# (iso_c, core_space, knots: +1.25, +0.42, +0.37 mean chrF++ vs the unmerged adapters at rank 16;
+# ties -0.78), and ties, the paper's.
+DEFAULT_METHODS = ("iso_c", "core_space", "knots", "ties")
 EXAMPLE = "e.g. [{method: ties, density: 0.2, rank: 16}] or {methods: [ties, linear], ranks: [16, 64]}"
 
 
@@ -60,11 +65,14 @@ def registered_methods() -> list[str]:
 # --- config ------------------------------------------------------------------------------------------
 
 
-def candidates(m: MergeConfig, where: str = "merge") -> list[Candidate]:
+def candidates(m: MergeConfig, where: str = "merge", adapter_rank: int | None = None) -> list[Candidate]:
     """The candidates of `merge.candidates` (a list of {method, density, rank}, or a grid of
     {methods, densities, ranks}); an unset density or rank is merge.density / merge.rank. Duplicates
-    are dropped (the first one stays)."""
+    are dropped (the first one stays). Unset: DEFAULT_METHODS at merge.rank, else `adapter_rank`."""
     raw = m.candidates
+    if raw is None:
+        rank = m.rank if m.rank is not None else adapter_rank
+        raw = {"methods": list(DEFAULT_METHODS), "ranks": [rank] if rank is not None else None}
     if isinstance(raw, dict):
         unknown = sorted(set(raw) - set(GRID_KEYS))
         if unknown or "methods" not in raw:
@@ -121,7 +129,7 @@ def validate(cfg: Config) -> None:
         if m.candidates is not None:
             raise ConfigError(f"{s}: merge.candidates is for merge.method: auto (got method {m.method!r})")
         return
-    candidates(m, f"{s}: merge")
+    candidates(m, f"{s}: merge", cfg.lora.r)
     if m.select_on not in SELECT_ON:
         raise ConfigError(f"{s}: merge.select_on must be one of {list(SELECT_ON)}, got {m.select_on!r}")
     n = m.dev_size
@@ -202,7 +210,7 @@ def describe(cfg: Config, plan: Any) -> list[str]:
     merges = auto_merges(cfg, plan)
     if not merges:
         return []
-    cands = candidates(cfg.merge)
+    cands = candidates(cfg.merge, adapter_rank=cfg.lora.r)
     n_dirs = sum(len(d) for d in merges.values())
     lines = [
         f"merge auto: {len(cands)} candidates x {len(merges)} merges = {len(cands) * len(merges)} candidate "
@@ -314,7 +322,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
         if not devs[d]:
             raise ConfigError(f"{cfg.source}: the dev set of {d} is empty; merge auto needs dev sentences")
     dev_fp = artifacts.fingerprint_obj({d: [p.src for p in pairs] for d, pairs in devs.items()})
-    cands = candidates(cfg.merge)
+    cands = candidates(cfg.merge, adapter_rank=cfg.lora.r)
 
     results, prints = {}, {}
     for c in cands:
