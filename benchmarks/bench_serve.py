@@ -86,7 +86,7 @@ def run_sequential(
     translator.translate(reqs[:1], routes, progress=False, **settings)  # warm-up, untimed
     start = time.perf_counter()
     outs = translator.translate(reqs, routes, progress=False, **settings)
-    return {"seconds": time.perf_counter() - start, "outputs": outs, "batch_size": batch}
+    return {"seconds": time.perf_counter() - start, "outputs": outs}
 
 
 async def load_test(
@@ -209,6 +209,27 @@ def _common_prefix_share(x: str, y: str) -> float:
     return n / max(len(xs), len(ys), 1)
 
 
+def batch_system(
+    res: dict[str, Any],
+    stream: list[int],
+    segments: list[tuple[str, str, str]],
+    reference: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The record of a `run_sequential` result (no latencies: one call), with its agreement with
+    `reference` (another run_sequential result) when given."""
+    n = len(res["outputs"])
+    out = {
+        "seconds": res["seconds"],
+        "segments_per_second": n / res["seconds"],
+        "answered": n,
+        **dict.fromkeys(("p50", "p95", "p99")),
+        "scores": scores_of(res["outputs"], stream, segments),
+    }
+    if reference is not None:
+        out["agreement_with_sequential"] = agreement(res["outputs"], reference["outputs"], stream)
+    return out
+
+
 def serve_engine(run: Path, engine: str, args: Any, requests: list[tuple[str, str]], log: Path) -> dict:
     from serve_runs import Server
 
@@ -284,29 +305,14 @@ def main() -> int:
     seq = common.run_isolated(run_sequential, str(run), requests, args.threads)
     seq_rate = len(requests) / seq["seconds"]
     common.log(f"sequential: {seq['seconds']:.1f} s, {seq_rate:.2f} segments/s")
-    systems: dict[str, dict[str, Any]] = {
-        "sequential datm translate": {
-            "seconds": seq["seconds"],
-            "segments_per_second": seq_rate,
-            "answered": len(requests),
-            **dict.fromkeys(("p50", "p95", "p99")),
-            "scores": scores_of(seq["outputs"], stream, segments),
-        }
-    }
+    systems: dict[str, dict[str, Any]] = {"sequential datm translate": batch_system(seq, stream, segments)}
     if args.control_batch_size:
         # The control: the same Translator, another batch size. Greedy decoding in bf16 depends on the
         # batch a segment shares (padding, kernel shapes); this is how much, without any server.
         b = args.control_batch_size
         common.log(f"control: the same Translator with batch size {b} (fresh process)")
         ctl = common.run_isolated(run_sequential, str(run), requests, args.threads, b)
-        systems[f"control: datm translate, batch size {b}"] = {
-            "seconds": ctl["seconds"],
-            "segments_per_second": len(requests) / ctl["seconds"],
-            "answered": len(requests),
-            **dict.fromkeys(("p50", "p95", "p99")),
-            "scores": scores_of(ctl["outputs"], stream, segments),
-            "agreement_with_sequential": agreement(ctl["outputs"], seq["outputs"], stream),
-        }
+        systems[f"control: datm translate, batch size {b}"] = batch_system(ctl, stream, segments, seq)
     for engine in engines:
         res = serve_engine(run, engine, args, requests, work / f"{engine}.log")
         answered = res["answered"]

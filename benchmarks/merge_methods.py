@@ -222,7 +222,7 @@ def main() -> int:
     note(timings, "merge_and_dev_s", t0)
     artifacts.atomic_write_json(timings_file, timings)
 
-    cands = merge_select.candidates(cfg.merge)
+    cands = merge_select.config_candidates(cfg)
     tests = {d: runner.test_pairs(cfg, Direction.parse(d)) for d in DIRECTIONS}
     t0 = time.perf_counter()
     hyps = translate_tests(cfg, worker, work, systems(run, cands), tests)

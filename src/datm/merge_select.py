@@ -105,6 +105,11 @@ def candidates(m: MergeConfig, where: str = "merge", adapter_rank: int | None = 
     return out
 
 
+def config_candidates(cfg: Config) -> list[Candidate]:
+    """A run's candidates: `candidates` of its merge config, unset ranks defaulting to the adapters'."""
+    return candidates(cfg.merge, f"{cfg.source}: merge", cfg.lora.r)
+
+
 def _check_candidate(c: Candidate, at: str) -> None:
     methods = registered_methods()
     if c.method not in methods:
@@ -129,7 +134,7 @@ def validate(cfg: Config) -> None:
         if m.candidates is not None:
             raise ConfigError(f"{s}: merge.candidates is for merge.method: auto (got method {m.method!r})")
         return
-    candidates(m, f"{s}: merge", cfg.lora.r)
+    config_candidates(cfg)
     if m.select_on not in SELECT_ON:
         raise ConfigError(f"{s}: merge.select_on must be one of {list(SELECT_ON)}, got {m.select_on!r}")
     n = m.dev_size
@@ -210,7 +215,7 @@ def describe(cfg: Config, plan: Any) -> list[str]:
     merges = auto_merges(cfg, plan)
     if not merges:
         return []
-    cands = candidates(cfg.merge, adapter_rank=cfg.lora.r)
+    cands = config_candidates(cfg)
     n_dirs = sum(len(d) for d in merges.values())
     lines = [
         f"merge auto: {len(cands)} candidates x {len(merges)} merges = {len(cands) * len(merges)} candidate "
@@ -322,7 +327,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
         if not devs[d]:
             raise ConfigError(f"{cfg.source}: the dev set of {d} is empty; merge auto needs dev sentences")
     dev_fp = artifacts.fingerprint_obj({d: [p.src for p in pairs] for d, pairs in devs.items()})
-    cands = candidates(cfg.merge, adapter_rank=cfg.lora.r)
+    cands = config_candidates(cfg)
 
     results, prints = {}, {}
     for c in cands:
