@@ -81,9 +81,14 @@ def test_the_key_changes_with_what_trains_the_adapter_and_only_with_that():
         "prompt": "alma",
         "device_type": "cpu",
         "world_size": 1,
+        "precision": "bf16",
+        "versions": {"torch": "2.13.0", "peft": "0.18", "python": "3.11"},
     }
     key = adapter_key(**base)
     assert adapter_key(**{**base, "train": dataclasses.replace(C.TrainConfig(), checkpoint_every=7)}) == key
+    # auto and what it resolved to are one key; the python patch level is not part of it
+    assert adapter_key(**{**base, "train": dataclasses.replace(C.TrainConfig(), precision="bf16")}) == key
+    assert adapter_key(**{**base, "versions": {**base["versions"], "python": "3.12"}}) == key
     changed = [
         {"data_fingerprint": "e"},
         {"model_fingerprint": "n"},
@@ -94,6 +99,8 @@ def test_the_key_changes_with_what_trains_the_adapter_and_only_with_that():
         {"prompt": "chat"},
         {"device_type": "cuda"},
         {"world_size": 2},
+        {"precision": "no"},  # what train.precision: auto resolved to
+        {"versions": {"torch": "2.14.0", "peft": "0.18", "python": "3.11"}},
     ]
     for change in changed:
         assert adapter_key(**{**base, **change}) != key, change

@@ -22,6 +22,8 @@ from datm.config import LoraConfig, TrainConfig
 REUSED = "reused_from.json"
 # Training settings that change where the work is saved or how often, never the adapter's numbers.
 _NOT_IN_KEY = ("checkpoint_every",)
+# Libraries whose versions are part of the key (their kernels and defaults move the numbers).
+_VERSIONS_IN_KEY = ("torch", "transformers", "peft", "accelerate")
 
 
 def adapter_key(
@@ -34,9 +36,14 @@ def adapter_key(
     prompt: str,
     device_type: str,
     world_size: int,
+    precision: str,
+    versions: dict[str, str],
 ) -> str:
-    """The fingerprint of everything that decides a trained adapter's weights."""
+    """The fingerprint of everything that decides a trained adapter's weights: `precision` is what
+    `train.precision` resolved to where it trains ('bf16' or 'no': `auto` differs by machine), and
+    `versions` the libraries whose kernels and defaults the numbers depend on."""
     settings = {k: v for k, v in asdict(train).items() if k not in _NOT_IN_KEY}
+    settings["precision"] = precision
     return artifacts.fingerprint_obj(
         {
             "model": model_fingerprint,
@@ -47,6 +54,7 @@ def adapter_key(
             "prompt": prompt,
             "device_type": device_type,
             "world_size": world_size,
+            "versions": {k: versions[k] for k in sorted(versions) if k in _VERSIONS_IN_KEY},
         }
     )
 

@@ -7,6 +7,7 @@ takes about a minute, the cached copy a couple of seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -39,30 +40,51 @@ def default_gguf() -> Path:
     return Path(assemble(cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
 
 
-def _quick_file_hash(path: Path) -> str:
-    """Size plus the first and last MiB: cheap for multi-GB weights, and changes when they do."""
+# Files in a model directory that describe it without defining it (model cards, datm's own marker).
+_NOT_THE_MODEL = (".md",)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of every byte of a file. Hashing a 26 GB checkpoint takes a while, so the digest is
+    computed once and kept under the datm cache, keyed by the file's resolved path, size, inode and
+    modification time: any rewrite of the file gets a new digest."""
+    p = Path(path).resolve()
+    st = p.stat()
+    stamp = {"path": str(p), "size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns}
+    entry = cache_root() / "digests" / f"{hashlib.sha256(str(p).encode()).hexdigest()[:32]}.json"
+    try:
+        kept = json.loads(entry.read_text())
+        if {k: kept.get(k) for k in stamp} == stamp and isinstance(kept.get("sha256"), str):
+            return kept["sha256"]
+    except (OSError, ValueError):
+        pass  # no entry yet, or a damaged one: computed again
     h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
-    return h.hexdigest()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        artifacts.atomic_write_json(entry, {**stamp, "sha256": digest})
+    except OSError as e:  # a read-only cache costs time, not correctness
+        log.debug(f"could not keep the digest of {p} in {entry}: {e}")
+    return digest
 
 
 def fingerprint(model_dir: str | Path) -> str:
+    """What identifies a base model: a hub id itself, or the full content of a local file or of every
+    file of a local directory (weights, config, tokenizer files of any name), not its model card."""
     p = Path(model_dir)
     if not p.exists():
         return hashlib.sha256(str(model_dir).encode()).hexdigest()[:16]  # a hub id: the id is the identity
     if p.is_file():
-        return _quick_file_hash(p)[:16]
+        return file_digest(p)[:16]
     h = hashlib.sha256()
-    for f in sorted(p.iterdir()):
-        if f.suffix in (".json", ".safetensors", ".bin", ".model"):
-            h.update(f.name.encode())
-            h.update(_quick_file_hash(f).encode())
+    for f in sorted(p.rglob("*")):
+        rel = f.relative_to(p)
+        hidden = any(part.startswith(".") for part in rel.parts)
+        if f.is_file() and not hidden and f.name != artifacts.DONE and f.suffix not in _NOT_THE_MODEL:
+            h.update(rel.as_posix().encode() + b"\0" + file_digest(f).encode())
     return h.hexdigest()[:16]
 
 
@@ -73,7 +95,7 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
 
     if not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} does not exist")
-    out = out or cache_root() / "models" / f"{gguf.stem}-{_quick_file_hash(gguf)[:12]}"
+    out = out or cache_root() / "models" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
     if artifacts.is_done(out):
         return out
     log.info(f"datm: converting {gguf.name} to safetensors once (about a minute); cached at {out}")
@@ -95,7 +117,7 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     plain.save_pretrained(stage)
     tok.save_pretrained(stage)
     artifacts.publish_dir(stage, out)
-    artifacts.mark_done(out, {"source": str(gguf), "source_sha": _quick_file_hash(gguf)})
+    artifacts.mark_done(out, {"source": str(gguf), "source_sha256": file_digest(gguf)})
     return out
 
 

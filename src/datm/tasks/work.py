@@ -169,6 +169,8 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
             prompt=cfg.prompt,
             device_type=device.current().type,
             world_size=state.num_processes,
+            precision=device.pick_precision(cfg.train.precision, device.current()),
+            versions=artifacts.library_versions(),
         )
     held = cache.claim(key, task.id) if cache is not None and state.is_main_process else None
     state.wait_for_everyone()
