@@ -49,6 +49,18 @@ def write_alma(path: Path, lang: str, n: int = 12) -> Path:
     return path
 
 
+def write_valid(path: Path, lang: str, n: int = 5) -> Path:
+    """Dev records unlike the test set's (test lines end in their index; these in 'dev N')."""
+    lines = [
+        json.dumps(
+            {"translation": {lang: f"{WORDS[lang][i % 5]} dev {i}", "en": f"{WORDS['en'][i % 5]} dev {i}"}}
+        )
+        for i in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def build_tokenizer(texts: list[str]):
     from datm.tiny import build_tokenizer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WORDS, write_alma
+from conftest import write_alma, write_valid
 
 from datm import analyze, models
 from datm import config as C
@@ -127,17 +127,6 @@ def test_plan_and_run_build_the_same_auto_plan(tmp_path, tiny_model_dir, alma_di
     assert lower["routes"]["cs-en"] == lower["routes"]["ru-en"] == "xx-en.slavic.joint"
     assert main(["run", str(cfg), "--threshold", "0.25"]) == 2
     assert "plan.json was written by a different plan" in capsys.readouterr().err
-
-
-def write_valid(path: Path, lang: str, n: int = 5) -> None:
-    """Dev records unlike the test set's (test lines end in their index; these in 'dev N')."""
-    lines = [
-        json.dumps(
-            {"translation": {lang: f"{WORDS[lang][i % 5]} dev {i}", "en": f"{WORDS['en'][i % 5]} dev {i}"}}
-        )
-        for i in range(n)
-    ]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def test_pilot_end_to_end_decides_the_plan_on_the_dev_split(tmp_path, tiny_model_dir, alma_dir, capsys):

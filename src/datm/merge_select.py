@@ -140,9 +140,7 @@ def validate(cfg: Config) -> None:
     n = m.dev_size
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"{s}: merge.dev_size must be an integer >= 1, got {n!r}")
-    files = cfg.data.format not in ("flores", "datasets")
-    if files and cfg.data.valid is not None and cfg.data.valid == cfg.data.test:
-        raise ConfigError(f"{s}: data.valid is the test pattern; merge auto never chooses on the test set")
+    # that data.valid holds no test pairs is checked before the run trains (preflight.check_merge_dev)
 
 
 # --- dev sets ----------------------------------------------------------------------------------------

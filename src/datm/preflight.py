@@ -50,6 +50,50 @@ def check_data(cfg: Config, plan: Plan, out: Path, train: bool = True, test: boo
     if test:
         todo = [d for d in plan.directions() if not run.translations(d).hyp.is_file()]
         check_eval(cfg, todo, cfg.data.test)
+    if train:
+        check_merge_dev(cfg, plan)
+
+
+def _pair_key(p: data.Pair) -> tuple[tuple[str, str], ...]:
+    """A segment pair as a set of (language, text): the same pair read in either direction."""
+    return tuple(sorted(((p.src_lang, p.src.strip()), (p.tgt_lang, p.tgt.strip()))))
+
+
+def check_dev_not_test(cfg: Config, dev: dict[str, list[data.Pair]], who: str) -> None:
+    """Refuse dev pairs that are pairs of the test split, in either direction: the same files (whatever
+    the patterns look like), the same split of a dataset, or a copy. The test split never decides."""
+    if not cfg.data.test:
+        return
+    test: dict[tuple[tuple[str, str], ...], str] = {}
+    for d in L.directions_for(cfg.languages):
+        fmt, split = eval_split(cfg, cfg.data.test, d)
+        pairs = data.read_direction(
+            cfg.data.test, d, fmt, cfg.data.on_bad_record, None, split, allow_reverse=False
+        )
+        for p in pairs:
+            test.setdefault(_pair_key(p), p.origin)
+    for direction, pairs in dev.items():
+        overlap = [(p.origin, test[_pair_key(p)]) for p in pairs if _pair_key(p) in test]
+        if overlap:
+            dev_at, test_at = overlap[0]
+            raise ConfigError(
+                f"{cfg.source}: data.valid: {len(overlap)} of the {len(pairs)} dev pairs of {direction} that "
+                f"{who} would decide on are pairs of the test split (data.test), e.g. {dev_at} is "
+                f"{test_at}; the test split never decides anything: give data.valid a dev set apart from it"
+            )
+
+
+def check_merge_dev(cfg: Config, plan: Plan) -> None:
+    """`merge: auto` chooses on data.valid where a direction has it: never on test pairs."""
+    from datm import merge_select
+
+    dev = {
+        d: merge_select.dev_pairs(cfg, L.Direction.parse(d))[1]
+        for directions in merge_select.auto_merges(cfg, plan).values()
+        for d in directions
+        if merge_select.has_valid(cfg, L.Direction.parse(d))
+    }
+    check_dev_not_test(cfg, dev, "merge: auto")
 
 
 def check_auto_data(cfg: Config) -> None:
@@ -63,6 +107,21 @@ def check_auto_data(cfg: Config) -> None:
 
         dev = pilot_config(cfg, "separate")  # reads data.valid as its test split
         check_eval(dev, directions, dev.data.test, key="valid")
+        pairs = {}
+        for d in directions:
+            fmt, split = eval_split(dev, dev.data.test, d)
+            on_bad = cfg.data.on_bad_record
+            got = data.read_direction(dev.data.test, d, fmt, on_bad, None, split, allow_reverse=False)
+            pairs[str(d)] = got
+        check_dev_not_test(cfg, pairs, "the pilot")
 
 
-__all__ = ["check_auto_data", "check_data", "check_eval", "check_train", "eval_split"]
+__all__ = [
+    "check_auto_data",
+    "check_data",
+    "check_dev_not_test",
+    "check_eval",
+    "check_merge_dev",
+    "check_train",
+    "eval_split",
+]
