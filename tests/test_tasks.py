@@ -220,3 +220,39 @@ def test_local_executor_runs_part_of_the_graph_whose_needs_are_done(tmp_path, ti
     run_local(cfg, plan, [tasks["train:cs-en"], tasks["train:ru-en"]])
     run_local(cfg, plan, [tasks["merge:xx-en.slavic"]])
     assert (tmp_path / "part" / "merged" / "xx-en.slavic" / "DONE.json").is_file()
+
+
+def test_a_dependency_finished_by_another_process_during_the_scan_is_not_a_deadlock(
+    tmp_path, tiny_model_dir, alma_dir, monkeypatch
+):
+    """The other process publishes its artifact and releases its claim between this executor's
+    dependency check and its scan for claim holders: the task must start, not fail."""
+    from datm import artifacts
+    from datm import config as C
+    from datm.artifacts import RunDir
+    from datm.runner import build_plan
+    from datm.tasks import build_tasks, executors
+
+    cfg = C.load(write_config(tmp_path, tiny_model_dir, alma_dir, "race"))
+    plan = build_plan(cfg)
+    run = RunDir(cfg.output_dir)
+    tasks = {t.id: t for t in build_tasks(plan, run)}
+    executors.run_local(cfg, plan, [tasks["train:de-en"]])
+    adapter = run.adapter("de-en")
+    aside = tmp_path / "finished-elsewhere"
+    adapter.rename(aside)  # "another process" is still building it, and holds its claim
+    other = artifacts.try_claim(run.claim("train:de-en"), "train:de-en")
+    assert other is not None
+    real_holder = executors.holder
+    finished = []
+
+    def holder_after_the_other_finishes(lock):
+        if not finished:  # the other process finishes right now: artifact in place, claim released
+            aside.rename(adapter)
+            other.release()
+            finished.append(True)
+        return real_holder(lock)
+
+    monkeypatch.setattr(executors, "holder", holder_after_the_other_finishes)
+    executors.run_local(cfg, plan, [tasks["translate:de-en"]], poll=0.01)
+    assert finished and run.translations("de-en").hyp.is_file()

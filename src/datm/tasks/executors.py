@@ -61,7 +61,11 @@ def run_local(
                 )
                 told.add(t.id)
         else:
-            if not any(holder(run.claim(t)) is not None for t in graph):
+            # Holders first, then readiness: a holder that finishes between the two has published its
+            # artifact before releasing its claim, so the second look sees the task it unblocked.
+            running = any(holder(run.claim(t)) is not None for t in graph)
+            ready = any(all(is_done(run, graph[d]) for d in t.deps) for t in pending)
+            if not running and not ready:
                 raise TaskFailed(f"no task can start and none is running: {[t.id for t in pending]}")
             time.sleep(poll)
 
