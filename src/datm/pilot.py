@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +105,19 @@ def _shared_adapters(plans: dict) -> list[str]:
     return [a.name for a in plans["joint"].adapters if separate.get(a.name) == a.directions]
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".linking")
-    shutil.rmtree(tmp, ignore_errors=True)
-    artifacts.link_tree(src, tmp)
-    tmp.rename(dst)  # whole or absent: a kill while linking leaves only the .linking folder
+def share_adapter(separate: RunDir, joint: RunDir, name: str) -> None:
+    """Hand the separate pilot's finished adapter `name` to the joint pilot, by hard links, under the
+    joint run's claim on training it: concurrent pilots on one output_dir link it once, and a joint
+    run that started training it meanwhile is waited for."""
+    src, dst = separate.adapter(name), joint.adapter(name)
+    if not artifacts.is_done(src) or artifacts.is_done(dst):
+        return
+    with artifacts.claim(joint.claim(f"train:{name}"), f"pilot: share adapter {name}"):
+        if artifacts.is_done(dst):
+            return
+        stage = artifacts.staging_dir(dst)
+        artifacts.link_tree(src, stage)
+        artifacts.publish_dir(stage, dst)
 
 
 def settings(cfg: Config) -> dict[str, Any]:
@@ -150,11 +157,9 @@ def run_pilot(cfg: Config) -> Path:
     # A joint-run adapter that holds one direction is the separate run's adapter (same data, seed
     # and budget): trained once, hard-linked.
     plans = {role: runner.build_plan(c) for role, c in configs.items()}
+    separate, joint = RunDir(configs["separate"].output_dir), RunDir(configs["joint"].output_dir)
     for name in _shared_adapters(plans):
-        src = RunDir(configs["separate"].output_dir).adapter(name)
-        dst = RunDir(configs["joint"].output_dir).adapter(name)
-        if artifacts.is_done(src) and not dst.exists():
-            _link_tree(src, dst)
+        share_adapter(separate, joint, name)
     runner.run(configs["joint"])
     p = cfg.auto.pilot
     result = analyze.analyze(
