@@ -142,3 +142,44 @@ def test_two_process_training_resumes_after_a_kill(tmp_path, tiny_model_dir, alm
     for k in w_straight:
         assert torch.equal(w_resumed[k], w_straight[k]), k
     assert info["losses"] == info_straight["losses"]
+
+
+def test_ranks_wait_together_while_another_run_holds_the_adapter_cache_claim(
+    tmp_path, tiny_model_dir, alma_dir
+):
+    """Rank 0 waits for a cache entry another run is building; rank 1 must not sit in one barrier
+    for that long (it would hit the process group's timeout, here DATM_DIST_TIMEOUT = 5 s)."""
+    import os
+    import shutil
+
+    from datm import artifacts
+
+    cache = tmp_path / "cache"
+    first = _config(tmp_path / "a.json", tiny_model_dir, alma_dir, "a")
+    raw = json.loads(first.read_text())
+    first.write_text(json.dumps({**raw, "adapter_cache": str(cache)}))
+    _finish(_launch(first, tmp_path))
+    (key,) = [p.name for p in cache.iterdir() if not p.name.startswith(".")]
+    # Another run is building that entry right now: it holds the claim and the entry is not there.
+    shutil.move(str(cache / key), str(tmp_path / "entry"))
+    other = artifacts.try_claim(cache / ".claims" / f"{key}.lock", "another run")
+    assert other is not None
+    second = _config(tmp_path / "b.json", tiny_model_dir, alma_dir, "b")
+    second.write_text(json.dumps({**raw, "output_dir": "b", "adapter_cache": str(cache)}))
+    env = {**os.environ, "DATM_DIST_TIMEOUT": "5"}
+    with second.with_suffix(".log").open("a") as log:
+        proc = subprocess.Popen(
+            [*LAUNCH, "train", str(second)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        time.sleep(15)  # three timeouts' worth of waiting
+        assert proc.poll() is None, _log(proc)[-3000:]
+        shutil.move(str(tmp_path / "entry"), str(cache / key))  # the other run finishes its entry
+        other.release()
+        log_text = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert "in the cache" in log_text
+    reused = tmp_path / "b" / "adapters" / "multilingual" / "reused_from.json"
+    assert json.loads(reused.read_text())["key"] == key

@@ -12,12 +12,16 @@ task, so concurrent runs never train the same adapter twice.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from datm import artifacts
 from datm.config import LoraConfig, TrainConfig
+from datm.log import get_logger
+
+log = get_logger(__name__)
 
 REUSED = "reused_from.json"
 # Training settings that change where the work is saved or how often, never the adapter's numbers.
@@ -68,8 +72,30 @@ class AdapterCache:
     def entry(self, key: str) -> Path:
         return self.root / key
 
-    def claim(self, key: str, task: str) -> artifacts.Claim:
-        return artifacts.claim(self.root / ".claims" / f"{key}.lock", f"{task} (adapter cache {key})")
+    def lock(self, key: str) -> Path:
+        return self.root / ".claims" / f"{key}.lock"
+
+    def claim(self, key: str, task: str, state: Any = None, poll: float = 1.0) -> artifacts.Claim | None:
+        """Claim building entry `key`, waiting while another run builds it. Under data parallelism
+        (`state`: accelerate's, several processes) the main process claims and returns the claim, the
+        others None; every process waits in steps of `poll` seconds, each ending in a collective, so that
+        no rank sits in one barrier for as long as another run trains (the process group's timeout)."""
+        what = f"{task} (adapter cache {key})"
+        if state is None or state.num_processes == 1:
+            return artifacts.claim(self.lock(key), what)
+        from accelerate.utils import broadcast_object_list
+
+        told = False
+        while True:
+            held = artifacts.try_claim(self.lock(key), what) if state.is_main_process else None
+            (got,) = broadcast_object_list([held is not None], from_process=0)
+            if got:
+                return held
+            if state.is_main_process and not told:
+                holder = artifacts.describe_holder(artifacts.holder(self.lock(key)))
+                log.info(f"{what}: claimed by {holder}; waiting for it")
+                told = True
+            time.sleep(poll)
 
     def has(self, key: str) -> bool:
         return artifacts.is_done(self.entry(key))

@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,21 @@ def _launched_on_cpu() -> bool:
 
 def process_state() -> Any:
     """accelerate's view of the processes of this launch (rank, world size, main process).
+    DATM_DIST_TIMEOUT (seconds) sets how long a collective waits for a slow rank (torch's default: 30 min).
 
     Under torchrun or `accelerate launch --multi_gpu --num_processes N` on CPUs this is N
     processes on gloo; every caller must go through here so all agree on the world size.
     """
     from accelerate import PartialState
 
-    return PartialState(cpu=_launched_on_cpu())
+    kwargs: dict[str, Any] = {}
+    timeout = os.environ.get("DATM_DIST_TIMEOUT")
+    if timeout:
+        try:
+            kwargs["timeout"] = timedelta(seconds=float(timeout))
+        except ValueError:
+            raise TrainError(f"DATM_DIST_TIMEOUT: expected seconds, got {timeout!r}") from None
+    return PartialState(cpu=_launched_on_cpu(), **kwargs)
 
 
 def make_accelerator(grad_accum: int) -> Any:

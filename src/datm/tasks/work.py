@@ -172,8 +172,7 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
             precision=device.pick_precision(cfg.train.precision, device.current()),
             versions=artifacts.library_versions(),
         )
-    held = cache.claim(key, task.id) if cache is not None and state.is_main_process else None
-    state.wait_for_everyone()
+    held = cache.claim(key, task.id, state) if cache is not None else None
     try:
         if cache is not None and cache.has(key):
             if state.is_main_process:
