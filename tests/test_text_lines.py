@@ -22,7 +22,8 @@ def write_test_file(path: Path, rows: list[tuple[str, str]]) -> None:
     path.write_text("\n".join(recs) + "\n", encoding="utf-8")
 
 
-def zero_shot_config(tmp_path: Path, model_dir: Path, test: Path, eval_: str = "beams: 1") -> Path:
+def zero_shot_config(tmp_path: Path, model_dir: Path, test: Path, **eval_: int) -> Path:
+    settings = {"max_examples": 4, "beams": 1, "max_new_tokens": 4, "precision": "fp32", **eval_}
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
         f"""
@@ -31,7 +32,7 @@ languages: [de]
 data:
   test: {test}
 strategy: zero_shot
-eval: {{max_examples: 4, max_new_tokens: 4, precision: fp32, {eval_}}}
+eval: {json.dumps(settings)}
 output_dir: {tmp_path / "run"}
 """
     )
@@ -60,6 +61,10 @@ def test_run_scores_segments_with_line_breaks_inside_and_reruns(tmp_path, tiny_m
     assert {d: s["n"] for d, s in scores["directions"].items()} == {"de-en": 4, "en-de": 4}
     assert main(["run", str(cfg)]) == 0  # the finished translations score again
     assert json.loads((run / "scores.json").read_text())["directions"] == scores["directions"]
+    # a run whose hypotheses an older datm wrote with a raw '\r' inside scores again too
+    hyp = run / "translations" / "de-en.hyp.txt"
+    hyp.write_bytes(hyp.read_bytes().replace(b" ", b"\r", 1))
+    assert main(["run", str(cfg)]) == 0
 
 
 def test_evaluate_reads_crlf_and_keeps_other_breaks_inside_a_segment(tmp_path, capsys):
