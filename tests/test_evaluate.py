@@ -17,6 +17,7 @@ from sacrebleu.significance import PairedTest
 from datm import cli
 from datm import evaluate as E
 from datm import significance as S
+from datm.errors import DatmError
 
 SACREBLEU_CLI = Path(sys.executable).parent / "sacrebleu"
 
@@ -103,7 +104,7 @@ def test_read_lines_keeps_empty_lines_and_counts_exactly(tmp_path: Path) -> None
     path.write_bytes(b"")
     assert E.read_lines(path) == []
     path.write_bytes(b"\xff\xfe bad")
-    with pytest.raises(E.EvaluationError, match="hyp.txt: not UTF-8"):
+    with pytest.raises(DatmError, match="hyp.txt: not UTF-8"):
         E.read_lines(path)
 
 

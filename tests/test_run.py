@@ -105,7 +105,8 @@ def test_translate_command_routes_stdin(tmp_path, tiny_model_dir, alma_dir, caps
     assert main(["run", str(cfg)]) == 0
     capsys.readouterr()
     monkeypatch.setattr(
-        "sys.stdin", io.StringIO("de-en\tdie katze sieht einen hund 1\nen-ru\tmy house is big 2\n")
+        "sys.stdin",
+        io.TextIOWrapper(io.BytesIO(b"de-en\tdie katze sieht einen hund 1\nen-ru\tmy house is big 2\n")),
     )
     assert main(["translate", "--run", str(tmp_path / "tr"), "--max-new-tokens", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -92,7 +92,7 @@ def _keep_good(
 def _read_alma(
     path: Path, a: str, b: str, on_bad: str, report: ReadReport | None
 ) -> list[tuple[str, str, str]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):  # a JSON list
         try:
             records = json.loads(text)
@@ -103,7 +103,7 @@ def _read_alma(
         return _keep_good(((f"{path}[{i}]", rec) for i, rec in enumerate(records)), a, b, on_bad, report)
 
     def jsonl() -> Iterator[tuple[str, Any]]:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(split_lines(text), 1):
             if not line.strip():
                 continue
             origin = f"{path}:{lineno}"
@@ -117,7 +117,7 @@ def _read_alma(
 
 def _read_tsv(path: Path, on_bad: str, report: ReadReport | None) -> list[tuple[str, str, str]]:
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         origin = f"{path}:{lineno}"
@@ -178,7 +178,7 @@ def read_flores(root: str | Path, direction: Direction, split: str = "devtest") 
                 f"FLORES directory {root}: no {split} file for {lang} ({code}), "
                 f"expected e.g. {root}/{split}/{code}.{split}"
             )
-        sides.append((f, f.read_text(encoding="utf-8").splitlines()))
+        sides.append((f, read_lines(f)))
     (fs, src), (ft, tgt) = sides
     if len(src) != len(tgt):
         raise DataError(f"FLORES files are not aligned: {fs} has {len(src)} lines, {ft} has {len(tgt)}")
@@ -314,8 +314,56 @@ def select(pairs: list[Pair], limit: int | None, seed: int) -> list[Pair]:
     return [pairs[i] for i in sorted(idx[:limit])]
 
 
+# ----------------------------------------------------------------------------------- segment text
+#
+# datm's one line discipline for segment text (sources, references, hypotheses, dev translations,
+# `datm translate`'s input and output): one segment per line, and a line ends at '\n' (a '\r' right
+# before it, as in CRLF files, is dropped). The writer puts a space for every character that any
+# reader might take for a line break (those of str.splitlines() and universal newlines), so what datm
+# writes has one line per segment for every reader (sacrebleu's command line included); the reader
+# splits at '\n' only, so a file reads the same from a path and from stdin, and a lone '\r', form
+# feed or U+2028 stays inside its segment.
+
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_SPACES = str.maketrans(dict.fromkeys(LINE_BREAKS, " "))
+
+
 def write_text(lines: Iterable[str]) -> str:
-    return "".join(line.replace("\n", " ") + "\n" for line in lines)
+    """Segments as text, one per line: each line-break character inside a segment becomes a space."""
+    return "".join(line.translate(_SPACES) + "\n" for line in lines)
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of `text`: ended by '\n' or '\r\n' only; empty lines stay as ''; a final line
+    break ends the last line (it starts no empty one)."""
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def decode_text(raw: bytes, where: str | Path) -> str:
+    """UTF-8 bytes as text, newlines untouched; bad bytes are an error naming `where`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 file's text, newlines untouched (no universal-newline translation)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return decode_text(raw, path)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """A text file's segments, one per line (see `split_lines`)."""
+    return split_lines(read_text(path))
 
 
 # ----------------------------------------------------------------------------------- prompts

@@ -22,6 +22,7 @@ from sacrebleu.metrics.base import Metric
 
 from datm import comet as comet_env
 from datm.config import CometConfig
+from datm.data import read_lines  # datm's one reader of segment text (one per line)
 from datm.errors import DatmError
 from datm.languages import Direction, bleu_tokenizer, by_family
 
@@ -61,23 +62,6 @@ def _check_lengths(hyps: Sequence[str], refs: Sequence[str], what: str = "hypoth
         raise EvaluationError(
             f"{len(hyps)} {what} but {len(refs)} references; they must pair up line by line"
         )
-
-
-def read_lines(path: str | Path) -> list[str]:
-    """Lines of a text file, newline removed; empty lines stay as ''. Newlines are read the way the
-    sacrebleu command line reads them (\\n, \\r\\n or \\r)."""
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise EvaluationError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    if not text:
-        return []
-    lines = text.split("\n")
-    if text.endswith("\n"):
-        lines.pop()
-    return lines
 
 
 def _json_list_records(path: Path, text: str) -> list[tuple[int, Any]]:

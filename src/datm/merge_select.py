@@ -12,7 +12,9 @@ a direction without one uses a seeded held-out slice of `merge.dev_size` pairs o
 data, which training then does not use (`held_out_origins`). The test split is never read here.
 
 Everything is an artifact: a finished candidate merge (merge_adapters' DONE marker) or candidate
-translation (`translations.json`, made for a fingerprinted dev set) is reused when the task runs again.
+translation (`translations.json`, made for a fingerprinted dev set with recorded eval settings) is
+reused when the task runs again with the same dev set and settings. The selection records those
+settings too (`settings`), and a rerun that asks for others is refused (`datm.runner`).
 """
 
 from __future__ import annotations
@@ -196,6 +198,16 @@ def dev_pairs(cfg: Config, direction: L.Direction) -> tuple[str, list[data.Pair]
     return "held-out", held_out(cfg, direction)
 
 
+def chosen_with(run: RunDir, name: str) -> dict[str, Any] | None:
+    """The eval settings whose dev translations chose the finished merge `name` (None: not finished,
+    or chosen before datm recorded them)."""
+    from datm.merge.base import MERGE_INFO
+
+    if not artifacts.is_done(run.merged(name)):
+        return None
+    return artifacts.read_json(run.merged(name) / MERGE_INFO).get("selection", {}).get("settings")
+
+
 def held_out_origins(cfg: Config, plan: Any) -> frozenset[str]:
     """Where the held-out dev pairs come from ('file:line'): training skips these records, in both
     directions of their file."""
@@ -325,6 +337,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
         if not devs[d]:
             raise ConfigError(f"{cfg.source}: the dev set of {d} is empty; merge auto needs dev sentences")
     dev_fp = artifacts.fingerprint_obj({d: [p.src for p in pairs] for d, pairs in devs.items()})
+    settings = cfg.eval.decoding()  # what the dev translations are made with
     cands = config_candidates(cfg)
 
     results, prints = {}, {}
@@ -349,14 +362,16 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
         if not f.is_file():
             return None
         rec = artifacts.read_json(f)
-        return rec["hyps"] if rec.get("dev_fingerprint") == dev_fp else None
+        same = rec.get("dev_fingerprint") == dev_fp and rec.get("settings") == settings
+        return rec["hyps"] if same else None
 
     hyps = {c.name: recorded(c) for c in cands if same_as[c.name] is None}
     todo = {n: run.candidate_module(name, n) for n, h in hyps.items() if h is None}
 
     def record(n: str, h: dict[str, list[str]]) -> None:
         artifacts.atomic_write_json(
-            run.candidate(name, n) / TRANSLATIONS_FILE, {"dev_fingerprint": dev_fp, "hyps": h}
+            run.candidate(name, n) / TRANSLATIONS_FILE,
+            {"dev_fingerprint": dev_fp, "settings": settings, "hyps": h},
         )
         hyps[n] = h
 
@@ -402,6 +417,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
         },
         "candidates": [asdict(r) for r in rows],
         "chosen": best.candidate,
+        "settings": settings,
     }
     artifacts.atomic_write_json(run.candidates(name) / SELECTION_FILE, selection)
     return selection

@@ -17,7 +17,7 @@ from datm.log import get_logger
 from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters, shipped_parameters
 from datm.tasks import Task, Worker, build_tasks, execute, task_status
 from datm.tasks.graph import format_status, is_done
-from datm.tasks.work import BODIES, test_pairs, train_pairs  # noqa: F401 (their home was here)
+from datm.tasks.work import BODIES, test_pairs, test_settings, train_pairs  # noqa: F401 (their home was here)
 
 log = get_logger(__name__)
 
@@ -128,11 +128,40 @@ def _prepare(cfg: Config) -> tuple[RunDir, Plan]:
     run.root.mkdir(parents=True, exist_ok=True)
     plan = build_plan(cfg)
     _check_same(run.plan, plan.to_dict(), "plan")
-    # eval settings may change between invocations (they only affect the stages that follow), and
+    # eval settings may change between invocations until a translation is made with them (they only
+    # affect the stages that follow; `_check_made_with` holds finished ones to theirs), and
     # where the tasks run (and whether a trained adapter comes from the cache) changes nothing they produce
     ignore = ("eval", "executor", "resources", "adapter_cache")
     _check_same(run.config, cfg.to_dict(), "config", ignore=ignore)
+    _check_made_with(cfg, run, plan)
     return run, plan
+
+
+def _check_made_with(cfg: Config, run: RunDir, plan: Plan) -> None:
+    """Finished translations, and merges chosen on dev translations, are never remade nor scored under
+    other settings: refuse eval settings other than those they recorded, naming the keys."""
+    from datm.merge_select import auto_merges, chosen_with
+
+    made = [
+        (run.merged(m), "merge chosen on dev translations", chosen_with(run, m), cfg.eval.decoding())
+        for m in auto_merges(cfg, plan)
+    ]
+    for d in plan.routes:
+        files = run.translations(d)
+        if files.hyp.is_file() and files.info.is_file():
+            info = artifacts.read_json(files.info)
+            made.append((files.hyp, "translation", info.get("settings"), test_settings(cfg)))
+    for path, what, was, asked in made:
+        was = was or {}  # {}: made before datm recorded its settings
+        diff = _differences(was, asked)
+        if diff:
+            made_with = ", ".join(f"{k}={was[k]!r}" for k in diff)
+            asks = ", ".join(f"{k}={asked[k]!r}" for k in diff)
+            raise ConfigError(
+                f"{path}: a finished {what}, made with {made_with}; this config asks for {asks}. Finished "
+                "artifacts are never remade nor scored under other settings: set those back, or use a new "
+                "output_dir (or delete it to make it again)"
+            )
 
 
 def print_scores(scores: dict[str, Any]) -> None:

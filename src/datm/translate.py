@@ -228,7 +228,6 @@ def read_requests(lines: Sequence[str], pair: str | None) -> list[Request]:
     out = []
     fixed = Direction.parse(pair) if pair else None
     for n, line in enumerate(lines, 1):
-        line = line.rstrip("\n")
         if fixed is not None:
             out.append(Request(fixed, line))
             continue
@@ -272,13 +271,14 @@ def load_for_run(
 
 
 def main(args: Any) -> None:
+    from datm.data import decode_text, read_lines, split_lines, write_text  # one line discipline
+
     translator, routes, run_cfg = load_for_run(Path(args.run))
     ev = run_cfg.get("eval", {})
-    lines = (
-        sys.stdin.readlines()
-        if args.input == "-"
-        else Path(args.input).read_text(encoding="utf-8").splitlines()
-    )
+    if args.input == "-":  # the bytes, so that stdin splits exactly as a file does
+        lines = split_lines(decode_text(sys.stdin.buffer.read(), "stdin"))
+    else:
+        lines = read_lines(args.input)
     requests = read_requests(lines, args.pair)
     outs = translator.translate(
         requests,
@@ -287,7 +287,7 @@ def main(args: Any) -> None:
         max_new_tokens=args.max_new_tokens or ev.get("max_new_tokens", 128),
         batch_size=args.batch_size or ev.get("batch_size", 8),
     )
-    text = "".join(o + "\n" for o in outs)
+    text = write_text(outs)
     if args.output == "-":
         sys.stdout.write(text)
     else:

@@ -85,6 +85,11 @@ class EvalConfig:
     precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
     comet: CometConfig | None = None  # YAML: a model name/path, or {model, python, batch_size, device}
 
+    def decoding(self) -> dict[str, Any]:
+        """The settings that make hypotheses of a module's sources ('eval.KEY': value; comet only
+        scores them): a finished translation records them, and is reused only under the same."""
+        return {f"eval.{k}": getattr(self, k) for k in ("beams", "max_new_tokens", "batch_size", "precision")}
+
 
 @dataclass
 class PilotConfig:

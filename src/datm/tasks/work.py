@@ -116,6 +116,12 @@ def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
     return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
 
 
+def test_settings(cfg: Config) -> dict[str, Any]:
+    """The eval settings a run's test translations are made with (recorded in DIR.info.json): the
+    decoding, and how many test segments."""
+    return {**cfg.eval.decoding(), "eval.max_examples": cfg.eval.max_examples}
+
+
 # --- the task bodies ---------------------------------------------------------------------------------
 
 
@@ -253,7 +259,7 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
         files = run.translations(direction)
         artifacts.atomic_write_text(files.src, data.write_text(p.src for p in pairs))
         artifacts.atomic_write_text(files.ref, data.write_text(p.tgt for p in pairs))
-        artifacts.atomic_write_json(files.info, translator.last_info)
+        artifacts.atomic_write_json(files.info, {**translator.last_info, "settings": test_settings(cfg)})
         artifacts.atomic_write_text(files.hyp, data.write_text(hyps))  # last: marks the direction done
         log.info(f"translated {direction}: {len(hyps)} segments (module {module})")
     finally:
