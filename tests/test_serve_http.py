@@ -268,6 +268,22 @@ def test_loopback_host_or_a_key_passes_the_exposure_check(tmp_path, capsys, monk
     assert "--api-key" not in err and KEY not in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--max-body-bytes", "0"], "--max-body-bytes must be positive"),
+        (["--body-timeout", "-1"], "--body-timeout must be positive"),
+        (["--max-connections", "0"], "--max-connections must be positive"),
+        (["--api-key", "two words"], "must be printable ASCII without spaces"),
+        (["--api-key", ""], "must be printable ASCII without spaces"),
+    ],
+)
+def test_bad_serve_flags_are_refused_before_loading(tmp_path, capsys, flags, says):
+    assert main(["serve", str(tmp_path / "no-such-run"), "--engine", "transformers", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "two words" not in err
+
+
 @pytest.fixture(scope="module")
 def keyed_server(run_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "keyed.log"
