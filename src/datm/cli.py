@@ -260,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-ms", type=float, default=5.0, help="transformers: micro-batch window")
     s.add_argument("--kv-cache-gib", type=float, default=2.0, help="vllm on CPU: KV cache size (GiB)")
     s.add_argument("--drain-seconds", type=float, default=60.0, help="on shutdown, wait for requests")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or env DATM_API_KEY)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    s.add_argument(
+        "--body-timeout", type=float, default=10.0, help="seconds for a body to arrive (default 10)"
+    )
+    s.add_argument(
+        "--max-connections", type=int, default=256, help="beyond them a request gets 503 (default 256)"
+    )
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_cmd_serve)
 
