@@ -26,12 +26,14 @@ from typing import Any
 
 import common
 
-from datm import artifacts, runner
+from datm import artifacts
 from datm import config as C
+from datm.analysis.results import Analysis
 from datm.artifacts import RunDir
+from datm.eval.results import RunScores
 from datm.languages import FAMILIES, FAMILY_NAMES, by_family
 from datm.log import setup as setup_logging
-from datm.results import Analysis, RunScores
+from datm.run import runner
 
 LANGS = ["de", "is", "cs", "ru", "zh"]
 GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"], "cjk": ["zh"]}
@@ -278,7 +280,7 @@ def plot(p: dict[str, Any]) -> bytes:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    from datm.analyze import FAMILY_COLOURS
+    from datm.analysis.analyze import FAMILY_COLOURS
 
     fig = Figure(figsize=(6.5, 4.2), dpi=100)
     FigureCanvasAgg(fig)

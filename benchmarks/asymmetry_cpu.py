@@ -24,11 +24,12 @@ from typing import Any
 
 import common
 
-from datm import artifacts, runner
+from datm import artifacts
 from datm import config as C
 from datm.artifacts import RunDir
 from datm.languages import EN_XX, XX_EN
 from datm.log import setup as setup_logging
+from datm.run import runner
 
 ROOT = common.REPO_ROOT
 DATA = common.DATA_DIR
@@ -113,7 +114,8 @@ def main() -> int:
 
 
 def summarize(args: argparse.Namespace, work: Path, timings: dict[str, float]) -> None:
-    from datm import analyze, probe
+    from datm.analysis import analyze
+    from datm.auto import probe
 
     results = Path(args.results)
     systems = {}

@@ -73,7 +73,8 @@ def tiny_model(path: Path) -> str:
 
 def run_side(raw: dict[str, Any], executor: str, workers: int) -> dict[str, Any]:
     """One `datm run` in this (fresh) process: local with 1 torch thread, or Ray with `workers`."""
-    from datm import config, runner
+    from datm import config
+    from datm.run import runner
 
     torch.set_num_threads(1)
     cfg = config.from_dict(raw, source=f"bench_fanout ({executor})")

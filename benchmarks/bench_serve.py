@@ -44,7 +44,7 @@ TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
 def load_segments(run: Path) -> list[tuple[str, str, str]]:
     """(direction, source, reference) of every test segment the run translated."""
     from datm import artifacts
-    from datm.evaluate import read_lines
+    from datm.eval.evaluate import read_lines
 
     layout = artifacts.RunDir(run)
     plan = artifacts.read_json(layout.plan)
@@ -76,7 +76,7 @@ def run_sequential(
     """`datm translate` over the stream (fresh process): time after loading, and its outputs.
     `batch_size` replaces the run's eval batch size (the control)."""
     common.set_threads(threads)
-    from datm.translate import Request, load_for_run
+    from datm.eval.translate import Request, load_for_run
 
     translator, routes, cfg = load_for_run(Path(run))
     ev = cfg.get("eval", {})
@@ -160,7 +160,7 @@ def scores_of(
     outputs: list[str | None], stream: list[int], segments: list[tuple[str, str, str]]
 ) -> dict[str, float]:
     """Mean BLEU / chrF++ over directions, on the first answer for each segment of the stream."""
-    from datm.evaluate import score_direction
+    from datm.eval.evaluate import score_direction
 
     first: dict[int, str] = {}
     for out, seg in zip(outputs, stream, strict=True):

@@ -30,8 +30,8 @@ import common
 import torch
 
 from datm.data import alma_prompt, read_direction
+from datm.eval.translate import Request
 from datm.languages import Direction
-from datm.translate import Request
 
 HEADLINE = "translate_speedup"
 RANK, ALPHA = 16, 32
@@ -75,7 +75,7 @@ def warm_up(model: Any, tok: Any) -> None:
 
 def run_datm(requests: list[Request], spec: dict[str, Any]) -> dict[str, Any]:
     from datm import models
-    from datm.translate import Translator
+    from datm.eval.translate import Translator
 
     common.set_threads(spec["threads"])
     tok = models.load_tokenizer(spec["model_path"])

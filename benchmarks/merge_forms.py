@@ -20,11 +20,12 @@ from typing import Any
 
 import common
 
-from datm import artifacts, data, evaluate, models
+from datm import artifacts, data, models
 from datm.artifacts import RunDir
+from datm.eval import evaluate
+from datm.eval.translate import Request, Translator
 from datm.languages import Direction
 from datm.merge import merge_adapters
-from datm.translate import Request, Translator
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"]}

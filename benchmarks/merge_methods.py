@@ -29,11 +29,15 @@ from typing import Any
 
 import common
 
-from datm import artifacts, data, evaluate, merge_select, runner, significance
+from datm import artifacts, auto, data
 from datm import config as C
 from datm.artifacts import RunDir
+from datm.config import candidates
+from datm.eval import evaluate, significance
 from datm.languages import Direction
-from datm.tasks import Worker
+from datm.merge import select as merge_select
+from datm.run import runner
+from datm.run.bodies import Worker
 
 ROOT = common.REPO_ROOT
 DATA = common.DATA_DIR
@@ -53,7 +57,7 @@ def parse_ranks(spec: str, methods: list[str]) -> dict[int, list[str]]:
         except ValueError:
             raise common.BenchError(f"--ranks: expected RANK or RANK=METHOD+METHOD, got {item!r}") from None
         chosen = only.split("+") if only else methods
-        unknown = sorted(set(chosen) - set(merge_select.registered_methods()))
+        unknown = sorted(set(chosen) - set(candidates.registered_methods()))
         if unknown:
             raise common.BenchError(f"--ranks {item}: unknown merge methods {unknown}")
         out[r] = chosen
@@ -106,7 +110,7 @@ def group_of(direction: str) -> str:
     return next(g for g, members in GROUPS.items() if direction.split("-")[0] in members)
 
 
-def systems(run: RunDir, cands: list[merge_select.Candidate]) -> dict[str, dict[str, Path]]:
+def systems(run: RunDir, cands: list[candidates.Candidate]) -> dict[str, dict[str, Path]]:
     """system -> direction -> the module that serves it."""
     out = {UNMERGED: {d: run.adapter(d) for d in DIRECTIONS}}
     for c in cands:
@@ -126,7 +130,7 @@ def translate_tests(
     Each file is claimed while it is made: calls running side by side (say one per --ranks) share the
     work, a file another call is making is left to the second pass."""
     from datm import device
-    from datm.translate import Request, Translator, inference_dtype
+    from datm.eval.translate import Request, Translator, inference_dtype
 
     def path(system: str, d: str) -> Path:
         return work / f"test-{len(tests[d])}" / system / f"{d}.hyp.txt"  # keyed by the test size
@@ -198,7 +202,7 @@ def main() -> int:
     args = ap.parse_args()
     args.load_check = common.check_load(args.allow_load)
     common.set_threads(args.threads)
-    args.methods = args.methods.split(",") if args.methods else merge_select.registered_methods()
+    args.methods = args.methods.split(",") if args.methods else candidates.registered_methods()
     args.ranks = parse_ranks(args.ranks, args.methods)
     work = Path(args.work)
     # Training does not depend on the candidates (only on merge auto's held-out dev slice), so the
@@ -216,13 +220,13 @@ def main() -> int:
         runner.run(train_cfg, only=f"train:{d}")
     note(timings, "train_s", t0)
     t0 = time.perf_counter()
-    plan, worker = runner.build_plan(cfg), Worker(cfg)
+    plan, worker = auto.build_plan(cfg), Worker(cfg)
     # every candidate merged and scored on the dev set: auto's choice, as `datm run` makes it
     selections = {g: merge_select.score_candidates(cfg, plan, run, f"xx-en.{g}", worker) for g in GROUPS}
     note(timings, "merge_and_dev_s", t0)
     artifacts.atomic_write_json(timings_file, timings)
 
-    cands = merge_select.config_candidates(cfg)
+    cands = candidates.config_candidates(cfg)
     tests = {d: runner.test_pairs(cfg, Direction.parse(d)) for d in DIRECTIONS}
     t0 = time.perf_counter()
     hyps = translate_tests(cfg, worker, work, systems(run, cands), tests)
@@ -237,7 +241,7 @@ def summarize(
     args: argparse.Namespace,
     cfg: C.Config,
     run: RunDir,
-    cands: list[merge_select.Candidate],
+    cands: list[candidates.Candidate],
     tests: dict[str, list[data.Pair]],
     hyps: dict[str, dict[str, list[str]]],
     selections: dict[str, dict[str, Any]],
@@ -261,7 +265,7 @@ def summarize(
             row = {"bleu": round(s.bleu, 2), "chrf": round(s.chrf, 2)}
             if system != UNMERGED:
                 row["vs_unmerged"] = compare(hyps[UNMERGED][d], hyps[system][d], refs[d], args.samples)
-                ties = merge_select.Candidate("ties", args.density, cand.rank if cand else None).name
+                ties = candidates.Candidate("ties", args.density, cand.rank if cand else None).name
                 if ties in hyps and ties != system:
                     row["vs_ties"] = compare(hyps[ties][d], hyps[system][d], refs[d], args.samples)
             per_dir[d] = row

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from datm import artifacts
-from datm.probe import ProbeResult, auto_measurements_from_probe
+from datm.auto.probe import ProbeResult, auto_measurements_from_probe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIGNIFICANT = ("conflict", "synergy")

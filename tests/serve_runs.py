@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from datm import artifacts, models
+from datm import artifacts, auto, models
 
 LANGS = ["de", "cs", "ru"]
 GROUPS = {"germanic": ["de"], "slavic": ["cs", "ru"]}
@@ -84,12 +84,12 @@ def make_run(
     root: Path, model_dir: Path, strategy: str = "datm", form: str = "lowrank", random_adapters: bool = True
 ) -> Path:
     """A finished run directory; its adapters random (distinguishable) or trained for 3 steps."""
-    from datm import runner
+    from datm.run import runner
 
     cfg = run_config(root, model_dir, strategy, form)
     out = Path(cfg.output_dir)
     if random_adapters:
-        for seed, spec in enumerate(runner.build_plan(cfg).adapters):
+        for seed, spec in enumerate(auto.build_plan(cfg).adapters):
             random_lora(model_dir, artifacts.RunDir(out).adapter(spec.name), seed)
     runner.run(cfg)
     return out

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from datm import config as C
-from datm.adapter_cache import REUSED, adapter_key
 from datm.cli import main
+from datm.train.cache import REUSED, adapter_key
 
 
 def write_config(tmp_path: Path, model: Path, data: Path, strategy: str, out: str, cache: bool) -> Path:

@@ -10,12 +10,12 @@ import matplotlib.image
 import pytest
 from sacrebleu.metrics import BLEU, CHRF
 
-from datm.analyze import AnalysisError, analyze, classify, write_analysis
+from datm.analysis.analyze import AnalysisError, analyze, classify, write_analysis
+from datm.analysis.results import RunRef
 from datm.cli import main
 from datm.data import write_text
+from datm.eval.significance import paired_bootstrap
 from datm.plan import make_plan
-from datm.results import RunRef
-from datm.significance import paired_bootstrap
 
 LANGS = ["de", "cs"]
 GROUPS = {"g": ["de", "cs"]}

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from conftest import write_alma, write_valid
 
-from datm import analyze, models
 from datm import config as C
+from datm import models
+from datm.analysis import analyze
 from datm.cli import main
 
 

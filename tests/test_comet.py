@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from datm import cli, runner
+from datm import cli
 from datm import config as C
-from datm.comet import CometError
+from datm.eval.comet import CometError
+from datm.run import runner
 
 HERE = Path(__file__).parent
 TRIPLES = [

@@ -14,7 +14,7 @@ from processes import kill_tree
 from safetensors.torch import load_file
 
 from datm import config as C
-from datm import runner
+from datm.run import runner
 
 # The README's launch command (`accelerate launch --multi_gpu --num_processes 2 -m datm.cli ...`),
 # through this interpreter's accelerate.

@@ -68,8 +68,9 @@ def test_dev_data_that_is_the_test_split_is_refused_before_training(
 
 
 def test_a_dev_split_apart_from_the_test_split_is_accepted(tmp_path, tiny_model_dir, alma_dir):
+    from datm import auto
     from datm import config as C
-    from datm import preflight, runner
+    from datm.run import preflight
 
     for lang in ("de", "cs"):
         write_valid(alma_dir / f"valid.{lang}-en.jsonl", lang)
@@ -77,4 +78,4 @@ def test_a_dev_split_apart_from_the_test_split_is_accepted(tmp_path, tiny_model_
     pilot = C.load(_config(tmp_path, tiny_model_dir, alma_dir, valid, *PILOT))
     preflight.check_auto_data(pilot)
     merge_auto = C.load(_config(tmp_path, tiny_model_dir, alma_dir, valid, *MERGE_AUTO))
-    preflight.check_merge_dev(merge_auto, runner.build_plan(merge_auto))
+    preflight.check_merge_dev(merge_auto, auto.build_plan(merge_auto))

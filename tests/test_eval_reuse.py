@@ -10,10 +10,11 @@ import pytest
 from test_merge_select import _merge, auto_config, data_dir  # noqa: F401 (data_dir: a fixture)
 from test_text_lines import zero_shot_config
 
-from datm import artifacts, runner
+from datm import artifacts
 from datm.artifacts import RunDir
 from datm.cli import main
 from datm.config import ConfigError
+from datm.run import runner
 
 
 def test_rerun_with_other_eval_settings_is_refused_never_relabelled(
@@ -51,7 +52,7 @@ def test_merge_auto_dev_translations_are_keyed_by_eval_settings(
     data_dir,  # noqa: F811 (the fixture)
     monkeypatch,
 ):
-    from datm import translate
+    from datm.eval import translate
 
     cfg = auto_config(tmp_path, tiny_model_dir, data_dir)
     run = RunDir(cfg.output_dir)

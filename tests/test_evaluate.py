@@ -15,9 +15,9 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 from datm import cli
-from datm import evaluate as E
-from datm import significance as S
 from datm.errors import DatmError
+from datm.eval import evaluate as E
+from datm.eval import significance as S
 
 SACREBLEU_CLI = Path(sys.executable).parent / "sacrebleu"
 

@@ -11,9 +11,9 @@ from serve_runs import make_run
 
 from datm import models
 from datm.cli import main
+from datm.eval.translate import Request, Translator
 from datm.languages import Direction
 from datm.plan import BASE
-from datm.translate import Request, Translator
 
 TEXTS = {
     "de": ["die katze sieht einen hund 0", "mein haus ist gross 2"],

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from datm import models
-from datm.adapter_cache import REUSED
 from datm.cli import main
+from datm.train.cache import REUSED
 
 
 def _flip_byte(path: Path, offset: int) -> None:

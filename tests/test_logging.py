@@ -167,7 +167,8 @@ def test_a_library_user_sees_nothing_unless_logging_is_configured(tmp_path, tiny
     cfg = write_config(tmp_path, tiny_model_dir, alma_dir)
     script = f"""
 import logging, sys
-from datm import config, runner
+from datm import config
+from datm.run import runner
 from datm.log import get_logger
 cfg = config.load({str(cfg)!r})
 get_logger("datm.user").warning("silent warning")
@@ -189,4 +190,4 @@ runner.run(cfg)
     before, after = got.stdout.split("--- configured\n")
     assert "translated" not in before and "silent warning" not in got.stdout + got.stderr
     assert "direction" in before  # results are printed either way
-    assert "datm.user: loud warning" in after and "datm.tasks.work: translate:de-en: done, reused" in after
+    assert "datm.user: loud warning" in after and "datm.run.bodies: translate:de-en: done, reused" in after

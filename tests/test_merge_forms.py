@@ -11,12 +11,12 @@ from conftest import random_lora
 from safetensors.torch import load_file
 
 from datm import models
+from datm.eval.translate import Request, Translator
 from datm.languages import Direction
 from datm.merge import load_delta, merge_adapters
 from datm.merge.forms import DELTA, FORMS
 from datm.merge.methods import METHODS
 from datm.plan import BASE
-from datm.translate import Request, Translator
 
 PREFIX = "base_model.model."
 REQS = [

@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 from conftest import write_alma
 
-from datm import artifacts, data, merge_select, runner
+from datm import artifacts, auto, data
 from datm import config as C
 from datm.artifacts import RunDir
-from datm.merge_select import Candidate, Row, choose
+from datm.languages import Direction
+from datm.config.candidates import Candidate, candidates
+from datm.merge import select as merge_select
+from datm.merge.select import Row, choose
+from datm.run import describe, runner
 
 CANDIDATES = [
     {"method": "ties", "density": 0.5, "rank": 4},
@@ -68,7 +72,7 @@ def _merge(cfg: C.Config) -> None:
 
 def test_config_validates_candidates(tmp_path, tiny_model_dir, data_dir):
     cfg = auto_config(tmp_path, tiny_model_dir, data_dir)
-    assert [c.name for c in merge_select.candidates(cfg.merge)] == [
+    assert [c.name for c in candidates(cfg.merge)] == [
         "ties-d0.5-r4",
         "linear-d0.2-r4",
         "ties-d0.2-r1",
@@ -76,7 +80,7 @@ def test_config_validates_candidates(tmp_path, tiny_model_dir, data_dir):
     grid = auto_config(
         tmp_path, tiny_model_dir, data_dir, candidates={"methods": ["ties", "linear"], "ranks": [4, 8]}
     )
-    assert merge_select.candidates(grid.merge) == [
+    assert candidates(grid.merge) == [
         Candidate("ties", 0.2, 4),
         Candidate("ties", 0.2, 8),
         Candidate("linear", 0.2, 4),
@@ -90,7 +94,7 @@ def test_config_validates_candidates(tmp_path, tiny_model_dir, data_dir):
         auto_config(tmp_path, tiny_model_dir, data_dir, candidates=[])
     # None listed: the benchmark's best methods and the paper's ties, at the adapters' rank (lora.r 4)
     default = auto_config(tmp_path, tiny_model_dir, data_dir, candidates=None)
-    assert [c.name for c in merge_select.candidates(default.merge, adapter_rank=default.lora.r)] == [
+    assert [c.name for c in candidates(default.merge, adapter_rank=default.lora.r)] == [
         "iso_c-d0.2-r4",
         "core_space-d0.2-r4",
         "knots-d0.2-r4",
@@ -112,7 +116,7 @@ def test_choose_breaks_ties_by_size_then_order():
 
 
 def test_plan_says_what_auto_adds(tmp_path, tiny_model_dir, data_dir):
-    text = runner.describe_plan(auto_config(tmp_path, tiny_model_dir, data_dir))
+    text = describe.describe_plan(auto_config(tmp_path, tiny_model_dir, data_dir))
     assert "3 candidates x 1 merges = 3 candidate merges, 6 dev translations" in text
     assert "dev cs-en (xx-en.slavic): valid split" in text
     assert "dev ru-en (xx-en.slavic): no valid split: 3 training pairs held out" in text
@@ -121,9 +125,9 @@ def test_plan_says_what_auto_adds(tmp_path, tiny_model_dir, data_dir):
 def test_held_out_dev_pairs_are_not_trained_on(tmp_path, tiny_model_dir, data_dir):
     cfg = auto_config(tmp_path, tiny_model_dir, data_dir)
     runner.run(cfg, only="train:ru-en")
-    held = merge_select.held_out(cfg, data.Direction.parse("ru-en"))
+    held = merge_select.held_out(cfg, Direction.parse("ru-en"))
     assert len(held) == 3
-    every = data.read_direction(cfg.data.train, data.Direction.parse("ru-en"))
+    every = data.read_direction(cfg.data.train, Direction.parse("ru-en"))
     kept = [p for p in every if p not in held]
     info = artifacts.read_json(RunDir(cfg.output_dir).adapter("ru-en") / "train_info.json")
     assert info["data_fingerprint"] == artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in kept)
@@ -131,7 +135,7 @@ def test_held_out_dev_pairs_are_not_trained_on(tmp_path, tiny_model_dir, data_di
     # cs has a valid split: nothing of its training data is held out
     assert not any(
         o.startswith(str(data_dir / "train.cs-en"))
-        for o in merge_select.held_out_origins(cfg, runner.build_plan(cfg))
+        for o in merge_select.held_out_origins(cfg, auto.build_plan(cfg))
     )
 
 
@@ -155,7 +159,7 @@ def test_auto_picks_the_best_on_dev_never_reads_test_and_resumes(
         for n in reversed(list(hyps))
         if n != first["chosen"] and hyps[n]["hyps"]["cs-en"] != hyps[first["chosen"]]["hyps"]["cs-en"]
     )
-    src = [p.src for p in data.read_direction(cfg.data.valid, data.Direction.parse("cs-en"))][:3]
+    src = [p.src for p in data.read_direction(cfg.data.valid, Direction.parse("cs-en"))][:3]
     lines = [
         json.dumps({"translation": {"cs": s, "en": h}})
         for s, h in zip(src, hyps[target]["hyps"]["cs-en"], strict=True)
@@ -166,7 +170,7 @@ def test_auto_picks_the_best_on_dev_never_reads_test_and_resumes(
     # not change), only the scores are new.
     shutil.rmtree(run.merged("xx-en.slavic"))
     built = {c: (cands / c / "module" / artifacts.DONE).stat().st_mtime_ns for c in hyps}
-    from datm import translate
+    from datm.eval import translate
 
     monkeypatch.setattr(translate.Translator, "translate", lambda *a, **k: pytest.fail("re-translated"))
     _merge(cfg)
@@ -199,7 +203,7 @@ def test_a_killed_candidate_scoring_keeps_the_dev_translations_it_finished(
 ):
     """Dev translations are the long part of merge auto: each candidate's is kept as it finishes, so a
     merge task killed between candidates translates only the rest when it runs again."""
-    from datm import translate
+    from datm.eval import translate
 
     cfg = auto_config(tmp_path, tiny_model_dir, data_dir)
     run = RunDir(cfg.output_dir)

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from datm.languages import XALMA_GROUPS, resolve_groups
-from datm.plan import BASE, Plan, format_plan, make_plan, shipped_parameters
+from datm.plan import BASE, Plan, make_plan, shipped_parameters
+from datm.run.describe import format_plan
 
 LANGS = ["de", "is", "cs", "ru", "zh"]
 GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"], "cjk": ["zh"]}
@@ -116,7 +117,7 @@ def test_bad_groups_and_languages():
 
 
 def test_shipped_size_follows_the_merge_form():
-    from datm.plan import merged_module_parameters
+    from datm.merge.forms import merged_module_parameters
 
     p = make_plan("datm", LANGS, GROUPS)
     low = merged_module_parameters(p, "lowrank", 10, 1000, 0.2)

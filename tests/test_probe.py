@@ -12,11 +12,7 @@ import pytest
 import torch
 
 from datm import data, models
-from datm.cli import main
-from datm.config import LoraConfig
-from datm.languages import Direction
-from datm.plan import MeasurementsRequired, auto_plan, make_plan
-from datm.probe import (
+from datm.auto.probe import (
     ProbeError,
     ProbeResult,
     auto_measurements_from_probe,
@@ -25,6 +21,10 @@ from datm.probe import (
     probe,
     write_probe,
 )
+from datm.cli import main
+from datm.config import LoraConfig
+from datm.languages import Direction
+from datm.plan import MeasurementsRequired, auto_plan, make_plan
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.1)
 

@@ -14,7 +14,7 @@ from datm import config as C
 def _pilot_runs(tmp_path: Path, model: Path, data: Path) -> tuple[C.Config, dict[str, C.Config]]:
     from test_auto import config_text
 
-    from datm.pilot import ROLES, pilot_config
+    from datm.auto.pilot import ROLES, pilot_config
 
     for lang in ("de", "cs", "ru"):
         write_valid(data / f"valid.{lang}-en.jsonl", lang)
@@ -30,8 +30,9 @@ def test_two_pilots_sharing_an_adapter_link_it_once_and_neither_fails(
 ):
     """Two `auto` runs on one output_dir both hand the separate pilot's de-en adapter to the joint
     pilot. The second starts while the first is linking: it must wait for it, not collide."""
-    from datm import pilot, runner
     from datm.artifacts import RunDir
+    from datm.auto import pilot
+    from datm.run import runner
 
     cfg, configs = _pilot_runs(tmp_path, tiny_model_dir, alma_dir)
     runner.run(configs["separate"], only="train:de-en")

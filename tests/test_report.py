@@ -11,9 +11,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from datm import cli, report
-from datm import evaluate as E
+from datm import cli
+from datm.analysis import report
 from datm.artifacts import atomic_write_json
+from datm.eval import evaluate as E
 
 DIRECTIONS = ["de-en", "cs-en", "en-de", "en-cs"]
 WORDS = {

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from test_significance import write_run
 
-from datm import evaluate as E
-from datm.analyze import analyze, write_analysis
+from datm.analysis.analyze import analyze, write_analysis
+from datm.analysis.results import Analysis
+from datm.eval import evaluate as E
+from datm.eval.results import BootstrapResult, ResultsError, RunScores
+from datm.eval.significance import paired_bootstrap
 from datm.languages import FAMILIES, FAMILY_NAMES, by_family
-from datm.results import Analysis, BootstrapResult, ResultsError, RunScores
-from datm.significance import paired_bootstrap
 
 
 def _scores_json() -> dict:

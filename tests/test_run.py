@@ -128,7 +128,7 @@ def test_run_auto_probes_then_plans_from_measurements(tmp_path, tiny_model_dir, 
 
 
 def test_config_check_tolerates_new_settings_but_not_changes():
-    from datm.runner import _differences
+    from datm.run.runner import _differences
 
     old = {"data": {"train": "a"}, "train": {"steps": 3}}
     assert _differences(old, {"data": {"train": "a", "test_split": None}, "train": {"steps": 3}}) == []

@@ -9,10 +9,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from datm.analyze import analyze
+from datm.analysis.analyze import analyze
 from datm.data import write_text
+from datm.eval.significance import paired_bootstrap
 from datm.plan import make_plan
-from datm.significance import paired_bootstrap
 
 PINS = json.loads((Path(__file__).parent / "data" / "bootstrap_pins.json").read_text(encoding="utf-8"))
 WORDS = "the cat sat on a mat while dog ran to house in garden near old tree".split()

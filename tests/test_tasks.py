@@ -120,13 +120,13 @@ def test_two_concurrent_runs_build_every_artifact_once(tmp_path, tiny_model_dir,
 
 STOP_AT_CHECKPOINT = """
 import pathlib, sys, time
-import datm.train as T
-save = T._save_checkpoint
+import datm.train.loop as T
+save = T.save_checkpoint
 def save_then_hang(*args, **kw):
     save(*args, **kw)
     pathlib.Path(sys.argv[1]).write_text("checkpointed")
     time.sleep(600)
-T._save_checkpoint = save_then_hang
+T.save_checkpoint = save_then_hang
 from datm.cli import main
 main(sys.argv[2:])
 """
@@ -187,7 +187,7 @@ def test_xalma50_example_plans_the_papers_run_from_a_config_only_base(capsys):
 def test_worker_keeps_one_model_converting_for_inference_and_reloading_for_training(tmp_path, tiny_model_dir):
     """A Ray worker may translate (bf16) and then train (fp32): it must not train on bf16 weights."""
     from datm import config as C
-    from datm.tasks import Worker
+    from datm.run.bodies import Worker
 
     cfg = C.from_dict(
         {"languages": ["de"], "data": {}, "train": {"steps": 1}, "base_model": str(tiny_model_dir)}
@@ -208,9 +208,9 @@ def test_local_executor_runs_part_of_the_graph_whose_needs_are_done(tmp_path, ti
     """As the main process does after data-parallel training: the merge's trains are not in its list."""
     from datm import config as C
     from datm.artifacts import RunDir
-    from datm.runner import build_plan
-    from datm.tasks import build_tasks
-    from datm.tasks.executors import TaskFailed, run_local
+    from datm.auto import build_plan
+    from datm.run.executors import TaskFailed, run_local
+    from datm.run.graph import build_tasks
 
     cfg = C.load(write_config(tmp_path, tiny_model_dir, alma_dir, "part"))
     plan = build_plan(cfg)
@@ -230,8 +230,9 @@ def test_a_dependency_finished_by_another_process_during_the_scan_is_not_a_deadl
     from datm import artifacts
     from datm import config as C
     from datm.artifacts import RunDir
-    from datm.runner import build_plan
-    from datm.tasks import build_tasks, executors
+    from datm.auto import build_plan
+    from datm.run import executors
+    from datm.run.graph import build_tasks
 
     cfg = C.load(write_config(tmp_path, tiny_model_dir, alma_dir, "race"))
     plan = build_plan(cfg)

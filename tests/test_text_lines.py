@@ -40,7 +40,7 @@ output_dir: {tmp_path / "run"}
 
 
 def test_run_scores_segments_with_line_breaks_inside_and_reruns(tmp_path, tiny_model_dir, monkeypatch):
-    from datm.translate import Translator
+    from datm.eval.translate import Translator
 
     rows = [(f"die katze {h} {i}", f"the cat {h} {i}") for i, h in enumerate(HOSTILE)]
     for d in ("de-en", "en-de"):
@@ -89,7 +89,7 @@ class EchoTranslator:
 @pytest.mark.parametrize("pair", [None, "de-en"])
 def test_translate_splits_a_file_and_stdin_alike(tmp_path, monkeypatch, capsys, pair):
     echo = EchoTranslator()
-    monkeypatch.setattr("datm.translate.load_for_run", lambda run: (echo, {}, {}))
+    monkeypatch.setattr("datm.eval.translate.load_for_run", lambda run: (echo, {}, {}))
     head = "" if pair else "de-en\t"
     raw = "".join(f"{head}{h}\r\n" for h in HOSTILE).encode() + f"{head}last".encode()
     src = tmp_path / "in.txt"
@@ -109,7 +109,7 @@ def test_translate_splits_a_file_and_stdin_alike(tmp_path, monkeypatch, capsys, 
 
 
 def test_translate_input_not_utf8_names_the_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("datm.translate.load_for_run", lambda run: (EchoTranslator(), {}, {}))
+    monkeypatch.setattr("datm.eval.translate.load_for_run", lambda run: (EchoTranslator(), {}, {}))
     src = tmp_path / "latin1.txt"
     src.write_bytes(b"de-en\tgr\xfcn\n")
     assert main(["translate", "--run", str(tmp_path), "--input", str(src)]) == 2

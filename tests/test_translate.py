@@ -5,10 +5,10 @@ import torch
 from conftest import random_lora
 
 from datm import models
+from datm.eval.translate import Request, Translator, newline_token_ids, read_requests
 from datm.languages import Direction
 from datm.merge import merge_adapters
 from datm.plan import BASE
-from datm.translate import Request, Translator, newline_token_ids, read_requests
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ def _load(args: argparse.Namespace):  # -> datm.config.Config
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from datm import auto, runner
+    from datm import auto
+    from datm.run import describe
 
     cfg = _load(args)
     if cfg.strategy == "auto" and not args.json:
@@ -34,12 +35,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if not auto.measurements_path(cfg).is_file():
             print(f"no measurements yet ({auto.measurements_path(cfg)}): {auto.SOURCES[cfg.auto.source].how}")
             return 0
-    print(runner.describe_plan(cfg, as_json=args.json))
+    print(describe.describe_plan(cfg, as_json=args.json))
     return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from datm import analyze
+    from datm.analysis import analyze
 
     result = analyze.analyze(
         Path(args.separate),
@@ -58,7 +59,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from datm import config as C
-    from datm import probe
+    from datm.auto import probe
 
     cfg = C.load(args.config)
     out = Path(args.out) if args.out else probe.default_probe_path(cfg).parent
@@ -69,7 +70,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from datm import runner
+    from datm.run import runner
 
     cfg = _load(args)
     runner.run(cfg, executor=args.executor, address=args.address, only=args.only)
@@ -78,14 +79,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from datm import config as C
-    from datm import runner
+    from datm.run import describe
 
-    print(runner.describe_tasks(C.load(args.config), as_json=args.json))
+    print(describe.describe_tasks(C.load(args.config), as_json=args.json))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from datm import runner
+    from datm.run import runner
 
     cfg = _load(args)
     runner.train_only(cfg, only=args.adapter)
@@ -108,26 +109,26 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
-    from datm import translate
+    from datm.eval import translate
 
     translate.main(args)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from datm import evaluate
+    from datm.eval import evaluate
 
     return evaluate.main(args)
 
 
 def _cmd_comet_env(args: argparse.Namespace) -> int:
-    from datm import comet
+    from datm.eval import comet
 
     return comet.main_env(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from datm import report
+    from datm.analysis import report
 
     out = report.write_report([Path(r) for r in args.runs], Path(args.out), baseline=args.baseline)
     print(f"report written: {out}")

@@ -166,7 +166,8 @@ def main(args: Any) -> int:
         info = dry_run(args, langs)
         print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else _describe(info))
         return 0
-    from datm import report, runner
+    from datm.analysis import report
+    from datm.run import runner
 
     out = Path(args.out).resolve()
     t0 = time.perf_counter()

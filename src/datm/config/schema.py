@@ -60,7 +60,7 @@ class MergeConfig:
     form: str = "lowrank"  # lowrank | factor | dense | sparse
     weights: list[float] | None = None
     # method auto: [{method, density, rank}, ...] or a grid {methods, densities, ranks}; unset:
-    # iso_c, core_space, knots and ties at merge.rank or the adapters' rank (merge_select.DEFAULT_METHODS)
+    # iso_c, core_space, knots and ties at merge.rank or the adapters' rank (candidates.DEFAULT_METHODS)
     candidates: list[dict[str, Any]] | dict[str, Any] | None = None
     select_on: str = "valid"  # auto chooses on the dev set (data.valid, or held-out training pairs)
     dev_size: int = 200  # auto: dev sentences per direction (and the held-out slice's size)

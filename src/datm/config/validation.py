@@ -1,4 +1,8 @@
-"""Every setting checked when a config loads, before a model is: errors name the key."""
+"""Every setting checked when a config loads, before a model is: errors name the key.
+
+Values only: names are checked against `datm.config.names`, and what needs the plan (merge weights
+per merge, a training budget where the plan trains) is checked by `datm.plan.validate` once the plan
+is built."""
 
 from __future__ import annotations
 
@@ -7,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datm.config import candidates, names
 from datm.config.schema import Config, ConfigError
 
 
 def validate(cfg: Config) -> None:
-    from datm.plan import STRATEGIES  # local: plan imports config types only at type-check time
-
     s = cfg.source
     if not isinstance(cfg.languages, list):
         raise ConfigError(f"{s}: 'languages' must be a list of codes")
@@ -20,8 +23,10 @@ def validate(cfg: Config) -> None:
         cfg.resolved_groups()
     except ValueError as e:
         raise ConfigError(f"{s}: {e}") from None
-    if cfg.strategy not in STRATEGIES:
-        raise ConfigError(f"{s}: strategy {cfg.strategy!r} unknown; expected one of {sorted(STRATEGIES)}")
+    if cfg.strategy not in names.STRATEGIES:
+        raise ConfigError(
+            f"{s}: strategy {cfg.strategy!r} unknown; expected one of {sorted(names.STRATEGIES)}"
+        )
     if cfg.prompt not in ("alma", "chat"):
         raise ConfigError(f"{s}: prompt must be 'alma' or 'chat', got {cfg.prompt!r}")
     if cfg.data.on_bad_record not in ("error", "skip"):
@@ -31,7 +36,7 @@ def validate(cfg: Config) -> None:
     _validate_numbers(cfg)
     validate_auto(cfg)
     t = cfg.train
-    if t.steps is None and t.epochs is None and _trains(cfg):
+    if cfg.strategy not in names.UNTRAINED_STRATEGIES and t.steps is None and t.epochs is None:
         raise ConfigError(
             f"{s}: train: give 'steps' (per adapter) or 'epochs' (passes over each adapter's data)"
         )
@@ -42,13 +47,11 @@ def validate(cfg: Config) -> None:
     for section, value in (("train", t.precision), ("eval", cfg.eval.precision)):
         if value not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{s}: {section}.precision must be auto, bf16 or fp32, got {value!r}")
-    m = cfg.merge
-    from datm import merge_select  # local: it imports this module
-    from datm.merge.forms import FORMS
-
-    merge_select.validate(cfg)  # the method against the merge registry, and auto's keys
-    if m.form not in FORMS:
-        raise ConfigError(f"{s}: merge.form must be one of {', '.join(FORMS)}, got {m.form!r}")
+    candidates.validate(cfg)  # the merge method, and merge auto's keys
+    if cfg.merge.form not in names.MERGE_FORMS:
+        raise ConfigError(
+            f"{s}: merge.form must be one of {', '.join(names.MERGE_FORMS)}, got {cfg.merge.form!r}"
+        )
     validate_scaleout(cfg)
 
 
@@ -58,19 +61,18 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "max_retries")
 
 def validate_scaleout(cfg: Config) -> None:
     """The executor, its resources per task kind, and the training options for GPUs."""
-    from datm.tasks.executors import EXECUTORS  # local: the executors import config types
-    from datm.tasks.graph import KINDS
-
     s = cfg.source
-    if cfg.executor not in EXECUTORS:
-        raise ConfigError(f"{s}: executor must be one of {sorted(EXECUTORS)}, got {cfg.executor!r}")
+    if cfg.executor not in names.EXECUTORS:
+        raise ConfigError(f"{s}: executor must be one of {sorted(names.EXECUTORS)}, got {cfg.executor!r}")
     if not isinstance(cfg.resources, dict):
         raise ConfigError(
             f"{s}: resources: expected a mapping of task kind to resources, e.g. {{train: {{num_gpus: 1}}}}"
         )
     for kind, res in cfg.resources.items():
-        if kind not in KINDS:
-            raise ConfigError(f"{s}: resources.{kind}: unknown task kind; expected some of {list(KINDS)}")
+        if kind not in names.TASK_KINDS:
+            raise ConfigError(
+                f"{s}: resources.{kind}: unknown task kind; expected some of {list(names.TASK_KINDS)}"
+            )
         if not isinstance(res, dict):
             raise ConfigError(f"{s}: resources.{kind}: expected a mapping such as {{num_gpus: 1}}")
         for key, value in res.items():
@@ -186,7 +188,6 @@ def _validate_numbers(cfg: Config) -> None:
             raise ConfigError(f"{s}: merge.weights[{i}] must be {MERGE_WEIGHT.describe()}, got {w!r}")
     if sum(weights) <= 0:
         raise ConfigError(f"{s}: merge.weights must not all be 0, got {weights}")
-    check_merge_weights(cfg, _planned_merges(cfg))
 
 
 def check_merge_weights(cfg: Config, merges: dict[str, int]) -> None:
@@ -202,32 +203,11 @@ def check_merge_weights(cfg: Config, merges: dict[str, int]) -> None:
         )
 
 
-def _planned_merges(cfg: Config) -> dict[str, int]:
-    """Merge name -> number of sources of the config's plan (none known before `auto` measures)."""
-    from datm.plan import make_plan
-
-    if cfg.strategy == "auto":
-        return {}  # checked when the auto plan is built
-    plan = make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
-    return {m.name: len(m.sources) for m in plan.merges}
-
-
-def _trains(cfg: Config) -> bool:
-    """Whether the config's plan trains anything (zero_shot does not, so it needs no train budget)."""
-    from datm.plan import make_plan
-
-    if cfg.strategy == "auto":
-        return True
-    return bool(make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method).adapters)
-
-
 def validate_auto(cfg: Config) -> None:
     """The `auto` section: its source, and what that source needs (read only by strategy auto)."""
-    from datm.auto import SOURCES  # local: datm.auto imports this module
-
     s, a = cfg.source, cfg.auto
-    if not isinstance(a.source, str) or a.source not in SOURCES:
-        raise ConfigError(f"{s}: auto.source must be one of {sorted(SOURCES)}, got {a.source!r}")
+    if not isinstance(a.source, str) or a.source not in names.AUTO_SOURCES:
+        raise ConfigError(f"{s}: auto.source must be one of {sorted(names.AUTO_SOURCES)}, got {a.source!r}")
     if a.pilot.metric not in ("chrf", "bleu"):
         raise ConfigError(f"{s}: auto.pilot.metric must be 'chrf' or 'bleu', got {a.pilot.metric!r}")
     if a.measurements is not None and a.source != "file":

@@ -23,6 +23,7 @@ from datm.merge.base import (
     MERGE_INFO,
     MergeError,
 )
+from datm.plan import Plan
 
 if TYPE_CHECKING:
     import torch
@@ -361,3 +362,15 @@ class SparseForm(DeltaForm):
 
     def bytes(self, params: int, value_bytes: int) -> int:
         return params * (value_bytes + INDEX_BYTES)
+
+
+def merged_module_parameters(
+    plan: Plan, form: str, lowrank_params: int, dense_params: int, density: float
+) -> dict[str, int]:
+    """Stored parameters of each merged module of a plan under a merge form (a form
+    whose size is known only after merging, as sparse, gives an upper bound)."""
+    merge_form = get_form(form)
+    return {
+        m.name: merge_form.parameters(lowrank_params, dense_params, density, len(m.sources))
+        for m in plan.merges
+    }

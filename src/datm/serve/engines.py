@@ -100,7 +100,7 @@ class TransformersEngine(Engine):
         self.translator: Any = None
 
     async def start(self) -> None:
-        from datm.translate import load_for_run
+        from datm.eval.translate import load_for_run
 
         translator, routes, _ = load_for_run(self.run.run_dir)
         if routes != self.run.routes:  # both come from plan.json; a change under a live server is a bug
@@ -112,7 +112,7 @@ class TransformersEngine(Engine):
         self._worker = asyncio.get_running_loop().create_task(self._batches())
 
     async def translate(self, direction: Direction, texts: list[str], prompts: list[list[int]]) -> list[str]:
-        from datm.translate import Request
+        from datm.eval.translate import Request
 
         assert self._queue is not None, "start() first"
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
@@ -221,7 +221,7 @@ class VllmEngine(Engine):
 
         from datm import models
         from datm.data import PromptFormat
-        from datm.translate import inference_dtype, newline_token_ids
+        from datm.eval.translate import inference_dtype, newline_token_ids
 
         base = self.run.base_model()
         self.tokenizer = models.load_tokenizer(base)

@@ -57,8 +57,8 @@ class ServedRun:
     @classmethod
     def load(cls, run_dir: str | Path) -> ServedRun:
         from datm.artifacts import RunDir
-        from datm.tasks.work import module_dirs
-        from datm.translate import module_kind
+        from datm.eval.translate import module_kind
+        from datm.run.bodies import module_dirs
 
         run_dir = Path(run_dir)
         run = RunDir(run_dir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,23 +145,25 @@ def check_current(cfg: Config, analysis: dict[str, Any], path: Path) -> None:
         )
 
 
-def run_pilot(cfg: Config) -> Path:
-    """Run (or resume) the pilot and write its analysis; returns analysis.json's path."""
-    from datm import analyze, runner
+def run_pilot(cfg: Config, run: Callable[[Config], object]) -> Path:
+    """Run (or resume) the pilot and write its analysis; returns analysis.json's path. `run` runs
+    one of its two runs (`datm.run.runner.run`)."""
+    from datm.analysis import analyze
 
     target = analysis_path(cfg)
     if target.is_file():
         return target
     log.info(describe(cfg))
     configs = {role: pilot_config(cfg, role) for role in ROLES}
-    runner.run(configs["separate"])
+    run(configs["separate"])
     # A joint-run adapter that holds one direction is the separate run's adapter (same data, seed
     # and budget): trained once, hard-linked.
-    plans = {role: runner.build_plan(c) for role, c in configs.items()}
+    groups = cfg.resolved_groups()
+    plans = {role: make_plan(c.strategy, c.languages, groups, c.merge.method) for role, c in configs.items()}
     separate, joint = RunDir(configs["separate"].output_dir), RunDir(configs["joint"].output_dir)
     for name in _shared_adapters(plans):
         share_adapter(separate, joint, name)
-    runner.run(configs["joint"])
+    run(configs["joint"])
     p = cfg.auto.pilot
     result = analyze.analyze(
         Path(configs["separate"].output_dir),

@@ -20,10 +20,10 @@ import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.metrics.base import Metric
 
-from datm import comet as comet_env
 from datm.config import CometConfig
 from datm.data import read_lines  # datm's one reader of segment text (one per line)
 from datm.errors import DatmError
+from datm.eval import comet as comet_env
 from datm.languages import Direction, bleu_tokenizer, by_family
 
 

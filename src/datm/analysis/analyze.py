@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 
 from datm import artifacts
+from datm.analysis.results import Analysis, DeltaRow, FamilyDelta, MergeDegradation, RunRef
 from datm.artifacts import RunDir
 from datm.errors import DatmError
-from datm.evaluate import read_lines, score_bleu, score_chrf
+from datm.eval.evaluate import read_lines, score_bleu, score_chrf
+from datm.eval.results import BootstrapResult
+from datm.eval.significance import Paired, interval, resample
 from datm.languages import EN_XX, FAMILIES, FAMILY_NAMES, XX_EN, Direction, by_family
 from datm.plan import Plan
-from datm.results import Analysis, BootstrapResult, DeltaRow, FamilyDelta, MergeDegradation, RunRef
-from datm.significance import Paired, interval, resample
 
 FAMILY_COLOURS = {XX_EN: "tab:blue", EN_XX: "tab:orange"}
 METRICS = ("chrf", "bleu")

@@ -19,7 +19,6 @@ settings too (`settings`), and a rerun that asks for others is refused (`datm.ru
 
 from __future__ import annotations
 
-import itertools
 import random
 import shutil
 from collections.abc import Callable, Iterable
@@ -30,119 +29,11 @@ from typing import Any
 from datm import artifacts, data
 from datm import languages as L
 from datm.artifacts import RunDir
-from datm.config import Config, ConfigError, MergeConfig
+from datm.config import Config, ConfigError
+from datm.config.candidates import AUTO, Candidate, config_candidates
 
-AUTO = "auto"
-SELECT_ON = ("valid",)
-CANDIDATE_KEYS = ("method", "density", "rank")
-GRID_KEYS = ("methods", "densities", "ranks")
 SELECTION_FILE = "selection.json"
 TRANSLATIONS_FILE = "translations.json"
-# merge auto's candidates when the config lists none: at the adapters' rank (one adapter's size per
-# group, DATM's parameter budget), the methods that did best in benchmarks/results/merge_methods.md
-# (iso_c, core_space, knots: +1.25, +0.42, +0.37 mean chrF++ vs the unmerged adapters at rank 16;
-# ties -0.78), and ties, the paper's.
-DEFAULT_METHODS = ("iso_c", "core_space", "knots", "ties")
-EXAMPLE = "e.g. [{method: ties, density: 0.2, rank: 16}] or {methods: [ties, linear], ranks: [16, 64]}"
-
-
-@dataclass(frozen=True)
-class Candidate:
-    method: str
-    density: float
-    rank: int | None  # None: the sources' rank (merge_adapters' default)
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}-d{self.density:g}-r{self.rank if self.rank is not None else 'src'}"
-
-
-def registered_methods() -> list[str]:
-    """The merge methods `merge_adapters` knows (its registry): the one list names are checked against."""
-    from datm import merge
-
-    return list(merge.METHODS)
-
-
-# --- config ------------------------------------------------------------------------------------------
-
-
-def candidates(m: MergeConfig, where: str = "merge", adapter_rank: int | None = None) -> list[Candidate]:
-    """The candidates of `merge.candidates` (a list of {method, density, rank}, or a grid of
-    {methods, densities, ranks}); an unset density or rank is merge.density / merge.rank. Duplicates
-    are dropped (the first one stays). Unset: DEFAULT_METHODS at merge.rank, else `adapter_rank`."""
-    raw = m.candidates
-    if raw is None:
-        rank = m.rank if m.rank is not None else adapter_rank
-        raw = {"methods": list(DEFAULT_METHODS), "ranks": [rank] if rank is not None else None}
-    if isinstance(raw, dict):
-        unknown = sorted(set(raw) - set(GRID_KEYS))
-        if unknown or "methods" not in raw:
-            raise ConfigError(f"{where}.candidates: a grid needs 'methods' and may have {list(GRID_KEYS)}")
-        grid = {k: raw.get(k) for k in GRID_KEYS}
-        for k, v in grid.items():
-            if v is not None and (not isinstance(v, list) or not v):
-                raise ConfigError(f"{where}.candidates.{k}: expected a non-empty list, got {v!r}")
-        rows = [
-            {"method": a, "density": b, "rank": c}
-            for a, b, c in itertools.product(
-                grid["methods"], grid["densities"] or [m.density], grid["ranks"] or [m.rank]
-            )
-        ]
-    elif isinstance(raw, list) and raw:
-        rows = raw
-    else:
-        raise ConfigError(f"{where}.candidates: method auto needs a non-empty list of candidates, {EXAMPLE}")
-    out: list[Candidate] = []
-    for i, row in enumerate(rows):
-        at = f"{where}.candidates[{i}]"
-        if not isinstance(row, dict) or "method" not in row or set(row) - set(CANDIDATE_KEYS):
-            raise ConfigError(
-                f"{at}: expected a mapping with 'method' and optional 'density', 'rank'; got {row!r}"
-            )
-        cand = Candidate(row["method"], row.get("density", m.density), row.get("rank", m.rank))
-        _check_candidate(cand, at)
-        if cand not in out:
-            out.append(cand)
-    return out
-
-
-def config_candidates(cfg: Config) -> list[Candidate]:
-    """A run's candidates: `candidates` of its merge config, unset ranks defaulting to the adapters'."""
-    return candidates(cfg.merge, f"{cfg.source}: merge", cfg.lora.r)
-
-
-def _check_candidate(c: Candidate, at: str) -> None:
-    methods = registered_methods()
-    if c.method not in methods:
-        raise ConfigError(f"{at}.method: unknown merge method {c.method!r}; registered: {', '.join(methods)}")
-    d = c.density
-    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
-        raise ConfigError(f"{at}.density: expected a number in (0, 1], got {d!r}")
-    if c.rank is not None and (isinstance(c.rank, bool) or not isinstance(c.rank, int) or c.rank < 1):
-        raise ConfigError(f"{at}.rank: expected an integer >= 1 (or null: the sources' rank), got {c.rank!r}")
-
-
-def validate(cfg: Config) -> None:
-    """The merge method (a registered one, or auto) and auto's keys; called by config.validate."""
-    s, m = cfg.source, cfg.merge
-    methods = registered_methods()
-    if m.method != AUTO and m.method not in methods:
-        raise ConfigError(
-            f"{s}: merge.method: unknown merge method {m.method!r}; "
-            f"expected auto or one of {', '.join(methods)}"
-        )
-    if m.method != AUTO:
-        if m.candidates is not None:
-            raise ConfigError(f"{s}: merge.candidates is for merge.method: auto (got method {m.method!r})")
-        return
-    config_candidates(cfg)
-    if m.select_on not in SELECT_ON:
-        raise ConfigError(f"{s}: merge.select_on must be one of {list(SELECT_ON)}, got {m.select_on!r}")
-    n = m.dev_size
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"{s}: merge.dev_size must be an integer >= 1, got {n!r}")
-    # that data.valid holds no test pairs is checked before the run trains (preflight.check_merge_dev)
 
 
 # --- dev sets ----------------------------------------------------------------------------------------
@@ -286,7 +177,7 @@ def _translate(
     from peft import PeftModel
 
     from datm import device
-    from datm.translate import Request, Translator, inference_dtype
+    from datm.eval.translate import Request, Translator, inference_dtype
 
     model = worker.model(inference_dtype(cfg.eval.precision, device.current()))
     translator = Translator(model, worker.tokenizer, modules, cfg.prompt)
@@ -325,7 +216,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
     """Merge `name` with every candidate of `cfg.merge` and score each on the dev set (finished
     merges and dev translations are reused); the selection table and choice, also written to
     `run.candidates(name)/selection.json`. Publishes nothing."""
-    from datm import evaluate
+    from datm.eval import evaluate
     from datm.merge import merge_adapters
 
     spec = next(m for m in plan.merges if m.name == name)

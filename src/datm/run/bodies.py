@@ -19,7 +19,7 @@ from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.log import get_logger
 from datm.plan import BASE, Plan
-from datm.tasks.graph import ALWAYS_RUN, Task, is_done
+from datm.run.graph import ALWAYS_RUN, Task, is_done
 
 log = get_logger(__name__)
 
@@ -107,7 +107,7 @@ def train_pairs(
 def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
     if not cfg.data.test:
         raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
-    from datm import preflight
+    from datm.run import preflight
 
     fmt, split = preflight.eval_split(cfg, cfg.data.test, direction)
     got = data.read_direction(
@@ -126,9 +126,9 @@ def test_settings(cfg: Config) -> dict[str, Any]:
 
 
 def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
-    from datm.adapter_cache import AdapterCache, adapter_key
-    from datm.merge_select import held_out_origins
+    from datm.merge.select import held_out_origins
     from datm.train import process_state, train_adapter
+    from datm.train.cache import AdapterCache, adapter_key
 
     spec = next(a for a in plan.adapters if a.name == task.name)
     fmt = data.PromptFormat(worker.tokenizer, cfg.prompt)
@@ -208,7 +208,7 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
 
 def merge_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
     from datm.merge import merge_adapters
-    from datm.merge_select import AUTO, select_merge
+    from datm.merge.select import AUTO, select_merge
 
     spec = next(m for m in plan.merges if m.name == task.name)
     if spec.method == AUTO:
@@ -239,7 +239,7 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
     """One direction, through the one module its route names (mixed-batch code path as serving)."""
     from peft import PeftModel
 
-    from datm.translate import Request, Translator, inference_dtype
+    from datm.eval.translate import Request, Translator, inference_dtype
 
     direction = L.Direction.parse(task.name)
     module = plan.routes[task.name]
@@ -268,7 +268,7 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
 
 
 def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> dict[str, Any]:
-    from datm import comet, evaluate
+    from datm.eval import comet, evaluate
 
     texts: dict[str, comet.Texts] = {}
     for d in plan.directions():
@@ -311,7 +311,7 @@ def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: W
 
 
 def write_report(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
-    from datm import report
+    from datm.analysis import report
 
     report.run_report(run.root)
 

@@ -21,12 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datm import artifacts
-from datm.config import Config, ConfigError, check_merge_weights
+from datm.config import Config, ConfigError
 from datm.errors import DatmError
 from datm.log import get_logger
-from datm.plan import Plan, auto_plan
+from datm.plan import Plan, auto_plan, make_plan, validate
 
 log = get_logger(__name__)
+
+
+# What runs a run's config (`datm.run.runner.run`, handed down by the runner: the pilot's trainings
+# are ordinary runs, and this package sits below the run layer).
+Runner = Callable[[Config], object]
 
 
 class MeasurementsMissing(DatmError):
@@ -37,39 +42,39 @@ class MeasurementsMissing(DatmError):
 class Source:
     name: str
     path: Callable[[Config], Path]  # where the source's measurements are
-    measure: Callable[[Config], object] | None  # takes them (None: the user supplies the file)
+    measure: Callable[[Config, Runner], object] | None  # takes them (None: the user supplies the file)
     describe: Callable[[Config], str]  # what it measures and what that costs
     how: str  # how a user takes the measurements
 
 
 def _probe_path(cfg: Config) -> Path:
-    from datm.probe import default_probe_path
+    from datm.auto.probe import default_probe_path
 
     return default_probe_path(cfg)
 
 
-def _probe_measure(cfg: Config) -> object:
-    from datm import probe
+def _probe_measure(cfg: Config, run: Runner) -> object:
+    from datm.auto import probe
 
     log.info("strategy auto: measuring gradient similarity first (datm probe)")
     return probe.probe_config(cfg, _probe_path(cfg).parent, cfg.auto.probe_examples)
 
 
-def _pilot_measure(cfg: Config) -> object:
-    from datm import pilot
+def _pilot_measure(cfg: Config, run: Runner) -> object:
+    from datm.auto import pilot
 
     log.info("strategy auto: running the pilot first")
-    return pilot.run_pilot(cfg)
+    return pilot.run_pilot(cfg, run)
 
 
 def _pilot_path(cfg: Config) -> Path:
-    from datm import pilot
+    from datm.auto import pilot
 
     return pilot.analysis_path(cfg)
 
 
 def _pilot_describe(cfg: Config) -> str:
-    from datm import pilot
+    from datm.auto import pilot
 
     return pilot.describe(cfg)
 
@@ -112,24 +117,26 @@ def describe(cfg: Config) -> str:
     return f"auto: source {a.source}, threshold {a.threshold:g}: {SOURCES[a.source].describe(cfg)}"
 
 
-def ensure_measurements(cfg: Config) -> None:
-    """Take the config's measurements when strategy auto has none yet (the pilot or the probe),
-    after checking that every data file the whole run may read is there."""
+def needs_measurements(cfg: Config) -> bool:
+    """Whether strategy auto has yet to take its measurements (the pilot or the probe)."""
     if cfg.strategy != "auto" or measurements_path(cfg).is_file():
-        return
-    source = SOURCES[cfg.auto.source]
-    if source.measure is None:
+        return False
+    if SOURCES[cfg.auto.source].measure is None:
         raise ConfigError(f"{cfg.source}: auto.measurements: file {measurements_path(cfg)} does not exist")
-    from datm import preflight
+    return True
 
-    preflight.check_auto_data(cfg)
-    source.measure(cfg)
+
+def measure(cfg: Config, run: Runner) -> None:
+    """Take the config's measurements; `run` runs a run's config (the pilot's trainings)."""
+    measure_with = SOURCES[cfg.auto.source].measure
+    assert measure_with is not None, "needs_measurements() first"
+    measure_with(cfg, run)
 
 
 def measurements_from_file(path: str | Path, groups: dict[str, list[str]]) -> tuple[dict[str, float], str]:
     """Measurements and their kind ("probe" or "pilot") from a probe.json (`datm probe`) or an
     analysis.json (`datm analyze`, or a pilot's: per direction Δ = joint − separate)."""
-    from datm.probe import ProbeError, auto_measurements_from_probe
+    from datm.auto.probe import ProbeError, auto_measurements_from_probe
 
     path = Path(path)
     if not path.is_file():
@@ -148,6 +155,17 @@ def measurements_from_file(path: str | Path, groups: dict[str, list[str]]) -> tu
 
 
 def build_plan(cfg: Config) -> Plan:
+    """The one plan builder of every command: the strategy's plan (`auto`: from the measurements its
+    config names), checked against the config (`datm.plan.validate`)."""
+    if cfg.strategy == "auto":
+        plan = _auto_plan(cfg)
+    else:
+        plan = make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
+    validate(cfg, plan)
+    return plan
+
+
+def _auto_plan(cfg: Config) -> Plan:
     """The auto plan of a config, from the measurements its `auto` section names."""
     path = measurements_path(cfg)
     if not path.is_file():
@@ -156,7 +174,7 @@ def build_plan(cfg: Config) -> Plan:
             f"{SOURCES[cfg.auto.source].how}"
         )
     if cfg.auto.source == "pilot":
-        from datm import pilot
+        from datm.auto import pilot
 
         pilot.check_current(cfg, artifacts.read_json(path), path)
     groups = cfg.resolved_groups()
@@ -165,7 +183,6 @@ def build_plan(cfg: Config) -> Plan:
         plan = auto_plan(cfg.languages, groups, measurements, cfg.auto.threshold, kind, cfg.merge.method)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
-    check_merge_weights(cfg, {m.name: len(m.sources) for m in plan.merges})
     plan.decided_by = {
         "source": cfg.auto.source,
         "kind": kind,
@@ -182,7 +199,9 @@ __all__ = [
     "MeasurementsMissing",
     "build_plan",
     "describe",
-    "ensure_measurements",
+    "Runner",
+    "measure",
+    "needs_measurements",
     "measurements_from_file",
     "measurements_path",
 ]

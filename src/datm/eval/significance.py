@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datm.evaluate import EvaluationError, make_metric
-from datm.results import BootstrapResult
+from datm.eval.evaluate import EvaluationError, make_metric
+from datm.eval.results import BootstrapResult
 
 DEFAULT_SEED = 12345
 

@@ -22,8 +22,8 @@ from datm.errors import DatmError
 from datm.log import configured_level, get_logger
 from datm.log import setup as setup_logging
 from datm.plan import Plan
-from datm.tasks.graph import Task, build_tasks, is_done
-from datm.tasks.work import Worker, execute
+from datm.run.bodies import Worker, execute
+from datm.run.graph import Task, build_tasks, is_done
 
 log = get_logger(__name__)
 

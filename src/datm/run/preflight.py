@@ -85,7 +85,7 @@ def check_dev_not_test(cfg: Config, dev: dict[str, list[data.Pair]], who: str) -
 
 def check_merge_dev(cfg: Config, plan: Plan) -> None:
     """`merge: auto` chooses on data.valid where a direction has it: never on test pairs."""
-    from datm import merge_select
+    from datm.merge import select as merge_select
 
     dev = {
         d: merge_select.dev_pairs(cfg, L.Direction.parse(d))[1]
@@ -103,7 +103,7 @@ def check_auto_data(cfg: Config) -> None:
     check_train(cfg, [str(d) for d in directions])
     check_eval(cfg, directions, cfg.data.test)
     if cfg.auto.source == "pilot":
-        from datm.pilot import pilot_config
+        from datm.auto.pilot import pilot_config
 
         dev = pilot_config(cfg, "separate")  # reads data.valid as its test split
         check_eval(dev, directions, dev.data.test, key="valid")

@@ -6,92 +6,21 @@ The run directory's layout is `datm.artifacts.RunDir`; the tasks and executors a
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, auto, models, preflight
+from datm import artifacts, auto
 from datm.artifacts import RunDir
+from datm.auto import build_plan
 from datm.config import Config, ConfigError
 from datm.log import get_logger
-from datm.plan import BASE, Plan, format_plan, make_plan, merged_module_parameters, shipped_parameters
-from datm.tasks import Task, Worker, build_tasks, execute, task_status
-from datm.tasks.graph import format_status, is_done
-from datm.tasks.work import BODIES, test_pairs, test_settings, train_pairs  # noqa: F401 (their home was here)
+from datm.plan import BASE, Plan
+from datm.run import preflight
+from datm.run.bodies import BODIES, Worker, execute, test_pairs, test_settings, train_pairs  # noqa: F401 (their home was here)
+from datm.run.describe import format_plan
+from datm.run.graph import Task, build_tasks, is_done
 
 log = get_logger(__name__)
-
-
-def build_plan(cfg: Config) -> Plan:
-    """The one plan builder of every command (`auto`: from the measurements its config names)."""
-    if cfg.strategy == "auto":
-        return auto.build_plan(cfg)
-    return make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
-
-
-def describe_plan(cfg: Config, as_json: bool = False) -> str:
-    import json
-
-    plan = build_plan(cfg)
-    if as_json:
-        return json.dumps(plan.to_dict(), indent=2)
-    base_params = module_params = None
-    merge_params: dict[str, int] = {}
-    try:
-        meta = models.meta_model(models.resolve(cfg.base_model))
-        base_params = sum(p.numel() for p in meta.parameters())
-        module_params = models.lora_parameter_count(meta, cfg.lora.r, cfg.lora.target_modules)
-        rank = cfg.merge.rank or cfg.lora.r
-        merge_params = merged_module_parameters(
-            plan,
-            cfg.merge.form,
-            models.lora_parameter_count(meta, rank, cfg.lora.target_modules),
-            models.linear_parameter_count(meta, cfg.lora.target_modules),
-            cfg.merge.density,
-        )
-    except Exception as e:  # counting is informative only; the plan itself is still valid
-        log.warning(f"(parameter counts unavailable: {e})")
-    text = format_plan(plan, base_params, module_params, merge_params, cfg.merge.form)
-    from datm.merge_select import describe as describe_selection
-
-    text += "".join(f"\n{line}" for line in describe_selection(cfg, plan))  # merge: auto's extra work
-    kinds = Counter(t.kind for t in build_tasks(plan, RunDir(cfg.output_dir)))
-    text += f"\ntasks: {sum(kinds.values())} = " + ", ".join(f"{n} {k}" for k, n in kinds.items())
-    if base_params is not None and module_params is not None:
-        total = shipped_parameters(plan, base_params, module_params, merge_params)
-        text += "".join(
-            f"\n{line}" for line in paper_comparison(plan, cfg, base_params, module_params, total)
-        )
-    return text
-
-
-# Parameters shipped at X-ALMA's setting (its 49 languages and 8 groups, a 13B Llama-2 base), as
-# published: Zheng et al. (2025) compare DATM's 17B with X-ALMA's 29B.
-PAPER_SHIPPED = {"datm": 17e9, "group": 29e9}
-XALMA_MODULES = 8  # X-ALMA ships one module per group
-
-
-def paper_comparison(plan: Plan, cfg: Config, base: int, module: int, total: int) -> list[str]:
-    """datm's count next to the paper's, where the plan is the paper's setting."""
-    from datm.languages import XALMA_GROUPS
-
-    xalma_langs = sorted(x for members in XALMA_GROUPS.values() for x in members)
-    if sorted(plan.languages) != xalma_langs or plan.groups != XALMA_GROUPS or not 12e9 < base < 14e9:
-        return []
-    per_rank = module / cfg.lora.r  # a LoRA's size grows linearly with its rank
-    r_datm = (PAPER_SHIPPED["datm"] - base) / 16 / per_rank
-    xalma_module = (PAPER_SHIPPED["group"] - base) / XALMA_MODULES
-    return [
-        "paper (Zheng et al. 2025; X-ALMA's 50 languages, 13B base): DATM 17B vs X-ALMA 29B shipped",
-        f"datm ({plan.strategy}): {total / 1e9:.2f}B = base {base / 1e9:.2f}B + {len(plan.shipped)} modules "
-        f"x {module / 1e6:.1f}M (LoRA r={cfg.lora.r}, {cfg.lora.target_modules})",
-        f"  a module is r x {per_rank / 1e6:.2f}M parameters on this base: the paper's 17B = base + 16 "
-        "modules "
-        f"means r ~ {r_datm:.0f}; X-ALMA's 29B = base + {XALMA_MODULES} group modules of "
-        f"~{xalma_module / 1e9:.1f}B (r ~ {xalma_module / per_rank:.0f} by the same count). DATM ships twice "
-        "as many modules, each a fraction of the size; with another lora.r, datm's count is "
-        f"base + {len(plan.shipped)} x r x {per_rank / 1e6:.2f}M.",
-    ]
 
 
 def _check_same(path: Path, new: dict[str, Any], what: str, ignore: tuple[str, ...] = ()) -> None:
@@ -140,7 +69,7 @@ def _prepare(cfg: Config) -> tuple[RunDir, Plan]:
 def _check_made_with(cfg: Config, run: RunDir, plan: Plan) -> None:
     """Finished translations, and merges chosen on dev translations, are never remade nor scored under
     other settings: refuse eval settings other than those they recorded, naming the keys."""
-    from datm.merge_select import auto_merges, chosen_with
+    from datm.merge.select import auto_merges, chosen_with
 
     made = [
         (run.merged(m), "merge chosen on dev translations", chosen_with(run, m), cfg.eval.decoding())
@@ -177,7 +106,7 @@ def run(
     cfg: Config, executor: str | None = None, address: str | None = None, only: str | None = None
 ) -> dict[str, Any]:
     """Every task of the config's plan (or, with `only`, one task), on the chosen executor."""
-    from datm.tasks.executors import EXECUTORS, REQUIREMENTS
+    from datm.run.executors import EXECUTORS, REQUIREMENTS
 
     name = executor or cfg.executor
     if name not in EXECUTORS:
@@ -185,7 +114,7 @@ def run(
     if name in REQUIREMENTS and only is None:
         REQUIREMENTS[name]()
     if cfg.eval.comet is not None:
-        from datm import comet
+        from datm.eval import comet
 
         comet.check(cfg.eval.comet)  # COMET's environment and model, before hours of training
     run_dir, plan = _start(cfg)
@@ -225,19 +154,6 @@ def run_one(cfg: Config, plan: Plan, tasks: list[Task], task_id: str) -> str:
     return execute(cfg, plan, task, Worker(cfg))
 
 
-def describe_tasks(cfg: Config, as_json: bool = False) -> str:
-    """The task graph with each task's status, as a table or as JSON (for job arrays)."""
-    import json
-
-    plan = build_plan(cfg)
-    run_dir = RunDir(cfg.output_dir)
-    rows = task_status(run_dir, build_tasks(plan, run_dir))
-    if as_json:
-        doc = {"config": cfg.source, "output_dir": str(run_dir.root), "executor": cfg.executor, "tasks": rows}
-        return json.dumps(doc, indent=2)
-    return format_status(rows)
-
-
 def _train_all_processes(cfg: Config, plan: Plan, tasks: list[Task]) -> None:
     """Data-parallel training: the main process claims each adapter, then all processes train it
     together (or all skip it, when it turned out done)."""
@@ -267,7 +183,9 @@ def _start(cfg: Config) -> tuple[RunDir, Plan]:
     from datm.train import process_state
 
     with process_state().main_process_first():
-        auto.ensure_measurements(cfg)  # strategy auto: the pilot (or the probe) first
+        if auto.needs_measurements(cfg):  # strategy auto: the pilot (or the probe) first
+            preflight.check_auto_data(cfg)  # every file the measurement and the run after it read
+            auto.measure(cfg, run)
         return _prepare(cfg)
 
 
@@ -284,7 +202,7 @@ def _is_main_process() -> bool:
 
 
 def train_only(cfg: Config, only: list[str] | None = None) -> None:
-    from datm.tasks.executors import run_local
+    from datm.run.executors import run_local
 
     run_dir, plan = _start(cfg)
     unknown = sorted(set(only or []) - {a.name for a in plan.adapters})
@@ -300,4 +218,4 @@ def train_only(cfg: Config, only: list[str] | None = None) -> None:
         run_local(cfg, plan, tasks)
 
 
-__all__ = ["BASE", "run", "run_one", "train_only", "describe_plan", "describe_tasks", "build_plan"]
+__all__ = ["BASE", "run", "run_one", "train_only"]

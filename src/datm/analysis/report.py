@@ -24,10 +24,10 @@ from matplotlib.figure import Figure
 from datm import artifacts
 from datm.artifacts import RunDir
 from datm.errors import DatmError
-from datm.evaluate import read_lines
+from datm.eval.evaluate import read_lines
+from datm.eval.results import BootstrapResult, ResultsError, RunScores
+from datm.eval.significance import DEFAULT_SEED, Paired, Statistics
 from datm.languages import FAMILIES, FAMILY_NAMES, XX_EN, Direction
-from datm.results import BootstrapResult, ResultsError, RunScores
-from datm.significance import DEFAULT_SEED, Paired, Statistics
 
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF++", "comet": "COMET"}
 DECIMALS = {"bleu": 2, "chrf": 2, "comet": 4}
@@ -414,7 +414,7 @@ def run_report(run_dir: Path) -> Path:
     data = build_tables([run])
     pngs = _write_plots(data, run_dir, ("bleu", "chrf"))
     files = {m: f"{m}_by_direction.png" for m in pngs}
-    from datm.merge_select import report_section
+    from datm.merge.select import report_section
 
     text = render_markdown(data, f"datm run: {run.label}", files)
     selection = report_section(run_dir)  # merges chosen on the dev set (merge: auto), if any

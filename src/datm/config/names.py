@@ -1,0 +1,37 @@
+"""The names a config may use for what higher stages register: strategies, merge methods and forms,
+executors, task kinds and auto's measurement sources.
+
+A config is checked when it loads, before any stage is imported, so it reads these plain lists; each
+registry (`datm.plan.STRATEGIES`, `datm.merge.METHODS`, `datm.merge.forms.FORMS`,
+`datm.run.executors.EXECUTORS`, `datm.run.graph.KINDS`, `datm.auto.SOURCES`) is built from them and
+refuses a name missing here, and a test holds each registry equal to its list.
+"""
+
+from __future__ import annotations
+
+STRATEGIES = (
+    "zero_shot",
+    "multilingual",
+    "separate",
+    "group",
+    "group_family",
+    "dat",
+    "datm",
+    "separate_merged",
+    "auto",
+)
+# Strategies whose plan trains no adapter (every other one needs a training budget).
+UNTRAINED_STRATEGIES = ("zero_shot",)
+MERGE_METHODS = ("ties", "linear", "cat", "dare_ties", "knots", "tsv", "iso_c", "core_space")
+MERGE_AUTO = "auto"  # merge.method: choose among candidates on the dev set
+MERGE_FORMS = ("lowrank", "factor", "dense", "sparse")
+EXECUTORS = ("local", "ray")
+TASK_KINDS = ("train", "merge", "translate", "score", "report")
+AUTO_SOURCES = ("pilot", "probe", "file")
+
+
+def check_registry(kind: str, names: tuple[str, ...], registered: object) -> None:
+    """A registry's keys are exactly its names here (in order): a stage cannot drift from the config."""
+    keys = tuple(registered)  # type: ignore[call-overload]
+    if keys != names:
+        raise AssertionError(f"{kind} registry {keys} differs from datm.config.names {names}")
