@@ -12,8 +12,8 @@ from conftest import write_alma
 from datm import artifacts, auto, data
 from datm import config as C
 from datm.artifacts import RunDir
-from datm.languages import Direction
 from datm.config.candidates import Candidate, candidates
+from datm.languages import Direction
 from datm.merge import select as merge_select
 from datm.merge.select import Row, choose
 from datm.run import describe, runner
