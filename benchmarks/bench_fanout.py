@@ -88,7 +88,9 @@ def run_side(raw: dict[str, Any], executor: str, workers: int) -> dict[str, Any]
     finally:
         if executor == "ray":
             ray.shutdown()
-    return {"seconds": time.perf_counter() - start, "directions": scores["directions"]}
+    assert scores is not None
+    directions = {d: s.to_dict() for d, s in scores.directions.items()}
+    return {"seconds": time.perf_counter() - start, "directions": directions}
 
 
 def artifact_bytes(out: Path) -> dict[str, bytes]:

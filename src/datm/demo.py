@@ -16,6 +16,7 @@ from typing import Any
 from datm import artifacts
 from datm import languages as L
 from datm.errors import DatmError
+from datm.eval.results import RunScores
 from datm.log import get_logger
 
 log = get_logger(__name__)
@@ -125,33 +126,33 @@ def dry_run(args: Any, langs: list[str]) -> dict[str, Any]:
     }
 
 
-def _table(scores: dict[str, dict[str, Any]]) -> str:
+def _table(scores: dict[str, RunScores]) -> str:
     names = list(scores)
-    dirs = list(next(iter(scores.values()))["directions"])
+    dirs = list(next(iter(scores.values())).directions)
     head = f"{'direction':<10}" + "".join(f"{n[:14] + ' BLEU':>20}{'chrF++':>8}" for n in names)
     lines = [head, "-" * len(head)]
     for d in dirs:
         row = f"{d:<10}"
         for n in names:
-            s = scores[n]["directions"][d]
-            row += f"{s['bleu']:>20.1f}{s['chrf']:>8.1f}"
+            s = scores[n].directions[d]
+            row += f"{s.bleu:>20.1f}{s.chrf:>8.1f}"
         lines.append(row)
     lines.append("-" * len(head))
     for fam in L.FAMILIES:
         row = f"{'avg ' + fam:<10}"
         for n in names:
-            a = scores[n]["averages"][fam]
+            a = scores[n].averages[fam]
             row += f"{a['bleu']:>20.1f}{a['chrf']:>8.1f}"
         lines.append(row)
     return "\n".join(lines)
 
 
-def _asymmetry(scores: dict[str, dict[str, Any]]) -> str:
+def _asymmetry(scores: dict[str, RunScores]) -> str:
     """Joint (multilingual) minus direction-aware (DATM), per family: the paper's asymmetry."""
-    joint, dam = scores["multilingual"]["directions"], scores["datm"]["directions"]
+    joint, dam = scores["multilingual"].directions, scores["datm"].directions
     lines = ["multilingual − DATM (chrF++): negative = conflict in joint training"]
     for fam, ds in L.by_family(joint).items():
-        deltas = [joint[d]["chrf"] - dam[d]["chrf"] for d in ds]
+        deltas = [joint[d].chrf - dam[d].chrf for d in ds]
         per = ", ".join(f"{d} {x:+.1f}" for d, x in zip(ds, deltas, strict=True))
         lines.append(f"  {fam}: mean {sum(deltas) / len(deltas):+.2f}   ({per})")
     return "\n".join(lines)
@@ -172,10 +173,12 @@ def main(args: Any) -> int:
     out = Path(args.out).resolve()
     t0 = time.perf_counter()
     train, test = write_data(out / "data", langs)
-    scores = {}
+    scores: dict[str, RunScores] = {}
     for strategy in strategies(args.compare):
         log.info(f"\n=== {strategy} ===")
-        scores[strategy] = runner.run(demo_config(args, out, strategy, langs, train, test))
+        result = runner.run(demo_config(args, out, strategy, langs, train, test))
+        assert result is not None  # one process, the whole plan
+        scores[strategy] = result
     runs = [out / s for s in scores]
     path = report.write_report(runs, out / "report", baseline=out / "zero_shot")
     print("\n" + _table(scores))

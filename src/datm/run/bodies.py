@@ -17,6 +17,7 @@ from datm import artifacts, data, device, models
 from datm import languages as L
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
+from datm.eval.results import RunScores
 from datm.log import get_logger
 from datm.plan import BASE, Plan
 from datm.run.graph import ALWAYS_RUN, Task, is_done
@@ -267,7 +268,9 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
             translator.model.unload()  # give the shared base model back without adapters
 
 
-def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> dict[str, Any]:
+def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> RunScores:
+    """Every direction's hypotheses scored against its references: the run's `RunScores`, written
+    to scores.json with what made them (config, seed, model and module fingerprints, versions)."""
     from datm.eval import comet, evaluate
 
     texts: dict[str, comet.Texts] = {}
@@ -278,20 +281,15 @@ def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: W
     rows, comet_provenance = evaluate.score_directions(
         texts, {str(d): d.tgt for d in plan.directions()}, cfg.eval.comet
     )
-    directions: dict[str, Any] = {}
     signatures: dict[str, str] = {}
     for d in plan.directions():
-        row = rows[str(d)].to_dict()
-        t = texts[str(d)]
-        row["test_fingerprint"] = artifacts.fingerprint_texts(list(t.srcs) + list(t.refs))
-        directions[str(d)] = row
         sigs = rows[str(d)].signatures
         signatures.update({f"{k}:{d.tgt}" if k == "bleu" else k: v for k, v in sigs.items()})
-    scores = {
-        "directions": directions,
-        "averages": evaluate.averages(directions),
-        "signatures": signatures,
-        "provenance": {
+    scores = RunScores(
+        directions={str(d): rows[str(d)] for d in plan.directions()},
+        averages=evaluate.averages({d: r.to_dict() for d, r in rows.items()}),
+        signatures=signatures,
+        provenance={
             "strategy": plan.strategy,
             "config": cfg.to_dict(),
             "seed": cfg.train.seed,
@@ -305,8 +303,11 @@ def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: W
             **({"comet": comet_provenance} if comet_provenance else {}),
             "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
-    }
-    artifacts.atomic_write_json(run.scores, scores)
+        test_fingerprints={
+            d: artifacts.fingerprint_texts(list(t.srcs) + list(t.refs)) for d, t in texts.items()
+        },
+    )
+    artifacts.atomic_write_json(run.scores, scores.to_json())
     return scores
 
 

@@ -13,6 +13,7 @@ from datm import artifacts, auto
 from datm.artifacts import RunDir
 from datm.auto import build_plan
 from datm.config import Config, ConfigError
+from datm.eval.results import RunScores
 from datm.log import get_logger
 from datm.plan import BASE, Plan
 from datm.run import preflight
@@ -93,19 +94,20 @@ def _check_made_with(cfg: Config, run: RunDir, plan: Plan) -> None:
             )
 
 
-def print_scores(scores: dict[str, Any]) -> None:
+def print_scores(scores: RunScores) -> None:
     """The score table: `run`'s result, printed (not logged: `--quiet` keeps it)."""
     print(f"\n{'direction':<10} {'BLEU':>7} {'chrF++':>7}")
-    for d, s in scores["directions"].items():
-        print(f"{d:<10} {s['bleu']:>7.2f} {s['chrf']:>7.2f}")
-    for fam, s in scores["averages"].items():
-        print(f"{'avg ' + fam:<10} {s['bleu']:>7.2f} {s['chrf']:>7.2f}")
+    for d, s in scores.directions.items():
+        print(f"{d:<10} {s.bleu:>7.2f} {s.chrf:>7.2f}")
+    for fam, a in scores.averages.items():
+        print(f"{'avg ' + fam:<10} {a['bleu']:>7.2f} {a['chrf']:>7.2f}")
 
 
 def run(
     cfg: Config, executor: str | None = None, address: str | None = None, only: str | None = None
-) -> dict[str, Any]:
-    """Every task of the config's plan (or, with `only`, one task), on the chosen executor."""
+) -> RunScores | None:
+    """Every task of the config's plan (or, with `only`, one task), on the chosen executor: the
+    run's scores (None for `only`, and on the processes of a launch other than the main one)."""
     from datm.run.executors import EXECUTORS, REQUIREMENTS
 
     name = executor or cfg.executor
@@ -123,7 +125,7 @@ def run(
     tasks = build_tasks(plan, run_dir)
     if only is not None:
         run_one(cfg, plan, tasks, only)
-        return {}
+        return None
     if _is_main_process():
         log.info(format_plan(plan))
     if _num_processes() > 1:  # `accelerate launch`: every process trains; the main one does the rest
@@ -131,10 +133,10 @@ def run(
             raise ConfigError(f"executor {name!r} cannot run under accelerate launch; use executor local")
         _train_all_processes(cfg, plan, [t for t in tasks if t.kind == "train"])
         if not _is_main_process():
-            return {}
+            return None
         tasks = [t for t in tasks if t.kind != "train"]
     EXECUTORS[name](cfg, plan, tasks, address=address)
-    scores = artifacts.read_json(run_dir.scores)
+    scores = RunScores.from_json(artifacts.read_json(run_dir.scores), run_dir.scores)
     print_scores(scores)
     print(f"\nresults: {run_dir.scores}   report: {run_dir.report}")
     return scores
