@@ -155,3 +155,28 @@ def test_training_strategy_without_budget_is_still_refused():
 def test_missing_config_file_says_it_does_not_exist(tmp_path: Path):
     with pytest.raises(C.ConfigError, match="does not exist"):
         C.load(tmp_path / "nope.yaml")
+
+
+def test_every_registry_holds_exactly_the_names_the_config_accepts():
+    """The config checks names against datm.config.names before any stage is imported; each stage's
+    registry must hold exactly those (a method added to the registry but not the list, or the other
+    way round, would be refused at load or accepted and then fail)."""
+    from datm.auto import SOURCES
+    from datm.config import names
+    from datm.merge import METHODS
+    from datm.merge.forms import FORMS
+    from datm.plan import STRATEGIES
+    from datm.run.executors import EXECUTORS
+    from datm.run.graph import KINDS
+
+    for listed, registry in [
+        (names.STRATEGIES, STRATEGIES),
+        (names.MERGE_METHODS, METHODS),
+        (names.MERGE_FORMS, FORMS),
+        (names.EXECUTORS, EXECUTORS),
+        (names.TASK_KINDS, KINDS),
+        (names.AUTO_SOURCES, SOURCES),
+    ]:
+        assert tuple(registry) == listed
+    with pytest.raises(AssertionError, match="differs from datm.config.names"):
+        names.check_registry("strategy", names.STRATEGIES, {**STRATEGIES, "extra": None})

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datm import artifacts
-from datm.config import Config, ConfigError
+from datm.config import Config, ConfigError, names
 from datm.errors import DatmError
 from datm.log import get_logger
 from datm.plan import Plan, auto_plan, make_plan, validate
@@ -105,6 +105,7 @@ SOURCES: dict[str, Source] = {
         "give an existing probe.json or analysis.json as auto.measurements",
     ),
 }
+names.check_registry("auto source", names.AUTO_SOURCES, SOURCES)
 
 
 def measurements_path(cfg: Config) -> Path:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from datm.config import names
 from datm.errors import DatmError
 from datm.languages import EN_XX, ENGLISH, XX_EN, Direction, directions_for
 
@@ -292,6 +293,7 @@ STRATEGIES: dict[str, Callable[[list[str], dict[str, list[str]], str], Plan]] = 
     # raises MeasurementsRequired; auto_plan builds it.
     "auto": _auto_without_measurements,
 }
+names.check_registry("strategy", names.STRATEGIES, STRATEGIES)
 
 
 def make_plan(

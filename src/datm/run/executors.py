@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from datm.artifacts import RunDir, describe_holder, holder
-from datm.config import Config
+from datm.config import Config, names
 from datm.errors import DatmError
 from datm.log import configured_level, get_logger
 from datm.log import setup as setup_logging
@@ -166,5 +166,6 @@ def run_ray(cfg: Config, plan: Plan, tasks: list[Task], address: str | None = No
 
 
 EXECUTORS: dict[str, Callable[..., None]] = {"local": run_local, "ray": run_ray}
+names.check_registry("executor", names.EXECUTORS, EXECUTORS)
 # What each executor needs installed, checked before any work starts.
 REQUIREMENTS: dict[str, Callable[[], Any]] = {"ray": ray_module}

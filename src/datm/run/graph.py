@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from datm import artifacts
 from datm.artifacts import RunDir
+from datm.config import names
 from datm.plan import BASE, Plan
-
-# In the order a single process runs them.
-KINDS = ("train", "merge", "translate", "score", "report")
-# Tasks that run again on every `datm run` (cheap; eval settings may have changed since).
-ALWAYS_RUN = frozenset({"score", "report"})
 
 
 @dataclass(frozen=True)
@@ -28,6 +25,31 @@ class Task:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, **asdict(self), "deps": list(self.deps), "outputs": list(self.outputs)}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of task: how to tell that its artifact is complete on disk (whoever built it), and
+    whether it runs again on every `datm run` (cheap; eval settings may have changed since)."""
+
+    done: Callable[[RunDir, Task], bool]
+    always_run: bool = False
+
+
+def _output_written(run: RunDir, task: Task) -> bool:
+    return (run.root / task.outputs[0]).is_file()
+
+
+# In the order a single process runs them.
+KINDS: dict[str, Kind] = {
+    "train": Kind(lambda run, t: artifacts.is_done(run.adapter(t.name))),
+    "merge": Kind(lambda run, t: artifacts.is_done(run.merged(t.name))),
+    "translate": Kind(lambda run, t: run.translations(t.name).hyp.is_file()),  # written last
+    "score": Kind(_output_written, always_run=True),
+    "report": Kind(_output_written, always_run=True),
+}
+names.check_registry("task kind", names.TASK_KINDS, KINDS)
+ALWAYS_RUN = frozenset(k for k, kind in KINDS.items() if kind.always_run)
 
 
 def _rel(run: RunDir, path: Any) -> str:
@@ -58,13 +80,7 @@ def build_tasks(plan: Plan, run: RunDir) -> list[Task]:
 
 def is_done(run: RunDir, task: Task) -> bool:
     """Whether a task's artifact is complete on disk (whoever built it)."""
-    if task.kind == "train":
-        return artifacts.is_done(run.adapter(task.name))
-    if task.kind == "merge":
-        return artifacts.is_done(run.merged(task.name))
-    if task.kind == "translate":
-        return run.translations(task.name).hyp.is_file()  # written last
-    return (run.root / task.outputs[0]).is_file()
+    return KINDS[task.kind].done(run, task)
 
 
 def task_status(run: RunDir, tasks: list[Task]) -> list[dict[str, Any]]:
