@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,6 +61,61 @@ def write_valid(path: Path, lang: str, n: int = 5) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def tiny_config(model: Path, data: Path, output_dir: str | Path, /, **sections: Any) -> dict[str, Any]:
+    """The tests' one config: the tiny model on `alma_dir`'s data (de, cs, ru in two groups), DATM at a
+    few steps. Each keyword replaces a top-level key whole (None removes it)."""
+    raw: dict[str, Any] = {
+        "base_model": str(model),
+        "languages": ["de", "cs", "ru"],
+        "groups": {"germanic": ["de"], "slavic": ["cs", "ru"]},
+        "data": {"train": f"{data}/train.{{xx}}-en.jsonl", "test": f"{data}/test.{{src}}-{{tgt}}.jsonl"},
+        "strategy": "datm",
+        "lora": {"r": 4, "alpha": 8},
+        "train": TRAIN,
+        "merge": {"method": "ties", "density": 0.5},
+        "eval": {"max_examples": 3, "beams": 1, "max_new_tokens": 6},
+        "output_dir": str(output_dir),
+    }
+    for key, value in sections.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    return raw
+
+
+# tiny_config's training section, for tests that change one of its keys
+TRAIN: dict[str, Any] = {
+    "steps": 3,
+    "batch_size": 4,
+    "lr": 0.002,
+    "max_examples_per_pair": 8,
+    "seed": 1,
+    "checkpoint_every": 0,
+}
+
+
+def save_config(path: Path, raw: dict[str, Any]) -> Path:
+    """A config file (YAML) holding `raw`."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, tiny_model_dir: Path, alma_dir: Path) -> Callable[..., Path]:
+    """`config_file(name, **sections)`: tiny_config written to tmp_path/NAME.yaml, its output_dir NAME
+    (relative to the config file); `sections` replace top-level keys as in tiny_config."""
+
+    def make(name: str = "run", **sections: Any) -> Path:
+        raw = tiny_config(tiny_model_dir, alma_dir, name, **sections)
+        return save_config(tmp_path / f"{name}.yaml", raw)
+
+    return make
 
 
 def build_tokenizer(texts: list[str]):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TRAIN, save_config, tiny_config
 
 from datm import config as C
 from datm.cli import main
@@ -14,24 +15,10 @@ from datm.train.cache import REUSED, adapter_key
 
 
 def write_config(tmp_path: Path, model: Path, data: Path, strategy: str, out: str, cache: bool) -> Path:
-    cfg = tmp_path / f"{out}.yaml"
-    cache_line = f"adapter_cache: {tmp_path / 'cache'}\n" if cache else ""
-    cfg.write_text(
-        f"""
-base_model: {model}
-languages: [de, cs, ru]
-groups: {{germanic: [de], slavic: [cs, ru]}}
-data:
-  train: {data}/train.{{xx}}-en.jsonl
-  test: {data}/test.{{src}}-{{tgt}}.jsonl
-strategy: {strategy}
-lora: {{r: 4, alpha: 8}}
-train: {{steps: 2, batch_size: 4, lr: 0.002, max_examples_per_pair: 8, seed: 1, checkpoint_every: 0}}
-eval: {{max_examples: 3, beams: 1, max_new_tokens: 6}}
-output_dir: {tmp_path / out}
-{cache_line}"""
-    )
-    return cfg
+    raw = tiny_config(model, data, tmp_path / out, strategy=strategy, train={**TRAIN, "steps": 2}, merge=None)
+    if cache:
+        raw["adapter_cache"] = str(tmp_path / "cache")
+    return save_config(tmp_path / f"{out}.yaml", raw)
 
 
 def test_a_second_run_takes_identical_adapters_from_the_cache_and_gets_the_same_results(

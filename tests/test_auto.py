@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_alma, write_valid
+import yaml
+from conftest import TRAIN, tiny_config, write_alma, write_valid
 
 from datm import config as C
 from datm import models
@@ -86,22 +87,22 @@ def test_threshold_override_needs_strategy_auto(tmp_path, capsys):
 
 
 def config_text(model: Path, data: Path, auto: str, steps: int = 2) -> str:
-    return f"""
-base_model: {model}
-languages: [de, cs, ru]
-groups: {{germanic: [de], slavic: [cs, ru]}}
-data:
-  train: {data}/train.{{xx}}-en.jsonl
-  test: {data}/test.{{src}}-{{tgt}}.jsonl
-  valid: {data}/valid.{{xx}}-en.jsonl
-strategy: auto
-auto: {auto}
-lora: {{r: 4, alpha: 8}}
-train: {{steps: {steps}, batch_size: 4, lr: 0.002, max_examples_per_pair: 8, seed: 1, checkpoint_every: 0}}
-merge: {{method: ties, density: 0.5}}
-eval: {{max_examples: 3, beams: 1, max_new_tokens: 4}}
-output_dir: out
-"""
+    """tiny_config as strategy auto with a dev split; `auto`: the auto section in YAML."""
+    raw = tiny_config(
+        model,
+        data,
+        "out",
+        data={
+            "train": f"{data}/train.{{xx}}-en.jsonl",
+            "test": f"{data}/test.{{src}}-{{tgt}}.jsonl",
+            "valid": f"{data}/valid.{{xx}}-en.jsonl",
+        },
+        strategy="auto",
+        auto=yaml.safe_load(auto),
+        train={**TRAIN, "steps": steps},
+        eval={"max_examples": 3, "beams": 1, "max_new_tokens": 4},
+    )
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def test_plan_and_run_build_the_same_auto_plan(tmp_path, tiny_model_dir, alma_dir, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from processes import kill_tree
 from safetensors.torch import load_file
 
@@ -40,24 +41,19 @@ def _config(path: Path, model: Path, data: Path, out: str, **train: object) -> P
     settings = {"steps": 3, "batch_size": 4, "precision": "fp32", "schedule": "constant", "seed": 3}
     settings.update(train)
     dropout = settings.pop("dropout", 0.0)
-    path.write_text(
-        json.dumps(
-            {
-                "base_model": str(model),
-                "languages": ["de", "cs"],
-                "groups": {"g": ["de", "cs"]},
-                "data": {
-                    "train": str(data / "train.{xx}-en.jsonl"),
-                    "test": str(data / "test.{src}-{tgt}.jsonl"),
-                },
-                "strategy": "multilingual",
-                "lora": {"r": 4, "alpha": 8, "dropout": dropout},
-                "train": settings,
-                "eval": {"max_examples": 2, "max_new_tokens": 4, "precision": "fp32"},
-                "output_dir": out,
-            }
-        )
+    raw = tiny_config(
+        model,
+        data,
+        out,
+        languages=["de", "cs"],
+        groups={"g": ["de", "cs"]},
+        strategy="multilingual",
+        lora={"r": 4, "alpha": 8, "dropout": dropout},
+        train=settings,
+        merge=None,
+        eval={"max_examples": 2, "max_new_tokens": 4, "precision": "fp32"},
     )
+    path.write_text(json.dumps(raw))
     return path
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import write_alma
+from conftest import tiny_config, write_alma
 from processes import kill_tree
 
 SEED = 16  # fixes the kill moments
@@ -28,31 +28,17 @@ class Kill:
 
 
 def _config(path: Path, model: Path, data: Path) -> Path:
-    path.write_text(
-        json.dumps(
-            {
-                "base_model": str(model),
-                "languages": ["de", "cs"],
-                "groups": {"g": ["de", "cs"]},
-                "data": {
-                    "train": str(data / "train.{xx}-en.jsonl"),
-                    "test": str(data / "test.{src}-{tgt}.jsonl"),
-                },
-                "strategy": "datm",
-                "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the random state must resume too
-                "train": {
-                    "steps": 30,
-                    "batch_size": 4,
-                    "lr": 0.01,
-                    "checkpoint_every": 5,
-                    "precision": "fp32",
-                },
-                "merge": {"method": "ties", "density": 0.5},
-                "eval": {"max_examples": 6, "max_new_tokens": 12, "precision": "fp32"},
-                "output_dir": "out",
-            }
-        )
+    raw = tiny_config(
+        model,
+        data,
+        "out",
+        languages=["de", "cs"],
+        groups={"g": ["de", "cs"]},
+        lora={"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the random state must resume too
+        train={"steps": 30, "batch_size": 4, "lr": 0.01, "checkpoint_every": 5, "precision": "fp32"},
+        eval={"max_examples": 6, "max_new_tokens": 12, "precision": "fp32"},
     )
+    path.write_text(json.dumps(raw))
     return path
 
 

@@ -10,6 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from conftest import save_config, tiny_config
 
 from datm import data, models
 from datm.auto.probe import (
@@ -257,22 +258,18 @@ def test_auto_needs_measurements():
 
 
 def write_config(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str = "auto") -> Path:
-    cfg = tmp_path / "probe.yaml"
-    cfg.write_text(
-        f"""
-base_model: {model_dir}
-languages: [de, cs, ru]
-groups: {{germanic: [de], slavic: [cs, ru]}}
-data:
-  train: {data_dir}/train.{{xx}}-en.jsonl
-strategy: {strategy}
-auto: {{source: probe, probe_examples: 5}}
-lora: {{r: 4, alpha: 8}}
-train: {{steps: 1, batch_size: 4, max_examples_per_pair: 8, seed: 2}}
-output_dir: out
-"""
+    raw = tiny_config(
+        model_dir,
+        data_dir,
+        "out",
+        data={"train": f"{data_dir}/train.{{xx}}-en.jsonl"},
+        strategy=strategy,
+        auto={"source": "probe", "probe_examples": 5},
+        train={"steps": 1, "batch_size": 4, "max_examples_per_pair": 8, "seed": 2},
+        merge=None,
+        eval=None,
     )
-    return cfg
+    return save_config(tmp_path / "probe.yaml", raw)
 
 
 def test_probe_and_auto_plan_commands(tmp_path, tiny_model_dir, alma_dir, capsys):

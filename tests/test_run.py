@@ -7,29 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import save_config, tiny_config
 
 from datm.cli import main
 
 
 def write_config(tmp_path: Path, model_dir: Path, data_dir: Path, strategy: str, out: str) -> Path:
-    cfg = tmp_path / f"{out}.yaml"
-    cfg.write_text(
-        f"""
-base_model: {model_dir}
-languages: [de, cs, ru]
-groups: {{germanic: [de], slavic: [cs, ru]}}
-data:
-  train: {data_dir}/train.{{xx}}-en.jsonl
-  test: {data_dir}/test.{{src}}-{{tgt}}.jsonl
-strategy: {strategy}
-lora: {{r: 4, alpha: 8}}
-train: {{steps: 3, batch_size: 4, lr: 0.002, max_examples_per_pair: 8, seed: 1, checkpoint_every: 0}}
-merge: {{method: ties, density: 0.5}}
-eval: {{max_examples: 3, beams: 1, max_new_tokens: 6}}
-output_dir: {out}
-"""
-    )
-    return cfg
+    return save_config(tmp_path / f"{out}.yaml", tiny_config(model_dir, data_dir, out, strategy=strategy))
 
 
 @pytest.mark.parametrize("strategy", ["dat", "datm"])

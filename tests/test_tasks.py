@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import test_run
 import torch
+from conftest import TRAIN, save_config, tiny_config
 from safetensors.torch import load_file
 
 from datm.cli import main
@@ -20,14 +20,11 @@ from datm.cli import main
 SRC = str(Path(__file__).parents[1] / "src")
 
 
-def write_config(
-    tmp_path: Path, model_dir: Path, data_dir: Path, out: str, train: str = "", extra: str = ""
-) -> Path:
-    """test_run's DATM config, with settings added to `train:` and lines added at the end."""
-    cfg = test_run.write_config(tmp_path, model_dir, data_dir, "datm", out)
-    text = cfg.read_text().replace("checkpoint_every: 0}", f"checkpoint_every: 0{train}}}")
-    cfg.write_text(text + extra + "\n")
-    return cfg
+def write_config(tmp_path: Path, model_dir: Path, data_dir: Path, out: str, **train: object) -> Path:
+    """The tests' DATM config (conftest.tiny_config), with `train` settings changed."""
+    return save_config(
+        tmp_path / f"{out}.yaml", tiny_config(model_dir, data_dir, out, train={**TRAIN, **train})
+    )
 
 
 def artifacts_of(out: Path) -> dict[str, bytes]:
@@ -98,7 +95,7 @@ def _datm(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
 def test_two_concurrent_runs_build_every_artifact_once(tmp_path, tiny_model_dir, alma_dir):
     """Measured before claims: both runs trained the same adapter, then one failed ('refusing to
     overwrite'). Now they split the tasks, each artifact is built once, and both finish."""
-    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "shared", train=", steps: 12")
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "shared", steps=12)
     procs = [_datm(["run", str(cfg)], tmp_path) for _ in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
@@ -109,7 +106,7 @@ def test_two_concurrent_runs_build_every_artifact_once(tmp_path, tiny_model_dir,
     for d in ("de-en", "cs-en", "ru-en", "en-de", "en-cs", "en-ru"):
         assert sum(line.startswith(f"translate:{d}: built") for line in lines) == 1, d
 
-    single = write_config(tmp_path, tiny_model_dir, alma_dir, "single", train=", steps: 12")
+    single = write_config(tmp_path, tiny_model_dir, alma_dir, "single", steps=12)
     assert main(["run", str(single)]) == 0
     a, b = artifacts_of(tmp_path / "shared"), artifacts_of(tmp_path / "single")
     assert a.keys() == b.keys() and len(a) == 5 + 1 + 18
@@ -133,8 +130,8 @@ main(sys.argv[2:])
 
 
 def test_a_killed_worker_is_taken_over_and_its_checkpoint_resumed(tmp_path, tiny_model_dir, alma_dir, capsys):
-    train = ", steps: 8, checkpoint_every: 3"
-    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "k", train=train)
+    train = {"steps": 8, "checkpoint_every": 3}
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "k", **train)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     marker = tmp_path / "checkpointed"
     victim = subprocess.Popen(
@@ -162,7 +159,7 @@ def test_a_killed_worker_is_taken_over_and_its_checkpoint_resumed(tmp_path, tiny
     info = json.loads((out / "adapters" / "de-en" / "train_info.json").read_text())
     assert info["result"]["resumed_from"] == 3 and info["result"]["steps"] == 8
 
-    ref = write_config(tmp_path, tiny_model_dir, alma_dir, "kref", train=train)
+    ref = write_config(tmp_path, tiny_model_dir, alma_dir, "kref", **train)
     assert main(["run", str(ref), "--only", "train:de-en"]) == 0
     a = load_file(str(out / "adapters" / "de-en" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "kref" / "adapters" / "de-en" / "adapter_model.safetensors"))
