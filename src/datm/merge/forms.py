@@ -223,7 +223,8 @@ class FactorForm(_LoraForm):
 
     def write(self, writer, task, merged, factors, job):  # type: ignore[no-untyped-def]
         """Like peft, source i's weight w_i and scaling s_i are folded into both factors as
-        √(w_i s_i / s_out), where s_out (the first source's scaling) is the output adapter's."""
+        √(w_i s_i / s_out), where s_out (the first source's scaling) is the output adapter's. The
+        global scale λ multiplies the merged A (so B A is λ times the merge at λ 1)."""
         import torch
 
         from datm.merge.methods import dense_of
@@ -245,6 +246,7 @@ class FactorForm(_LoraForm):
         # The method on the A's (and B's) alone: each as a "ΔW" I @ A_i (B_i @ I), exact in float32.
         a = dense_of(job.method.merge([(f[0], eye, 1.0) for f in factors], weights, job.settings))
         b = dense_of(job.method.merge([(eye, f[1], 1.0) for f in factors], weights, job.settings))
+        a = a.mul_(job.settings.scale)
         a, b = a.to(job.first.dtype), b.to(job.first.dtype)
         writer.add(task.a_keys[0], a)
         writer.add(task.b_keys[0], b)
