@@ -1,27 +1,40 @@
-"""Which merge method for LoRA updates? Every registered method on real adapters (issue 13).
+"""Which merge method for LoRA updates? Every registered method on real adapters, over several
+training seeds and with a group of four languages (issues 13 and 24).
 
 The separate XX->En adapters of the CPU asymmetry setting (Gemma 3 270M from the demo's GGUF,
-ALMA's human-written data, groups {de, is} and {cs, ru}, 80 pairs per language pair, 1 epoch,
-lr 1e-3 cosine, LoRA r=16) are trained with datm itself, under a config with
-`merge: {method: auto}` whose candidates are every method x rank. datm's candidate scoring (what
-the merge task of `datm run` does before publishing) merges each group with every candidate
-(`RUN/candidates/GROUP/CANDIDATE/module`) and scores it on the dev set (the valid split; Icelandic
-has none, so a held-out slice of its training data that training does not use): auto's pick.
-This script then translates the first N WMT'22 test segments of the 4 XX->En directions with the
-unmerged adapters and with every candidate, and reports BLEU, chrF++, paired bootstrap (chrF++)
-against `unmerged` and against `ties` at the same rank, shipped MB, merge seconds, and auto's pick
-per group with its test score. Writes benchmarks/results/merge_methods.{md,json,png}.
+ALMA's human-written data, 80 pairs per language pair, 1 epoch, lr 1e-3 cosine, LoRA r=16) are
+trained with datm itself once per training seed (`train.seed` changes the adapters' initialisation
+and data order, so every seed has adapters of its own; the adapter cache shares them between the
+groupings). Each seed's adapters are merged in two groupings: today's two groups of two
+({de, is}, {cs, ru}) and one group of four ({de, is, cs, ru}), each under a config with
+`merge: {method: auto}` whose candidates are every method × the λ grid (`--scales`) at one adapter's
+size (`--rank`). datm's candidate scoring (what the merge task of `datm run` does) merges each group
+with every candidate (`RUN/candidates/GROUP/CANDIDATE/module`) and scores it on the dev set (the
+valid split; Icelandic has none, so a held-out slice of its training data that training does not
+use). Per method and group, λ is the grid's best on dev; auto's pick is the best candidate overall.
+The test set (the first N WMT'22 segments of the 4 XX->En directions) is then translated with the
+unmerged adapters, each method at its chosen λ, and auto's pick; reported: chrF++ mean ± std over
+seeds, Δ vs unmerged per seed with paired bootstrap (chrF++) per direction, the λ each method chose,
+and how stable the methods' ranking is across seeds (Kendall τ between every two seeds). Writes
+benchmarks/results/merge_methods.{md,json,png}; the JSON keeps `seeds` (list) and `groups`
+(name -> languages).
 
-Resumable: adapters, merges and dev translations are datm artifacts; every test translation is a
-file under --work; run the same command again after a kill.
+Each (seed, grouping) is one job: run here one after another (`--executor local`), or fanned out
+over Ray (`--executor ray [--address ...]`, `--job-cpus` per job; adapters trained once through the
+adapter cache's claims). Resumable: adapters, merges and dev translations are datm artifacts; every
+test translation is a file under --work; run the same command again after a kill.
 
-    python benchmarks/merge_methods.py [--methods ties,...] [--ranks 16,64[=ties+cat]] [--test-size 100]
+    python benchmarks/merge_methods.py [--seeds 1,2,3] [--groupings pairs,four] [--methods ties,...]
+        [--scales 0.5,0.75,1,1.5] [--rank 16] [--test-size 100] [--executor local|ray]
+    python benchmarks/merge_methods.py --smoke     # a few minutes: 2 seeds, 8 pairs, 3 segments
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,61 +42,57 @@ from typing import Any
 
 import common
 
-from datm import artifacts, auto, data
+from datm import artifacts, data
 from datm import config as C
 from datm.artifacts import RunDir
+from datm.auto import build_plan
 from datm.config import candidates
 from datm.eval import evaluate, significance
 from datm.languages import Direction
 from datm.merge import select as merge_select
 from datm.run import runner
-from datm.run.bodies import Worker
+from datm.run.bodies import Worker, test_pairs
 
 ROOT = common.REPO_ROOT
 DATA = common.DATA_DIR
-GROUPS = {"germanic": ["de", "is"], "slavic": ["cs", "ru"]}
-LANGS = [x for members in GROUPS.values() for x in members]
+# grouping -> its groups (name -> languages); a language is in one group of a grouping
+GROUPINGS = {
+    "pairs": {"germanic": ["de", "is"], "slavic": ["cs", "ru"]},
+    "four": {"xx4": ["de", "is", "cs", "ru"]},
+}
+LANGS = ["de", "is", "cs", "ru"]
 DIRECTIONS = [f"{x}-en" for x in LANGS]
 UNMERGED = "unmerged"
+AUTO = "auto"
+SMOKE = {
+    "seeds": "1,2",
+    "methods": "ties,iso_c",
+    "scales": "0.5,1",
+    "examples_per_pair": 8,
+    "test_size": 3,
+    "dev_size": 3,
+    "max_new_tokens": 16,
+}
 
 
-def parse_ranks(spec: str, methods: list[str]) -> dict[int, list[str]]:
-    """--ranks: `16,64` (every method at each rank) or `16,64=ties+cat` (at 64 only those methods)."""
-    out: dict[int, list[str]] = {}
-    for item in spec.split(","):
-        rank, _, only = item.partition("=")
-        try:
-            r = int(rank)
-        except ValueError:
-            raise common.BenchError(f"--ranks: expected RANK or RANK=METHOD+METHOD, got {item!r}") from None
-        chosen = only.split("+") if only else methods
-        unknown = sorted(set(chosen) - set(candidates.registered_methods()))
-        if unknown:
-            raise common.BenchError(f"--ranks {item}: unknown merge methods {unknown}")
-        out[r] = chosen
-    return out
+def numbers(spec: str, kind: type, what: str) -> list[Any]:
+    try:
+        values = [kind(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise common.BenchError(f"--{what}: expected comma-separated numbers, got {spec!r}") from None
+    if not values:
+        raise common.BenchError(f"--{what}: expected at least one value")
+    return values
 
 
-def candidate_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """merge.candidates as a list: each rank's methods (--ranks) at --density."""
-    return [
-        {"method": m, "density": args.density, "rank": r}
-        for r, methods in args.ranks.items()
-        for m in methods
-    ]
-
-
-def make_config(
-    args: argparse.Namespace, methods: list[str] | None = None, ranks: list[int] | None = None
-) -> C.Config:
-    """The setting's config; its merge candidates are the grid `methods` x `ranks` when given, else
-    --ranks' candidates."""
+def make_config(args: argparse.Namespace, seed: int, grouping: str) -> C.Config:
+    """One seed's run of one grouping: merge auto over every method × λ at --rank and --density."""
     data = Path(args.data)
     raw = common.alma_run_config(
         "datm",
         LANGS,
-        GROUPS,
-        Path(args.work) / "run",
+        GROUPINGS[grouping],
+        Path(args.work) / f"seed{seed}" / grouping / "run",
         examples_per_pair=args.examples_per_pair,
         test_size=args.test_size,
         epochs=args.epochs,
@@ -95,47 +104,45 @@ def make_config(
         },
         merge={
             "method": "auto",
-            "candidates": (
-                {"methods": methods, "densities": [args.density], "ranks": ranks}
-                if methods and ranks
-                else candidate_rows(args)
-            ),
+            "candidates": {
+                "methods": args.methods,
+                "densities": [args.density],
+                "ranks": [args.rank],
+                "scales": args.scales,
+            },
             "dev_size": args.dev_size,
         },
     )
-    return C.from_dict(raw, source="merge_methods")
+    raw["train"]["seed"] = seed
+    if args.max_new_tokens is not None:
+        raw["eval"]["max_new_tokens"] = args.max_new_tokens
+    return C.from_dict(raw, source=f"merge_methods seed {seed} {grouping}")
 
 
-def group_of(direction: str) -> str:
-    return next(g for g, members in GROUPS.items() if direction.split("-")[0] in members)
-
-
-def systems(run: RunDir, cands: list[candidates.Candidate]) -> dict[str, dict[str, Path]]:
-    """system -> direction -> the module that serves it."""
-    out = {UNMERGED: {d: run.adapter(d) for d in DIRECTIONS}}
-    for c in cands:
-        out[c.name] = {d: run.candidate_module(f"xx-en.{group_of(d)}", c.name) for d in DIRECTIONS}
-    return out
+def group_of(grouping: str, direction: str) -> str:
+    return next(g for g, members in GROUPINGS[grouping].items() if direction.split("-")[0] in members)
 
 
 def translate_tests(
     cfg: C.Config,
     worker: Worker,
     work: Path,
-    mods: dict[str, dict[str, Path]],
+    mods: dict[str, dict[str, tuple[str, Path]]],
     tests: dict[str, list[data.Pair]],
 ) -> dict[str, dict[str, list[str]]]:
     """Test hypotheses of every system and direction, translated as datm's translate task does (same
     model dtype, batch size and decoding as the dev translations); each a file under --work, reused.
-    Each file is claimed while it is made: calls running side by side (say one per --ranks) share the
-    work, a file another call is making is left to the second pass."""
+    `mods`: system -> direction -> (the module's key, its folder); files are kept per key, so systems
+    that share a module (auto and its pick) share its translations. Each file is claimed while it is
+    made: calls running side by side share the work, a file another call is making is left to the
+    second pass."""
     from datm import device
     from datm.eval.translate import Request, Translator, inference_dtype
 
-    def path(system: str, d: str) -> Path:
-        return work / f"test-{len(tests[d])}" / system / f"{d}.hyp.txt"  # keyed by the test size
+    def path(key: str, d: str) -> Path:
+        return work / f"test-{len(tests[d])}" / key / f"{d}.hyp.txt"  # keyed by the test size
 
-    todo = [(s, d, m) for s, by_dir in mods.items() for d, m in by_dir.items()]
+    todo = [(key, d, m) for by_dir in mods.values() for d, (key, m) in by_dir.items()]
     for wait in (False, True):
         for system, d, module in todo:
             f = path(system, d)
@@ -162,7 +169,10 @@ def translate_tests(
                 tr.model.unload()
                 artifacts.atomic_write_text(f, data.write_text(out))
                 print(f"[{time.strftime('%H:%M:%S')}] translated {d} with {system}", flush=True)
-    return {s: {d: evaluate.read_lines(path(s, d)) for d in by_dir} for s, by_dir in mods.items()}
+    return {
+        s: {d: evaluate.read_lines(path(key, d)) for d, (key, _) in by_dir.items()}
+        for s, by_dir in mods.items()
+    }
 
 
 def note(timings: dict[str, Any], key: str, t0: float) -> None:
@@ -181,265 +191,305 @@ def compare(a: list[str], b: list[str], refs: list[str], samples: int) -> dict[s
     return {"delta": round(r.delta, 3), "p": round(r.p_value, 4)}
 
 
+def chosen_per_method(selection: dict[str, Any]) -> dict[str, str]:
+    """method -> its candidate with the best dev mean chrF++ (λ chosen on dev; ties: the earlier)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in selection["candidates"]:
+        if row["method"] not in best or row["mean_chrf"] > best[row["method"]]["mean_chrf"]:
+            best[row["method"]] = row
+    return {m: row["candidate"] for m, row in best.items()}
+
+
+def run_job(args: argparse.Namespace, seed: int, grouping: str) -> dict[str, Any]:
+    """One seed × one grouping: train (cache), merge and score every candidate on dev, choose λ per
+    method, translate the test set with the chosen modules; the per-seed scores."""
+    common.set_threads(args.threads)
+    cfg = make_config(args, seed, grouping)
+    run, groups = RunDir(cfg.output_dir), GROUPINGS[grouping]
+    timings: dict[str, Any] = {"seed": seed, "grouping": grouping}
+    t0 = time.perf_counter()
+    for d in DIRECTIONS:
+        runner.run(cfg, executor="local", only=f"train:{d}")
+    note(timings, "train_s", t0)
+    t0 = time.perf_counter()
+    plan, worker = build_plan(cfg), Worker(cfg)
+    selections = {g: merge_select.score_candidates(cfg, plan, run, f"xx-en.{g}", worker) for g in groups}
+    note(timings, "merge_and_dev_s", t0)
+    picks = {g: chosen_per_method(sel) for g, sel in selections.items()}
+    auto = {g: sel["chosen"] for g, sel in selections.items()}
+
+    def modules(pick: dict[str, str]) -> dict[str, tuple[str, Path]]:
+        """direction -> (key, folder) of its group's candidate `pick[group]`."""
+        chosen = {d: (group_of(grouping, d), pick[group_of(grouping, d)]) for d in DIRECTIONS}
+        return {d: (f"{g}/{c}", run.candidate_module(f"xx-en.{g}", c)) for d, (g, c) in chosen.items()}
+
+    mods = {UNMERGED: {d: (UNMERGED, run.adapter(d)) for d in DIRECTIONS}, AUTO: modules(auto)}
+    mods.update({m: modules({g: picks[g][m] for g in groups}) for m in args.methods})
+    tests = {d: test_pairs(cfg, Direction.parse(d)) for d in DIRECTIONS}
+    t0 = time.perf_counter()
+    hyps = translate_tests(cfg, worker, Path(args.work) / f"seed{seed}" / grouping, mods, tests)
+    note(timings, "test_translation_s", t0)
+    refs = {d: [p.tgt for p in tests[d]] for d in DIRECTIONS}
+    systems = {}
+    for system in mods:
+        per_dir = {}
+        for d in DIRECTIONS:
+            s = evaluate.score_direction(hyps[system][d], refs[d], "en")
+            row: dict[str, Any] = {"bleu": round(s.bleu, 2), "chrf": round(s.chrf, 2)}
+            if system != UNMERGED:
+                row["vs_unmerged"] = compare(hyps[UNMERGED][d], hyps[system][d], refs[d], args.samples)
+            per_dir[d] = row
+        systems[system] = {
+            "candidates": {g: picks[g].get(system) or auto[g] for g in groups}
+            if system != UNMERGED
+            else None,
+            "directions": per_dir,
+            "mean_chrf": round(statistics.fmean(r["chrf"] for r in per_dir.values()), 3),
+        }
+    dev = {g: {r["candidate"]: r["mean_chrf"] for r in sel["candidates"]} for g, sel in selections.items()}
+    return {"seed": seed, "grouping": grouping, "systems": systems, "dev_mean_chrf": dev, "timings": timings}
+
+
+def scale_of(candidate: str) -> float:
+    """λ from a candidate's name (`…-s0.5`; none: 1)."""
+    last = candidate.rsplit("-", 1)[-1]
+    return float(last[1:]) if last.startswith("s") and last[1:].replace(".", "", 1).isdigit() else 1.0
+
+
+def kendall_tau(a: list[str], b: list[str]) -> float:
+    """Kendall's τ-a between two rankings of the same items (1: same order, −1: reversed)."""
+    pos_a, pos_b = {x: i for i, x in enumerate(a)}, {x: i for i, x in enumerate(b)}
+    pairs = list(itertools.combinations(a, 2))
+    if not pairs:
+        return 1.0
+    score = sum(1 if (pos_a[x] - pos_a[y]) * (pos_b[x] - pos_b[y]) > 0 else -1 for x, y in pairs)
+    return score / len(pairs)
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.fmean(values), 3),
+        "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+    }
+
+
+def aggregate(args: argparse.Namespace, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per grouping: each system's mean chrF++ and Δ vs unmerged, mean ± std over seeds; the λ each
+    method chose; the methods' ranking per seed and its stability (Kendall τ between seeds)."""
+    out: dict[str, Any] = {}
+    for grouping in args.groupings:
+        runs = sorted((j for j in jobs if j["grouping"] == grouping), key=lambda j: j["seed"])
+        systems = list(runs[0]["systems"])
+        table = {}
+        for system in systems:
+            means = [j["systems"][system]["mean_chrf"] for j in runs]
+            deltas = [j["systems"][system]["mean_chrf"] - j["systems"][UNMERGED]["mean_chrf"] for j in runs]
+            significant = [
+                sum(
+                    1
+                    for r in j["systems"][system]["directions"].values()
+                    if r.get("vs_unmerged") and r["vs_unmerged"]["p"] < 0.05
+                )
+                for j in runs
+            ]
+            cands = [j["systems"][system]["candidates"] for j in runs]
+            table[system] = {
+                "mean_chrf": mean_std(means),
+                "delta_vs_unmerged": mean_std(deltas),
+                "per_seed_mean_chrf": means,
+                "significant_directions_per_seed": significant,
+                "scales_chosen": [{g: scale_of(c) for g, c in x.items()} if x else None for x in cands],
+                "candidates_per_seed": cands,
+            }
+        rankings = {
+            j["seed"]: sorted(args.methods, key=lambda m, j=j: -j["systems"][m]["mean_chrf"]) for j in runs
+        }
+        taus = [kendall_tau(rankings[a], rankings[b]) for a, b in itertools.combinations(rankings, 2)]
+        merged = [s for s in systems if s != UNMERGED]
+        best = max(merged, key=lambda s: table[s]["mean_chrf"]["mean"])
+        gap = table[best]["delta_vs_unmerged"]["mean"]
+        out[grouping] = {
+            "groups": GROUPINGS[grouping],
+            "systems": table,
+            "rankings": {str(k): v for k, v in rankings.items()},
+            "kendall_tau": {"pairs": taus, "mean": round(statistics.fmean(taus), 3) if taus else None},
+            "best": {"system": best, "delta_vs_unmerged": gap, "within_0.3": gap >= -0.3},
+        }
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "runs" / "merge_methods"), help="resumable work folder")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--data", default=str(DATA), help="ALMA human-written data folder")
+    ap.add_argument("--seeds", default="1,2,3", help="training seeds (each trains its own adapters)")
+    ap.add_argument("--groupings", default="pairs,four", help=f"of {list(GROUPINGS)}")
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    ap.add_argument(
-        "--ranks", default="16,64", help="ranks of the candidates: 16,64 (every method) or 16,64=ties+cat"
-    )
+    ap.add_argument("--scales", default="0.5,0.75,1,1.5", help="the λ grid, chosen per method on dev")
+    ap.add_argument("--rank", type=int, default=16, help="rank of every merged module (one adapter's size)")
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--test-size", type=int, default=100, help="first N WMT'22 segments per direction")
-    ap.add_argument("--dev-size", type=int, default=100, help="dev sentences per direction for auto")
+    ap.add_argument("--dev-size", type=int, default=100, help="dev sentences per direction")
     ap.add_argument("--examples-per-pair", type=int, default=80)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="decoding cap (default: the config's)")
     ap.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's)")
+    ap.add_argument("--executor", choices=["local", "ray"], default="local", help="how the jobs run")
+    ap.add_argument("--address", default=None, help="ray: the cluster's address (default: start one here)")
+    ap.add_argument("--job-cpus", type=float, default=1.0, help="ray: CPUs per (seed, grouping) job")
+    ap.add_argument("--smoke", action="store_true", help=f"the smallest run that goes end to end: {SMOKE}")
     common.add_load_argument(ap)
     args = ap.parse_args()
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.work = str(Path(args.work) / "smoke")
+        args.results = str(Path(args.work) / "results")
     args.load_check = common.check_load(args.allow_load)
-    common.set_threads(args.threads)
-    args.methods = args.methods.split(",") if args.methods else candidates.registered_methods()
-    args.ranks = parse_ranks(args.ranks, args.methods)
+    args.seeds = numbers(args.seeds, int, "seeds")
+    args.scales = numbers(args.scales, float, "scales")
+    args.groupings = [g for g in args.groupings.split(",") if g]
+    unknown = sorted(set(args.groupings) - set(GROUPINGS))
+    if unknown:
+        raise common.BenchError(f"--groupings: unknown {unknown}; expected some of {list(GROUPINGS)}")
+    registered = candidates.registered_methods()
+    args.methods = args.methods.split(",") if isinstance(args.methods, str) else registered
+    unknown = sorted(set(args.methods) - set(registered))
+    if unknown:
+        raise common.BenchError(f"--methods: unknown merge methods {unknown}")
     work = Path(args.work)
-    # Training does not depend on the candidates (only on merge auto's held-out dev slice), so the
-    # run is trained under a fixed candidate list: a later call with other --methods or --ranks (or
-    # one beside it) reuses it.
-    train_cfg = make_config(args, methods=["ties"], ranks=[16])
-    cfg = make_config(args)
-    run = RunDir(cfg.output_dir)
     started = time.strftime("%Y%m%dT%H%M%S")
-    timings_file = work / "calls" / f"{started}-{os.getpid()}.json"
     timings: dict[str, Any] = {"command": " ".join(sys.argv[1:]), "started": started, "load": args.load_check}
+    t0 = time.perf_counter()
+    todo = list(itertools.product(args.seeds, args.groupings))
+    if args.executor == "ray":
+        import ray
 
-    t0 = time.perf_counter()
-    for d in DIRECTIONS:
-        runner.run(train_cfg, only=f"train:{d}")
-    note(timings, "train_s", t0)
-    t0 = time.perf_counter()
-    plan, worker = auto.build_plan(cfg), Worker(cfg)
-    # every candidate merged and scored on the dev set: auto's choice, as `datm run` makes it
-    selections = {g: merge_select.score_candidates(cfg, plan, run, f"xx-en.{g}", worker) for g in GROUPS}
-    note(timings, "merge_and_dev_s", t0)
-    artifacts.atomic_write_json(timings_file, timings)
-
-    cands = candidates.config_candidates(cfg)
-    tests = {d: runner.test_pairs(cfg, Direction.parse(d)) for d in DIRECTIONS}
-    t0 = time.perf_counter()
-    hyps = translate_tests(cfg, worker, work, systems(run, cands), tests)
-    note(timings, "test_translation_s", t0)
-    artifacts.atomic_write_json(timings_file, timings)
-    payload = summarize(args, cfg, run, cands, tests, hyps, selections, calls(work))
+        paths = [str(common.BENCH_DIR), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+        ray.init(
+            address=args.address,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}},
+        )
+        remote = ray.remote(num_cpus=args.job_cpus)(run_job)
+        jobs = ray.get([remote.remote(args, seed, grouping) for seed, grouping in todo])
+    else:
+        jobs = [run_job(args, seed, grouping) for seed, grouping in todo]
+    note(timings, "wall_s", t0)
+    timings["jobs"] = [j["timings"] for j in jobs]
+    artifacts.atomic_write_json(work / "calls" / f"{started}-{os.getpid()}.json", timings)
+    payload = summarize(args, jobs, calls(work))
     write(Path(args.results), payload)
     return 0
 
 
 def summarize(
-    args: argparse.Namespace,
-    cfg: C.Config,
-    run: RunDir,
-    cands: list[candidates.Candidate],
-    tests: dict[str, list[data.Pair]],
-    hyps: dict[str, dict[str, list[str]]],
-    selections: dict[str, dict[str, Any]],
-    timings: list[dict[str, Any]],
+    args: argparse.Namespace, jobs: list[dict[str, Any]], timings: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    refs = {d: [p.tgt for p in tests[d]] for d in DIRECTIONS}
-    infos = {
-        c.name: {
-            g: artifacts.read_json(run.candidate_module(f"xx-en.{g}", c.name) / "merge_info.json")
-            for g in GROUPS
-        }
-        for c in cands
-    }
-    adapter_bytes = {d: (run.adapter(d) / "adapter_model.safetensors").stat().st_size for d in DIRECTIONS}
-    rows = []
-    for system in [UNMERGED] + [c.name for c in cands]:
-        cand = next((c for c in cands if c.name == system), None)
-        per_dir = {}
-        for d in DIRECTIONS:
-            s = evaluate.score_direction(hyps[system][d], refs[d], "en")
-            row = {"bleu": round(s.bleu, 2), "chrf": round(s.chrf, 2)}
-            if system != UNMERGED:
-                row["vs_unmerged"] = compare(hyps[UNMERGED][d], hyps[system][d], refs[d], args.samples)
-                ties = candidates.Candidate("ties", args.density, cand.rank if cand else None).name
-                if ties in hyps and ties != system:
-                    row["vs_ties"] = compare(hyps[ties][d], hyps[system][d], refs[d], args.samples)
-            per_dir[d] = row
-        if cand is None:
-            shipped = sum(adapter_bytes.values()) / len(GROUPS)
-            seconds = 0.0
-        else:
-            shipped = sum(i["bytes"] for i in infos[system].values()) / len(GROUPS)
-            seconds = sum(i["seconds"] for i in infos[system].values())
-        rows.append(
-            {
-                "system": system,
-                "method": cand.method if cand else UNMERGED,
-                "rank": next(iter(infos[system].values()))["rank"] if cand else 16,  # as shipped
-                "directions": per_dir,
-                "mean_bleu": round(sum(r["bleu"] for r in per_dir.values()) / len(per_dir), 2),
-                "mean_chrf": round(sum(r["chrf"] for r in per_dir.values()) / len(per_dir), 2),
-                "shipped_mb_per_group": round(shipped / 1e6, 3),
-                "merge_seconds_both_groups": round(seconds, 2),
-            }
-        )
-    auto = {}
-    for g, members in GROUPS.items():
-        sel = selections[g]
-        chosen = next(r for r in rows if r["system"] == sel["chosen"])
-        dirs = [f"{x}-en" for x in members]
-        auto[g] = {
-            "chosen": sel["chosen"],
-            "dev": sel["dev"],
-            "dev_mean_chrf": next(
-                r["mean_chrf"] for r in sel["candidates"] if r["candidate"] == sel["chosen"]
-            ),
-            "test_chrf": {d: chosen["directions"][d]["chrf"] for d in dirs},
-            "test_mean_chrf": round(sum(chosen["directions"][d]["chrf"] for d in dirs) / len(dirs), 2),
-        }
-    unmerged = rows[0]["mean_chrf"]
-    best = max(rows[1:], key=lambda r: r["mean_chrf"])
+    groups = {g: members for grouping in args.groupings for g, members in GROUPINGS[grouping].items()}
     return {
         "benchmark": "merge_methods",
         "command": " ".join(["python", *sys.argv]),
+        "seeds": args.seeds,
+        "groups": groups,
+        "groupings": {g: list(GROUPINGS[g]) for g in args.groupings},
         "setting": {
             "model": "Gemma 3 270M (demo GGUF, de-quantized)",
-            "groups": GROUPS,
             "examples_per_pair": args.examples_per_pair,
             "epochs": args.epochs,
             "lr": args.lr,
             "schedule": "cosine",
             "lora_r": 16,
             "methods": args.methods,
-            "ranks": {str(r): m for r, m in args.ranks.items()},
+            "rank": args.rank,
             "density": args.density,
-            "form": cfg.merge.form,
+            "scales": args.scales,
             "test_segments_per_direction": args.test_size,
             "dev_sentences_per_direction": args.dev_size,
             "test_set": "WMT'22 (ALMA test files), first N segments",
             "bootstrap_samples": args.samples,
+            "executor": args.executor,
         },
-        "rows": rows,
-        "auto": auto,
-        "headline": {
-            "unmerged_mean_chrf": unmerged,
-            "best": best["system"],
-            "best_mean_chrf": best["mean_chrf"],
-            "gap_to_unmerged": round(best["mean_chrf"] - unmerged, 2),
-        },
+        "results": aggregate(args, jobs),
+        "per_seed": jobs,
         "calls": timings,
         "load_check": args.load_check,
-        "machine": {"versions": artifacts.library_versions()},
+        "machine": {**common.machine_info(), "versions": artifacts.library_versions()},
     }
 
 
-def _delta(r: dict[str, Any] | None) -> str:
-    if not r:
-        return "–"
-    star = "*" if r["p"] < 0.05 else ""
-    return f"{r['delta']:+.2f}{star}"
-
-
 def render(p: dict[str, Any]) -> str:
-    out = ["# Merge methods on real adapters (Gemma 3 270M, ALMA, XX→En)", ""]
-    out += [
-        f"Command: `{p['command']}`",
-        "",
-        "Setting: " + ", ".join(f"{k}={v}" for k, v in p["setting"].items()),
-    ]
-    h = p["headline"]
-    out += [
-        "",
-        f"**Best merge: {h['best']} at {h['best_mean_chrf']:.2f} mean chrF++, {h['gap_to_unmerged']:+.2f} "
-        f"vs unmerged ({h['unmerged_mean_chrf']:.2f}).**",
-        "",
-        "chrF++ per direction; Δ = merged − reference (chrF++, paired bootstrap, * p < 0.05).",
-        "",
-    ]
-    head = ["system", "MB/group", "merge s"] + DIRECTIONS + ["mean chrF++", "mean BLEU"]
-    head += [f"Δ unmerged {d}" for d in DIRECTIONS] + [f"Δ ties {d}" for d in DIRECTIONS]
-    out += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for r in p["rows"]:
-        dr = r["directions"]
-        cells = [r["system"], f"{r['shipped_mb_per_group']:.2f}", f"{r['merge_seconds_both_groups']:.1f}"]
-        cells += [f"{dr[d]['chrf']:.2f}" for d in DIRECTIONS]
-        cells += [f"{r['mean_chrf']:.2f}", f"{r['mean_bleu']:.2f}"]
-        cells += [_delta(dr[d].get("vs_unmerged")) for d in DIRECTIONS]
-        cells += [_delta(dr[d].get("vs_ties")) for d in DIRECTIONS]
-        out.append("| " + " | ".join(cells) + " |")
-    out += ["", "## auto's pick per group (chosen on the dev set; test scores)", ""]
-    out += [
-        "| group | chosen | dev mean chrF++ | dev sets | test chrF++ | test mean |",
-        "|---|---|---|---|---|---|",
-    ]
-    for g, a in p["auto"].items():
-        dev = ", ".join(f"{d}: {v['n']} {v['source']}" for d, v in a["dev"].items())
-        test = ", ".join(f"{d} {v:.2f}" for d, v in a["test_chrf"].items())
-        out.append(
-            f"| {g} | {a['chosen']} | {a['dev_mean_chrf']:.2f} | {dev} | {test} | {a['test_mean_chrf']:.2f} |"
-        )
-    out += [
-        "",
-        "![quality vs size](merge_methods.png)",
-        "",
-        "## The calls that made it (wall seconds of what each call did; calls may overlap)",
-        "",
-    ]
+    out = ["# Merge methods on real adapters over seeds (Gemma 3 270M, ALMA, XX→En)", ""]
+    out += [f"Command: `{p['command']}`", ""]
+    out += [f"Seeds: {p['seeds']}; groups: {p['groups']}", ""]
+    out += ["Setting: " + ", ".join(f"{k}={v}" for k, v in p["setting"].items()), ""]
+    for grouping, r in p["results"].items():
+        b = r["best"]
+        verdict = "within" if b["within_0.3"] else "not within"
+        out += [
+            f"## {grouping}: {r['groups']}",
+            "",
+            f"**Closest merge: {b['system']}, Δ {b['delta_vs_unmerged']:+.2f} chrF++ vs unmerged (mean over "
+            f"seeds): {verdict} 0.3.** Ranking stability (Kendall τ between seeds): mean "
+            f"{r['kendall_tau']['mean']}, pairs {r['kendall_tau']['pairs']}.",
+            "",
+            "| system | mean chrF++ (± std over seeds) | Δ vs unmerged (± std) | λ chosen on dev, per seed "
+            "| directions with p < 0.05 vs unmerged, per seed |",
+            "|---|---|---|---|---|",
+        ]
+        rows = sorted(r["systems"].items(), key=lambda kv: -kv[1]["mean_chrf"]["mean"])
+        for system, x in rows:
+            lam = (
+                "–"
+                if system == UNMERGED
+                else "; ".join(", ".join(f"{g} {v:g}" for g, v in per.items()) for per in x["scales_chosen"])
+            )
+            sig = (
+                "–" if system == UNMERGED else ", ".join(str(n) for n in x["significant_directions_per_seed"])
+            )
+            chrf, delta = x["mean_chrf"], x["delta_vs_unmerged"]
+            out.append(
+                f"| {system} | {chrf['mean']:.2f} ± {chrf['std']:.2f} "
+                f"| {delta['mean']:+.2f} ± {delta['std']:.2f} | {lam} | {sig} |"
+            )
+        out += [
+            "",
+            "Ranking per seed: " + "; ".join(f"seed {s}: {', '.join(m)}" for s, m in r["rankings"].items()),
+        ]
+        out.append("")
+    out += ["![chrF++ over seeds](merge_methods.png)", "", "## The calls that made it", ""]
     for c in p["calls"]:
         steps = ", ".join(f"{k} {v}" for k, v in c.items() if k.endswith("_s"))
-        load = c["load"]["load_average_1min"]
-        out.append(f"- {c['started']} `{c['command']}`: {steps or 'unfinished'}; load at start {load}")
+        out.append(f"- {c['started']} `{c['command']}`: {steps or 'unfinished'}")
+        for j in c.get("jobs", []):
+            job_steps = ", ".join(f"{k} {v}" for k, v in j.items() if k.endswith("_s"))
+            out.append(f"  - seed {j['seed']} {j['grouping']}: {job_steps}")
     return "\n".join(out) + "\n"
 
 
 def plot(p: dict[str, Any], path: Path) -> None:
-    """Mean chrF++ against shipped MB. Methods of one rank ship the same MB, so each size's labels
-    are stacked beside its points (best on top) with a line to each point."""
+    """Mean chrF++ ± std over seeds per system, one panel per grouping; the unmerged level dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = p["rows"]
-    ys = [r["mean_chrf"] for r in rows]
-    span = max(max(ys) - min(ys), 1.0)
-    step = span / max(len(rows), 6) * 1.6
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    methods = sorted({r["method"] for r in rows})
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    clusters: dict[float, list[dict[str, Any]]] = {}
-    for r in rows:
-        clusters.setdefault(round(r["shipped_mb_per_group"], 1), []).append(r)
-    gap = (max(clusters) - min(clusters)) * 0.05 + 1  # labels stand right of their points
-    for mb, members in clusters.items():
-        members.sort(key=lambda r: -r["mean_chrf"])
-        mid = sum(r["mean_chrf"] for r in members) / len(members)
-        for i, r in enumerate(members):
-            unmerged = r["system"] == UNMERGED
-            ax.scatter(mb, r["mean_chrf"], color=colors[r["method"]], marker="*" if unmerged else "o", s=80)
-            label = "unmerged (2 adapters)" if unmerged else f"{r['method']} r{r['rank']}"
-            y = mid + (len(members) / 2 - i - 0.5) * step
-            ax.annotate(
-                f"{label}  {r['mean_chrf']:.2f}",
-                (mb, r["mean_chrf"]),
-                xytext=(mb + gap, y),
-                textcoords="data",
-                fontsize=8,
-                ha="left",
-                va="center",
-                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6},
-            )
-    xs = list(clusters)
-    ax.set_xlim(min(xs) - 2, max(xs) + (max(xs) - min(xs)) * 0.35 + 8)
-    ax.set_ylim(min(ys) - step * len(rows) / 2 - 0.5, max(ys) + step * len(rows) / 2 + 0.5)
-    ax.set_xlabel("shipped MB per group (XX→En module)")
-    ax.set_ylabel("mean chrF++, 4 XX→En directions (WMT'22)")
-    ax.set_title("Merge methods: quality vs size")
-    ax.grid(alpha=0.3)
+    groupings = list(p["results"])
+    fig, axes = plt.subplots(1, len(groupings), figsize=(5.5 * len(groupings), 4.5), dpi=110, squeeze=False)
+    for ax, grouping in zip(axes[0], groupings, strict=True):
+        table = p["results"][grouping]["systems"]
+        names = sorted((s for s in table if s != UNMERGED), key=lambda s: -table[s]["mean_chrf"]["mean"])
+        ys = [table[s]["mean_chrf"]["mean"] for s in names]
+        errs = [table[s]["mean_chrf"]["std"] for s in names]
+        ax.errorbar(range(len(names)), ys, yerr=errs, fmt="o", capsize=3)
+        ax.axhline(table[UNMERGED]["mean_chrf"]["mean"], ls="--", color="0.4", label="unmerged")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{grouping}: {', '.join(p['results'][grouping]['groups'])}")
+        ax.set_ylabel(f"mean chrF++ over seeds {p['seeds']} (± std)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -130,3 +130,56 @@ def test_a_rank_above_what_the_merge_holds_is_not_zero_padding(
     # The same request again is answered by the finished merge (the request is what was asked).
     again = merge_adapters(sources, tmp_path / "m", method=method, form="lowrank", rank=20, density=0.5)
     assert again == res
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_scale_half_writes_exactly_half_from_the_cli(
+    method: str, lora_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`datm merge A B C --method M --density 0.5 --form dense --scale 0.5` writes exactly half of
+    `--scale 1` (issue 24: a mean cancelled uniform weights, so nothing could halve a ties merge)."""
+    from datm.cli import main
+
+    sources = [str(lora_dirs[n]) for n in ("s1", "s2", "L")]
+    written = {}
+    for scale in ("1", "0.5"):
+        out = tmp_path / f"s{scale}"
+        args = ["merge", *sources, "--out", str(out), "--method", method, "--density", "0.5"]
+        assert main([*args, "--form", "dense", "--scale", scale]) == 0
+        assert json.loads(capsys.readouterr().out)["scale"] == float(scale)
+        written[scale] = written_delta(out)
+    assert written["1"].keys() == written["0.5"].keys()
+    for name, full in written["1"].items():
+        assert float(full.abs().max()) > 0 and torch.equal(written["0.5"][name], full * 0.5), name
+    with pytest.raises(Exception, match="scale"):
+        merge_adapters([lora_dirs["s1"], lora_dirs["s2"]], tmp_path / "bad", method=method, scale=-1.0)
+    asked_again = tmp_path / "s0.5"  # a finished merge at another λ is not reused
+    with pytest.raises(Exception, match="scale"):
+        merge_adapters([Path(s) for s in sources], asked_again, method=method, density=0.5, form="dense")
+
+
+def test_scale_multiplies_the_lowrank_and_factor_forms(lora_dirs: dict[str, Path], tmp_path: Path) -> None:
+    sources = [lora_dirs["s1"], lora_dirs["s2"]]
+    for form in ("lowrank", "factor"):
+        one = written_delta(merge_adapters(sources, tmp_path / f"{form}1", method="ties", form=form).out)
+        scaled = merge_adapters(sources, tmp_path / f"{form}3", method="ties", form=form, scale=3.0)
+        for name, full in one.items():
+            err = torch.linalg.matrix_norm(written_delta(scaled.out)[name] - 3.0 * full)
+            assert float(err / torch.linalg.matrix_norm(3.0 * full)) < 1e-5, (form, name, float(err))
+
+
+def test_normalize_sums_or_averages_dare_ties_and_is_refused_elsewhere(
+    lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    sources = [lora_dirs["s1"], lora_dirs["s2"]]
+    paper = merge_adapters(sources, tmp_path / "sum", method="dare_ties", density=1.0, form="dense")
+    mean = merge_adapters(
+        sources, tmp_path / "mean", method="dare_ties", density=1.0, form="dense", normalize=True
+    )
+    ties = merge_adapters(sources, tmp_path / "ties", method="ties", density=1.0, form="dense")
+    assert paper.normalize is False and mean.normalize is True and ties.normalize is True
+    for name, t in written_delta(ties.out).items():
+        assert torch.equal(written_delta(mean.out)[name], t)  # TIES at density 1
+        assert float(written_delta(paper.out)[name].norm()) > 1.2 * float(t.norm())  # the agreeing sum
+    with pytest.raises(Exception, match="normalize applies to"):
+        merge_adapters(sources, tmp_path / "k", method="knots", normalize=False)

@@ -17,6 +17,8 @@ from datm.merge.recent import (
     dare_ties,
     derive_seed,
     iso_c,
+    iso_c_core,
+    iso_c_core_svd,
     iso_c_svd,
     knots,
     knots_svd,
@@ -110,14 +112,16 @@ def test_identical_sources_give_the_source_back() -> None:
     a, b, s = random_factors((3,))[0]
     source, n = delta(a, b, s), 4
     copies = [(a, b, s)] * n
-    assert close(dare_ties(copies, density=1.0), source)
+    assert close(dare_ties(copies, density=1.0, normalize=True), source)  # the mean; the sum is n×
     assert close(knots(copies, density=1.0), source)
     assert close(core_space(copies, density=1.0), source)
     assert close(tsv(copies), source)  # shared directions are counted once: weights 1 give the source
     a_cat, b_cat = cat(copies, weights=[1 / n] * n)  # cat and iso_c sum: weights 1/n give the mean
     assert close(b_cat @ a_cat, source, rtol=1e-6)
     flat = torch.linalg.qr(torch.randn(OUT, 3))[0] @ torch.linalg.qr(torch.randn(IN, 3))[0].T * 2.0
-    assert close(iso_c([(flat, torch.eye(OUT), 1.0)] * n, weights=[1 / n] * n), flat)
+    assert close(iso_c_core([(flat, torch.eye(OUT), 1.0)] * n, weights=[1 / n] * n), flat)
+    # Iso-C at the paper's level: the 3 singular values 2 spread over min(out, in) = 18.
+    assert close(iso_c([(flat, torch.eye(OUT), 1.0)] * n, weights=[1 / n] * n), flat * 3 / IN)
 
 
 def test_orthogonal_sources_reduce_to_the_sum() -> None:
@@ -138,18 +142,18 @@ def test_cat_is_exact_for_any_sources(weights: list[float] | None) -> None:
     assert close(b_cat @ a_cat, expected, rtol=1e-6)
 
 
-def test_iso_c_flattens_the_spectrum_over_the_sums_span() -> None:
+def test_iso_c_core_flattens_the_spectrum_over_the_sums_span() -> None:
     factors = random_factors((2, 3, 2), seed=2)
     weights = [1.0, 0.5, 2.0]
     summed = sum(w * delta(*f) for w, f in zip(weights, factors, strict=True))
     u, s, vh = torch.linalg.svd(summed, full_matrices=False)
-    merged = iso_c(factors, weights).double()
+    merged = iso_c_core(factors, weights).double()
     values = torch.linalg.svdvals(merged)
     assert torch.allclose(values[:7], s[:7].mean().expand(7), rtol=1e-4)  # rank 7 = Σr, all equal σ̄
     assert float(values[7:].max()) < 1e-4 * float(values[0])
     assert close(u[:, :7] @ (u[:, :7].T @ merged), merged)  # inside the sum's column space
     assert close((merged @ vh[:7].T) @ vh[:7], merged)  # and row space
-    assert iso_c_svd(factors, weights).rank == 7
+    assert iso_c_core_svd(factors, weights).rank == iso_c_svd(factors, weights).rank == 7
 
 
 # ---- each method equals its dense definition ----------------------------------------------------
@@ -213,14 +217,17 @@ def test_dare_ties_at_density_1_is_ties() -> None:
     factors = random_factors((3, 2, 4), seed=8)
     stacked = torch.stack([delta(*f).float() for f in factors])
     expected = merge_utils.ties(list(stacked), torch.ones(3), density=1.0)  # peft's, equal weights
-    assert close(dare_ties(factors, density=1.0), expected, rtol=1e-6)
+    assert close(dare_ties(factors, density=1.0, normalize=True), expected, rtol=1e-6)
 
 
 def test_weighted_ties_is_the_weighted_disjoint_mean_by_hand() -> None:
     one = torch.ones(1, 1)
     sources = [(torch.tensor([[1.0, -2.0, 3.0]]), one, 1.0), (torch.tensor([[3.0, 1.0, -1.0]]), one, 1.0)]
-    # Σ w·x = [10, 1, 0]: entry 0 both agree (1·1 + 3·3)/(1 + 3); entry 1 only source 2; entry 2 no sign.
-    assert torch.equal(dare_ties(sources, weights=[1.0, 3.0], density=1.0), torch.tensor([[2.5, 1.0, 0.0]]))
+    # Σ w·x = [10, 1, 0]: entry 0 both agree (1·1 + 3·3)/(1 + 3); entry 1 only source 2; entry 2's sum
+    # is 0, which elects + (every TIES path's rule): source 1's 3 alone.
+    mean = dare_ties(sources, weights=[1.0, 3.0], density=1.0, normalize=True)
+    assert torch.equal(mean, torch.tensor([[2.5, 1.0, 3.0]]))
+    assert torch.equal(dare_ties(sources, weights=[1.0, 3.0], density=1.0), torch.tensor([[10.0, 3.0, 3.0]]))
 
 
 def test_dare_ties_drops_at_its_rate_and_rescales() -> None:
@@ -229,11 +236,11 @@ def test_dare_ties_drops_at_its_rate_and_rescales() -> None:
     single = dare_ties([(row, column, 2.0)], density=0.5, seed=1)
     assert abs(float((single != 0).float().mean()) - 0.5) < 0.02  # dropped at rate 1 − density
     assert abs(float(single.mean()) - 2.0) < 0.05  # rescaled by 1/density: unbiased for one source
-    pair = dare_ties([(row, column, 1.0), (row, column, 3.0)], density=0.5, seed=1)
+    pair = dare_ties([(row, column, 1.0), (row, column, 3.0)], density=0.5, seed=1, normalize=True)
     # The disjoint mean of rescaled entries is biased: E = (x1 + x2)(1 − p/2) = 3, not the mean 2;
-    # the agreeing entries' sum (mergekit's normalize: false) is unbiased: E = x1 + x2 = 4.
+    # the agreeing entries' sum (the default: the paper's, mergekit's) is unbiased: E = x1 + x2 = 4.
     assert abs(float(pair.mean()) - 3.0) < 0.05
-    summed = dare_ties([(row, column, 1.0), (row, column, 3.0)], density=0.5, seed=1, normalize=False)
+    summed = dare_ties([(row, column, 1.0), (row, column, 3.0)], density=0.5, seed=1)
     assert abs(float(summed.mean()) - 4.0) < 0.05
 
 

@@ -95,11 +95,23 @@ def test_config_validates_candidates(tmp_path, tiny_model_dir, data_dir):
     # None listed: the benchmark's best methods and the paper's ties, at the adapters' rank (lora.r 4)
     default = auto_config(tmp_path, tiny_model_dir, data_dir, candidates=None)
     assert [c.name for c in candidates(default.merge, adapter_rank=default.lora.r)] == [
-        "iso_c-d0.2-r4",
+        "iso_c_core-d0.2-r4",
         "core_space-d0.2-r4",
         "knots-d0.2-r4",
         "ties-d0.2-r4",
     ]
+    # the global scale λ is searched like the density: a grid key, a candidate key, merge.scale unset
+    scaled = auto_config(
+        tmp_path, tiny_model_dir, data_dir, candidates={"methods": ["knots"], "scales": [0.5, 1]}
+    )
+    assert [c.name for c in candidates(scaled.merge)] == [
+        "knots-d0.2-rsrc-s0.5",
+        "knots-d0.2-rsrc",
+    ]
+    with pytest.raises(C.ConfigError, match=r"candidates\[0\].scale: expected a finite number > 0"):
+        auto_config(tmp_path, tiny_model_dir, data_dir, candidates=[{"method": "ties", "scale": 0}])
+    with pytest.raises(C.ConfigError, match="merge.normalize applies to ties, dare_ties only"):
+        auto_config(tmp_path, tiny_model_dir, data_dir, method="knots", candidates=None, normalize=True)
     with pytest.raises(C.ConfigError, match="merge.method: unknown merge method 'foo'; expected auto"):
         auto_config(tmp_path, tiny_model_dir, data_dir, method="foo", candidates=None)
     with pytest.raises(C.ConfigError, match="merge.candidates is for merge.method: auto"):

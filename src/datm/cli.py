@@ -103,6 +103,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         density=args.density,
         rank=args.rank,
         form=args.form,
+        scale=args.scale,
+        normalize=args.normalize,
     )
     print(json.dumps(res.to_dict(), indent=2))
     return 0
@@ -212,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--rank", type=int, default=None, help="rank of the merged LoRA (default: the sources' rank)"
     )
     s.add_argument("--form", default="lowrank", choices=list(FORMS))
+    s.add_argument(
+        "--scale", type=float, default=1.0, help="global scale λ multiplying the merged ΔW (default 1)"
+    )
+    s.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ties, dare_ties: average the agreeing entries (default: ties yes, dare_ties no: a sum)",
+    )
     s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("translate", help="translate with the modules a run's plan routes to")

@@ -7,19 +7,18 @@ import itertools
 from dataclasses import dataclass
 
 from datm.config.names import MERGE_AUTO as AUTO
-from datm.config.names import MERGE_METHODS
+from datm.config.names import MERGE_METHODS, NORMALIZING_METHODS
 from datm.config.schema import Config, ConfigError, MergeConfig
 
 SELECT_ON = ("valid",)
-CANDIDATE_KEYS = ("method", "density", "rank")
-GRID_KEYS = ("methods", "densities", "ranks")
+CANDIDATE_KEYS = ("method", "density", "rank", "scale")
+GRID_KEYS = ("methods", "densities", "ranks", "scales")
 # merge auto's candidates when the config lists none: at the adapters' rank (one adapter's size per
 # group, DATM's parameter budget), the methods that did best in benchmarks/results/merge_methods.md
-# (iso_c, core_space, knots: +1.25, +0.42, +0.37 mean chrF++ vs the unmerged adapters at rank 16;
-# ties -0.78), and ties, the paper's.
-DEFAULT_METHODS = ("iso_c", "core_space", "knots", "ties")
+# (iso_c_core — measured as iso_c before issue 24 —, core_space, knots: +1.25, +0.42, +0.37 mean
+# chrF++ vs the unmerged adapters at rank 16, one seed; ties -0.78), and ties, the paper's.
+DEFAULT_METHODS = ("iso_c_core", "core_space", "knots", "ties")
 EXAMPLE = "e.g. [{method: ties, density: 0.2, rank: 16}] or {methods: [ties, linear], ranks: [16, 64]}"
-
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,12 @@ class Candidate:
     method: str
     density: float
     rank: int | None  # None: the sources' rank (merge_adapters' default)
+    scale: float = 1.0  # the global scale λ
 
     @property
     def name(self) -> str:
-        return f"{self.method}-d{self.density:g}-r{self.rank if self.rank is not None else 'src'}"
+        name = f"{self.method}-d{self.density:g}-r{self.rank if self.rank is not None else 'src'}"
+        return name if self.scale == 1 else f"{name}-s{self.scale:g}"
 
 
 def registered_methods() -> list[str]:
@@ -38,12 +39,18 @@ def registered_methods() -> list[str]:
     return list(MERGE_METHODS)
 
 
+def normalizing_methods() -> list[str]:
+    """The methods that can average or sum the agreeing entries (merge.normalize)."""
+    return list(NORMALIZING_METHODS)
+
+
 # --- config ------------------------------------------------------------------------------------------
 
 
 def candidates(m: MergeConfig, where: str = "merge", adapter_rank: int | None = None) -> list[Candidate]:
-    """The candidates of `merge.candidates` (a list of {method, density, rank}, or a grid of
-    {methods, densities, ranks}); an unset density or rank is merge.density / merge.rank. Duplicates
+    """The candidates of `merge.candidates` (a list of {method, density, rank, scale}, or a grid of
+    {methods, densities, ranks, scales}); an unset density, rank or scale is merge.density /
+    merge.rank / merge.scale. Duplicates
     are dropped (the first one stays). Unset: DEFAULT_METHODS at merge.rank, else `adapter_rank`."""
     raw = m.candidates
     if raw is None:
@@ -58,9 +65,12 @@ def candidates(m: MergeConfig, where: str = "merge", adapter_rank: int | None = 
             if v is not None and (not isinstance(v, list) or not v):
                 raise ConfigError(f"{where}.candidates.{k}: expected a non-empty list, got {v!r}")
         rows = [
-            {"method": a, "density": b, "rank": c}
-            for a, b, c in itertools.product(
-                grid["methods"], grid["densities"] or [m.density], grid["ranks"] or [m.rank]
+            {"method": a, "density": b, "rank": c, "scale": d}
+            for a, b, c, d in itertools.product(
+                grid["methods"],
+                grid["densities"] or [m.density],
+                grid["ranks"] or [m.rank],
+                grid["scales"] or [m.scale],
             )
         ]
     elif isinstance(raw, list) and raw:
@@ -72,9 +82,11 @@ def candidates(m: MergeConfig, where: str = "merge", adapter_rank: int | None = 
         at = f"{where}.candidates[{i}]"
         if not isinstance(row, dict) or "method" not in row or set(row) - set(CANDIDATE_KEYS):
             raise ConfigError(
-                f"{at}: expected a mapping with 'method' and optional 'density', 'rank'; got {row!r}"
+                f"{at}: expected a mapping with 'method' and optional 'density', 'rank', 'scale'; got {row!r}"
             )
-        cand = Candidate(row["method"], row.get("density", m.density), row.get("rank", m.rank))
+        cand = Candidate(
+            row["method"], row.get("density", m.density), row.get("rank", m.rank), row.get("scale", m.scale)
+        )
         _check_candidate(cand, at)
         if cand not in out:
             out.append(cand)
@@ -95,6 +107,9 @@ def _check_candidate(c: Candidate, at: str) -> None:
         raise ConfigError(f"{at}.density: expected a number in (0, 1], got {d!r}")
     if c.rank is not None and (isinstance(c.rank, bool) or not isinstance(c.rank, int) or c.rank < 1):
         raise ConfigError(f"{at}.rank: expected an integer >= 1 (or null: the sources' rank), got {c.rank!r}")
+    x = c.scale
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < float("inf"):
+        raise ConfigError(f"{at}.scale: expected a finite number > 0 (the global λ), got {x!r}")
 
 
 def validate(cfg: Config) -> None:
@@ -105,6 +120,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"{s}: merge.method: unknown merge method {m.method!r}; "
             f"expected auto or one of {', '.join(methods)}"
+        )
+    if m.normalize is not None and m.method != AUTO and m.method not in normalizing_methods():
+        raise ConfigError(
+            f"{s}: merge.normalize applies to {', '.join(normalizing_methods())} only, "
+            f"not to merge.method {m.method!r}"
         )
     if m.method != AUTO:
         if m.candidates is not None:
@@ -117,5 +137,3 @@ def validate(cfg: Config) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"{s}: merge.dev_size must be an integer >= 1, got {n!r}")
     # that data.valid holds no test pairs is checked before the run trains (preflight.check_merge_dev)
-
-

@@ -22,7 +22,9 @@ STRATEGIES = (
 )
 # Strategies whose plan trains no adapter (every other one needs a training budget).
 UNTRAINED_STRATEGIES = ("zero_shot",)
-MERGE_METHODS = ("ties", "linear", "cat", "dare_ties", "knots", "tsv", "iso_c", "core_space")
+MERGE_METHODS = ("ties", "linear", "cat", "dare_ties", "knots", "tsv", "iso_c", "iso_c_core", "core_space")
+# Merge methods that can average (merge.normalize: true) or sum the agreeing entries.
+NORMALIZING_METHODS = ("ties", "dare_ties")
 MERGE_AUTO = "auto"  # merge.method: choose among candidates on the dev set
 MERGE_FORMS = ("lowrank", "factor", "dense", "sparse")
 EXECUTORS = ("local", "ray")

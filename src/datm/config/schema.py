@@ -59,8 +59,12 @@ class MergeConfig:
     rank: int | None = None  # rank of the re-factored LoRA; default: the adapters' rank
     form: str = "lowrank"  # lowrank | factor | dense | sparse
     weights: list[float] | None = None
+    scale: float = 1.0  # the global scale λ multiplying every method's merged ΔW
+    normalize: bool | None = (
+        None  # ties, dare_ties: mean (true) or sum of the agreeing entries; null: paper's
+    )
     # method auto: [{method, density, rank}, ...] or a grid {methods, densities, ranks}; unset:
-    # iso_c, core_space, knots and ties at merge.rank or the adapters' rank (candidates.DEFAULT_METHODS)
+    # iso_c_core, core_space, knots, ties at merge.rank or the adapters' rank (candidates.DEFAULT_METHODS)
     candidates: list[dict[str, Any]] | dict[str, Any] | None = None
     select_on: str = "valid"  # auto chooses on the dev set (data.valid, or held-out training pairs)
     dev_size: int = 200  # auto: dev sentences per direction (and the held-out slice's size)

@@ -149,6 +149,7 @@ NUMERIC_SETTINGS: dict[str, Number] = {
     "train.checkpoint_every": Number(integer=True, low=0),
     "merge.density": Number(integer=False, low=0, high=1, low_open=True),
     "merge.rank": POSITIVE_INT_OR_NULL,
+    "merge.scale": Number(integer=False, low=0, low_open=True),
     "eval.max_examples": POSITIVE_INT_OR_NULL,
     "eval.beams": POSITIVE_INT,
     "eval.max_new_tokens": POSITIVE_INT,
@@ -176,6 +177,9 @@ def _validate_numbers(cfg: Config) -> None:
         value = _setting(cfg, key)
         if not rule.accepts(value):
             raise ConfigError(f"{s}: {key} must be {rule.describe()}, got {value!r}")
+    normalize = cfg.merge.normalize
+    if normalize is not None and not isinstance(normalize, bool):
+        raise ConfigError(f"{s}: merge.normalize must be true, false or null, got {normalize!r}")
     weights = cfg.merge.weights
     if weights is None:
         return

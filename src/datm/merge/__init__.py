@@ -8,11 +8,14 @@ The package, along its seams:
   `ModuleTask` per LoRA module;
 - `io`: the streaming safetensors writer;
 - `methods`: merge methods, one registered class each, with one interface on a module's factored
-  sources: ``merge(factors, weights, settings) -> ΔW`` where factors = [(A_i, B_i, s_i)],
-  ΔW_i = s_i · B_i @ A_i, and settings carry the density and a seed derived per module
-  (`derive_seed(seed, module name)`). A method returns a dense float32 ΔW or a low-rank result
-  (``.factors(k)``, ``.dense()``, e.g. a thin SVD `LowRank`), which the lowrank form writes
-  without a dense SVD. New methods are small classes with `@register`;
+  sources: ``apply(factors, weights, settings) -> ΔW`` where factors = [(A_i, B_i, s_i)],
+  ΔW_i = s_i · B_i @ A_i, and settings carry the density, a seed derived per module
+  (`derive_seed(seed, module name)`), the global scale λ (every method's merged ΔW is multiplied
+  by it, exactly) and, for ties and dare_ties, whether the agreeing entries are averaged or summed.
+  A method returns a dense float32 ΔW or a low-rank result (``.factors(k)``, ``.dense()``, e.g. a
+  thin SVD `LowRank`), which the lowrank form writes without a dense SVD. New methods are small
+  classes with `@register`; the SVD-based ones' math is in `recent`, the factorizations and SVD
+  building blocks both use in `lowrank` (so `methods` and `recent` never import each other);
 - `forms`: the forms a merged ΔW is written in (lowrank, factor, dense, sparse), one registered
   class each: how it is written, its size in parameters and bytes, the error it records, how it is
   recognised on disk and how it is applied at translation (LoRA through peft, or a delta);
@@ -48,8 +51,8 @@ _WHERE = {
     "METHODS": "methods",
     "Method": "methods",
     "get_method": "methods",
-    "LowRank": "methods",
-    "derive_seed": "methods",
+    "LowRank": "lowrank",
+    "derive_seed": "base",
     "AppliedDelta": "delta",
     "apply_delta": "delta",
     "iter_delta": "delta",

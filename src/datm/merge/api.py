@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from datm import artifacts
 from datm.log import is_main_process
-from datm.merge.base import MERGE_INFO, MergeError
+from datm.merge.base import MERGE_INFO, MergeError, derive_seed
 from datm.merge.forms import Form, FormJob, LowRankForm, get_form
 from datm.merge.io import SafetensorsStreamWriter
-from datm.merge.methods import Method, MethodSettings, derive_seed, get_method
+from datm.merge.methods import Method, MethodSettings, get_method
 from datm.merge.ops import (
     EXACT_SVD_MAX_DIM,
     SVD_NITER,
@@ -68,9 +68,9 @@ def execute(
             a_list = [load_factor(h, k, s) for h, k, s in zip(handles, task.a_keys, sources, strict=True)]
             b_list = [load_factor(h, k, s) for h, k, s in zip(handles, task.b_keys, sources, strict=True)]
             factors = list(zip(a_list, b_list, task.scalings, strict=True))
-            settings = MethodSettings(job.settings.density, derive_seed(job.settings.seed, task.name))
+            settings = replace(job.settings, seed=derive_seed(job.settings.seed, task.name))
             module_job = FormJob(job.method, settings, job.weights, job.rank, job.first)
-            result = job.method.merge(factors, job.weights, settings)
+            result = job.method.apply(factors, job.weights, settings)  # λ · the method's merge
             merged, written, params = form.write(writer, task, result, factors, module_job)
             del a_list, b_list, factors, result
             reports[task.name] = _compare(merged, written, params)
@@ -108,6 +108,8 @@ class MergeResult:
     params: int  # stored weight values (for sparse: nonzeros)
     bytes: int  # size of the written tensor file
     seconds: float
+    scale: float = 1.0  # the global scale λ the merged ΔW was multiplied by
+    normalize: bool | None = None  # TIES family: mean (True) or sum of the agreeing entries; None: other
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,7 +118,8 @@ class MergeResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MergeResult:
-        return cls(**{**{k: d[k] for k in cls.__dataclass_fields__}, "out": Path(d["out"])})
+        # merges recorded before `scale` and `normalize` existed were made at λ 1 with the defaults
+        return cls(**{**{k: d[k] for k in cls.__dataclass_fields__ if k in d}, "out": Path(d["out"])})
 
 
 def merge_adapters(
@@ -128,21 +131,35 @@ def merge_adapters(
     form: str = "lowrank",
     weights: list[float] | None = None,
     progress: bool = True,
+    scale: float = 1.0,
+    normalize: bool | None = None,
 ) -> MergeResult:
     """Merge PEFT LoRA directories `sources` into the directory `out` (see the module docstring).
 
     `density` is TIES's kept fraction (ignored by linear); `weights` are per-source (TIES default 1,
-    linear default 1/n); `rank` is the lowrank form's rank (default: the sources' largest r). One
-    source is allowed for linear: lowrank then simply re-factors it (with weight 1 by default).
+    linear default 1/n); `rank` is the lowrank form's rank (default: the sources' largest r); `scale`
+    is the global λ every method's merged ΔW is multiplied by (exactly; > 0, default 1); `normalize`
+    chooses the agreeing entries' mean (True) or sum (False) for ties and dare_ties (None: the
+    method's paper — ties the mean, dare_ties the sum). One source is allowed for linear: lowrank
+    then simply re-factors it (with weight 1 by default).
     A finished `out` is never redone: its recorded result is returned if it was made with the same
     request, and a different request is an error.
     """
     out = Path(out)
     sources = [Path(s) for s in sources]
     merge_method, merge_form = _validate_args(sources, method, density, rank, form)
-    density = density if merge_method.uses_density else 1.0
+    settings = MethodSettings(density=density, seed=MERGE_SEED, scale=scale, normalize=normalize)
+    merge_method.check_settings(settings)
+    settings = replace(
+        settings,
+        density=density if merge_method.uses_density else 1.0,
+        scale=float(scale),
+        normalize=merge_method.normalize(settings) if merge_method.normalize_default is not None else None,
+    )
+    density = settings.density
+    request = _request(sources, method, form, settings, rank, weights)
     if artifacts.is_done(out):
-        return _recorded_result(out, sources, method, form, density, rank, weights)
+        return _recorded_result(out, request)
     started = time.perf_counter()
     srcs = [read_source(p) for p in sources]
     tasks = plan_merge(srcs)
@@ -150,7 +167,7 @@ def merge_adapters(
     default_weight = merge_method.default_weight(len(srcs))
     job = FormJob(
         method=merge_method,
-        settings=MethodSettings(density=density, seed=MERGE_SEED),
+        settings=settings,
         weights=resolve_weights(weights, len(srcs), default=default_weight),
         rank=rank,
         first=srcs[0],
@@ -177,10 +194,12 @@ def merge_adapters(
         params=sum(r.params for r in reports.values()),
         bytes=n_bytes,
         seconds=round(time.perf_counter() - started, 3),
+        scale=settings.scale,
+        normalize=settings.normalize,
     )
     info = {
         **result.to_dict(),
-        "request": _request(sources, method, form, density, asked_rank, job.weights),
+        "request": {**request, "rank": asked_rank, "weights": job.weights},
         "weights": job.weights,
         "base_model_name_or_path": srcs[0].base_model,
         "sources": [
@@ -235,27 +254,36 @@ def _validate_args(
 
 
 def _request(
-    sources: list[Path], method: str, form: str, density: float, rank: int | None, weights: list[float] | None
+    sources: list[Path],
+    method: str,
+    form: str,
+    settings: MethodSettings,
+    rank: int | None,
+    weights: list[float] | None,
 ) -> dict[str, Any]:
     return {
         "sources": [str(p.resolve()) for p in sources],
         "method": method,
         "form": form,
-        "density": density,
+        "density": settings.density,
         "rank": rank,
         "weights": weights,
+        "scale": settings.scale,
+        "normalize": settings.normalize,
     }
 
 
-def _recorded_result(
-    out: Path,
-    sources: list[Path],
-    method: str,
-    form: str,
-    density: float,
-    rank: int | None,
-    weights: list[float] | None,
-) -> MergeResult:
+def _as_made(request: dict[str, Any]) -> dict[str, Any]:
+    """A recorded request in today's terms: one recorded before `scale` (issue 24) was made at λ 1,
+    ties and dare_ties with the agreeing entries' mean, and its iso_c is today's iso_c_core."""
+    if "scale" in request:
+        return request
+    method = "iso_c_core" if request["method"] == "iso_c" else request["method"]
+    normalize = True if method in ("ties", "dare_ties") else None
+    return {**request, "method": method, "scale": 1.0, "normalize": normalize}
+
+
+def _recorded_result(out: Path, asked: dict[str, Any]) -> MergeResult:
     """The finished merge in `out`, if it answers this request (unset rank/weights match anything)."""
     info_file = out / MERGE_INFO
     if not info_file.is_file():
@@ -263,8 +291,7 @@ def _recorded_result(
             f"{out} is marked finished but has no {MERGE_INFO}; it was not made by merge_adapters"
         )
     info = artifacts.read_json(info_file)
-    recorded = info["request"]
-    asked = _request(sources, method, form, density, rank, weights)
+    recorded = _as_made(info["request"])
     for key, value in asked.items():
         if value is None and key in ("rank", "weights"):
             continue  # defaults: whatever was resolved then

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from datm import artifacts
+from datm.config import names
 from datm.log import get_logger
 from datm.merge.base import (
     ADAPTER_CONFIG,
@@ -224,7 +225,8 @@ class FactorForm(_LoraForm):
 
     def write(self, writer, task, merged, factors, job):  # type: ignore[no-untyped-def]
         """Like peft, source i's weight w_i and scaling s_i are folded into both factors as
-        √(w_i s_i / s_out), where s_out (the first source's scaling) is the output adapter's."""
+        √(w_i s_i / s_out), where s_out (the first source's scaling) is the output adapter's. The
+        global scale λ multiplies the merged A (so B A is λ times the merge at λ 1)."""
         import torch
 
         from datm.merge.methods import dense_of
@@ -246,6 +248,7 @@ class FactorForm(_LoraForm):
         # The method on the A's (and B's) alone: each as a "ΔW" I @ A_i (B_i @ I), exact in float32.
         a = dense_of(job.method.merge([(f[0], eye, 1.0) for f in factors], weights, job.settings))
         b = dense_of(job.method.merge([(eye, f[1], 1.0) for f in factors], weights, job.settings))
+        a = a.mul_(job.settings.scale)
         a, b = a.to(job.first.dtype), b.to(job.first.dtype)
         writer.add(task.a_keys[0], a)
         writer.add(task.b_keys[0], b)
@@ -362,6 +365,9 @@ class SparseForm(DeltaForm):
 
     def bytes(self, params: int, value_bytes: int) -> int:
         return params * (value_bytes + INDEX_BYTES)
+
+
+names.check_registry("merge form", names.MERGE_FORMS, FORMS)
 
 
 def merged_module_parameters(

@@ -75,7 +75,10 @@ def _zero_below(delta: torch.Tensor, threshold: torch.Tensor | None) -> torch.Te
 
 
 def ties_merge(
-    deltas: Sequence[torch.Tensor], density: float, weights: Sequence[float] | None = None
+    deltas: Sequence[torch.Tensor],
+    density: float,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """TIES-merging (Yadav et al., 2023) of same-shaped task deltas, computed in float32.
 
@@ -84,11 +87,13 @@ def ties_merge(
     3. take, per entry, the weighted disjoint mean of the sources whose trimmed value is nonzero and
        has the elected sign: Σ_agreeing w_i·t_i / Σ_agreeing w_i. This is the mean of the agreeing
        values weighted by w (mergekit's TIES with `normalize: true`); with unit weights it is the
-       paper's and peft's plain mean over the agreeing sources.
+       paper's and peft's plain mean over the agreeing sources. With normalize=False, the agreeing
+       values' weighted sum Σ_agreeing w_i·t_i instead (mergekit's `normalize: false`).
 
-    A sum of exactly 0 elects + (peft's majority_sign_method="total" and mergekit's "sum" do the
-    same); an entry that every source trimmed to 0 merges to 0, and so does one whose agreeing
-    weights sum to 0 (possible only with negative weights; mergekit then divides by 1, as here).
+    A sum of exactly 0 elects + (`elect_sign`, the one rule of every TIES path); an entry that every
+    source trimmed to 0 merges to 0, and so does one whose agreeing weights sum to 0 (possible only
+    with negative weights; mergekit then divides by 1, as here). The global scale λ is applied by the
+    method (`datm.merge.lowrank.scaled`), after this.
     """
     _check_same_shape(deltas)
     weights = resolve_weights(weights, len(deltas), default=1.0)
@@ -96,24 +101,25 @@ def ties_merge(
     elected = torch.zeros_like(trimmed[0])
     for t in trimmed:
         elected.add_(t)
-    _elect_sign(elected)
+    elect_sign(elected)
     total = torch.zeros_like(elected)
     divisor = torch.zeros_like(elected)
     for t, w in zip(trimmed, weights, strict=True):
         agrees = (t * elected) > 0  # nonzero with the elected sign
         total.add_(t * agrees)
         divisor.add_(agrees, alpha=w)
-    return total.div_(divisor.masked_fill_(divisor.eq(0), 1.0))  # entries no source agrees on stay 0
+    return _normalized(total, divisor, normalize)
 
 
 def ties_merge_factored(
     factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
     density: float,
     weights: Sequence[float] | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """`ties_merge` of LoRA deltas ΔW_i = s_i · B_i @ A_i given as factors (A_i, B_i, s_i).
 
-    The result equals ``ties_merge([delta_of(a, b, s) for a, b, s in factors], density, weights)``
+    The result equals ``ties_merge([delta_of(a, b, s) for a, b, s in factors], density, weights, normalize)``
     bit for bit (for finite deltas), but no two ΔW_i exist at once: pass 1 forms each ΔW_i, finds its
     trim threshold and adds its weighted trimmed values to the sign-electing sum; pass 2 forms each
     ΔW_i again from its (small) factors, trims it with the stored threshold and adds the entries that
@@ -139,7 +145,7 @@ def ties_merge_factored(
         elected.add_(trimmed)
         del delta, trimmed
     assert elected is not None
-    _elect_sign(elected)
+    elect_sign(elected)
 
     total = torch.zeros_like(elected)
     divisor = torch.zeros_like(elected)
@@ -153,12 +159,20 @@ def ties_merge_factored(
         total.add_(trimmed)
         del trimmed, agrees
     del elected
-    return total.div_(divisor.masked_fill_(divisor.eq(0), 1.0))  # entries no source agrees on stay 0
+    return _normalized(total, divisor, normalize)
 
 
-def _elect_sign(summed: torch.Tensor) -> torch.Tensor:
-    """Turn the per-entry sum of the sources into the elected sign, in place: +1 where ≥ 0, else −1."""
+def elect_sign(summed: torch.Tensor) -> torch.Tensor:
+    """TIES's sign election, the one rule of every TIES path (here, `dare_ties`, and the cores of
+    `knots` and `core_space`): the per-entry weighted sum of the sources becomes its sign, in place,
+    +1 where the sum is ≥ 0 (exactly 0 elects +, as peft's majority_sign_method="total" and mergekit's
+    "sum" do), else −1."""
     return summed.sign_().masked_fill_(summed.eq(0), 1.0)
+
+
+def _normalized(total: torch.Tensor, divisor: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """TIES's disjoint mean total / divisor (entries no source agrees on stay 0), or the sum `total`."""
+    return total.div_(divisor.masked_fill_(divisor.eq(0), 1.0)) if normalize else total
 
 
 def linear_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:

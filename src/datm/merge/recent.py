@@ -9,6 +9,8 @@ change TIES's elementwise choices and the merged ΔW by 0.2–0.9% (7 sources of
 `*_svd` returns the result as a float32 thin SVD (`LowRank`), from which `LowRank.factors(k)` gives
 the best rank-k LoRA with no SVD of a dense matrix; the plain name returns the dense merged ΔW
 (out×in). `cat` returns exact LoRA factors. All are deterministic (`dare_ties` through its seed).
+The global scale λ of every method is applied to these results by `datm.merge.lowrank.scaled` (the
+registered methods in `datm.merge.methods` do it), so the functions here compute the merge at λ = 1.
 
 Singular values below RANK_RTOL × the largest count as zero everywhere (round-off of a product of
 lower rank); "the sources' span" below means the column/row spaces the sources' factors span.
@@ -19,17 +21,20 @@ k·(out+in) values; the n sources cost Σr_i·(out+in)):
 - ``cat``: keeps everything, ΔW = Σ w_i ΔW_i exactly, and resolves no interference (it is the
   linear merge). Rank Σr_i: the sum of the sources' sizes, the no-loss reference.
 - ``dare_ties``: drops entries of each ΔW at random and rescales the rest, then TIES's sign election
-  and disjoint mean. Loses minority-sign entries and, being elementwise, the low-rank structure: the
-  result has full rank, so a rank-k LoRA keeps only part of it; dense (out·in) or sparse (about
-  min(1, n·density)·out·in nonzeros) forms are exact.
+  and the agreeing entries' sum (the paper's and mergekit's; the mean with normalize=True). Loses
+  minority-sign entries and, being elementwise, the low-rank structure: the result has full rank,
+  so a rank-k LoRA keeps only part of it; dense (out·in) or sparse (about min(1, n·density)·out·in
+  nonzeros) forms are exact.
 - ``knots``: one shared basis (SVD of [ΔW_1 … ΔW_n]) in which each source is a coefficient block;
   TIES on the blocks. Rank ≤ Σr_i: exact at k = Σr_i (cat's size); below, a truncated SVD.
 - ``tsv``: each source's top ⌊fraction·r_i⌋ singular directions, decorrelated across sources
   (nearest orthonormal sets), summed. Keeps the sources' span, loses the overlap between sources'
   directions (counted once) and the cut directions. Rank ≤ Σ⌊fraction·r_i⌋, exact at that rank.
-- ``iso_c``: the summed update with its spectrum flattened: keeps its subspace, boosts weak directions
-  and damps dominant ones. Rank ≤ Σr_i; a flat spectrum is the worst case for truncation (rank k keeps
-  k/rank of its energy), so ship it at its full rank.
+- ``iso_c``: the summed update with its spectrum flattened to the paper's level Σσ/min(out, in):
+  keeps its subspace, boosts weak directions and damps dominant ones. Rank ≤ Σr_i; a flat spectrum
+  is the worst case for truncation (rank k keeps k/rank of its energy), so ship it at its full rank.
+- ``iso_c_core``: the same flat spectrum at the level of the sum's own span, Σσ/R (R its numerical
+  rank ≤ Σr_i): Core Space's "isotropize in core", min(out, in)/R times Iso-C's level.
 - ``core_space``: TIES on each source's Σr×Σr core in the reference bases of the stacked B's and A's
   (lossless alignment, cheapest of the TIES-like ones). Rank ≤ Σr_i, exact at k = Σr_i.
 """
@@ -41,12 +46,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from datm.merge.base import MergeError
-from datm.merge.methods import LowRank, derive_seed
+from datm.merge.base import MergeError, derive_seed
+from datm.merge.lowrank import LowRank, compose, svd_of_product, thin_svd
+from datm.merge.ops import elect_sign
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor, float]]
 
-RANK_RTOL = 1e-5  # relative cut for numerical rank (the KnOTS code cuts s ≤ 1e-5, absolute)
 ZERO_RTOL = 1e-6  # coefficients this small (relative) are zeros blurred by the float32 inputs' round-off
 
 
@@ -73,18 +78,19 @@ def dare_ties(
     weights: Sequence[float] | None = None,
     density: float = 0.5,
     seed: int = 0,
-    normalize: bool = True,
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """DARE then TIES (Yu et al., ICML 2024, "Language Models are Super Mario"; peft's and mergekit's
-    ``dare_ties``) on the dense ΔW_i.
+    """DARE then TIES (Yu et al., ICML 2024, "Language Models are Super Mario"; mergekit's
+    ``dare_ties``) on the dense ΔW_i: Σ_{i agreeing} w_i · m_i ⊙ ΔW_i / density.
 
-    1. Drop and rescale: each entry of ΔW_i is kept with probability `density` and divided by it
-       (so E[kept] = ΔW_i); no magnitude trim.
-    2. TIES election and weighted disjoint mean (see `_elect_and_average`); with normalize=False the
-       agreeing entries' weighted sum instead (mergekit's default for dare_ties).
-    With density 1 nothing is dropped and this is TIES at density 1. The mean of rescaled entries is
-    biased: two agreeing sources x1, x2 give E = (x1 + x2)(1 − density/2), not their mean; the sum
-    (normalize=False) is unbiased where all sources agree.
+    1. Drop and rescale: each entry of ΔW_i is kept (m_i = 1) with probability `density` and divided
+       by it (so E[kept] = ΔW_i); no magnitude trim.
+    2. TIES's sign election (`elect_sign` of Σ w_i x_i) and the agreeing entries' weighted sum, as
+       the paper and mergekit's default (normalize: false) do; normalize=True gives their weighted
+       mean Σ_agree w_i x_i / Σ_agree w_i instead (peft's dare_ties). The mean of rescaled entries
+       drifts with density: two agreeing sources x1, x2 give E = (x1 + x2)(1 − density/2), not
+       their mean; the sum is unbiased where all sources agree.
+    With density 1 nothing is dropped: TIES at density 1 without its mean (with it, with normalize).
 
     Randomness: source i's keep-mask comes from a CPU generator seeded with derive_seed(seed, i), so
     the result depends only on (seed, sources, weights, density). Merging a model, pass
@@ -114,8 +120,9 @@ def knots_svd(factors: Factors, weights: Sequence[float] | None = None, density:
     sources, in which ΔW_i = U C_i with C_i = Σ V_iᵀ (k×in, k ≤ Σr; singular values under RANK_RTOL
     dropped as the reference drops s ≤ 1e-5). The C_i are merged with TIES (`_zero_round_off`, each
     trimmed to its top `density` entries, then `_elect_and_average`) and mapped back: ΔW = U C. As in
-    the reference, Σ is folded into the C_i; unlike it (one top-k over the whole model), the trim is
-    per module.
+    the reference, Σ is folded into the C_i. Departures, on purpose: the trim is per module (the
+    reference takes one top-k over the whole model, which a module-by-module stream cannot), and it
+    keeps ⌊density·n⌋ entries as peft and mergekit count them (the KnOTS code keeps ⌊density·n⌋ + 1).
     Via factors: [ΔW_1 … ΔW_n] = B_cat · blockdiag(s_i A_i), decomposed by `svd_of_product`.
     """
     factors, weights = _prepare(factors, weights, torch.float64)
@@ -129,7 +136,7 @@ def knots_svd(factors: Factors, weights: Sequence[float] | None = None, density:
     ]
     coefficients = [_trim(c, density) for c in _zero_round_off(blocks)]
     merged = _elect_and_average(lambda i: coefficients[i].clone(), weights)
-    return _compose(shared.u, _thin_svd(merged), None).float()
+    return compose(shared.u, thin_svd(merged), None).float()
 
 
 def tsv_svd(factors: Factors, weights: Sequence[float] | None = None, fraction: float = 1.0) -> LowRank:
@@ -164,18 +171,36 @@ def iso_c_svd(factors: Factors, weights: Sequence[float] | None = None) -> LowRa
     """Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces").
 
-    The SVD of the summed update Σ w_i ΔW_i = U S Vᵀ, with every singular value replaced by their mean
-    σ̄: ΔW = σ̄ U Vᵀ. The paper's code averages all min(out, in) singular values of a full-rank sum;
-    a sum of LoRAs has rank ≤ Σr, and flattening its zero singular values would add arbitrary
-    directions, so σ̄ and U, V run over the sum's numerical rank. The paper's global scale α (tuned on
-    validation) is the weights here. Via factors: the sum is B_cat · [w_1 s_1 A_1; …].
+    The SVD of the summed update Σ w_i ΔW_i = U S Vᵀ with every singular value replaced by the
+    paper's level σ̄ = Σ_j σ_j / min(out, in), the mean of all min(out, in) singular values as the
+    reference code takes it (`S.mean()` of the full thin SVD): ΔW = σ̄ U_R V_Rᵀ. A sum of LoRAs has
+    rank R ≤ Σr; the reference flattens its min(out, in) − R zero singular values too, which adds
+    arbitrary null-space directions (whatever the SVD routine returns there), so datm keeps the
+    sum's span (U_R, V_R) at the paper's level — a departure only where the sum is not full rank.
+    Via factors: the sum is B_cat · [w_1 s_1 A_1; …].
     """
+    summed = _summed(factors, weights)
+    out_features, in_features = summed.u.shape[0], summed.vh.shape[1]
+    level = float(summed.s.sum()) / min(out_features, in_features)
+    return LowRank(summed.u, torch.full_like(summed.s, level), summed.vh).float()
+
+
+def iso_c_core_svd(factors: Factors, weights: Sequence[float] | None = None) -> LowRank:
+    """Iso-C's flat spectrum at the level of the sum's own span: σ̄ = Σ_j σ_j / R over its numerical
+    rank R, ΔW = σ̄ U_R V_Rᵀ (Core Space's "isotropize in core"; datm's `iso_c` before issue 24).
+    min(out, in)/R times `iso_c_svd`'s level: ≈ 9× for a 1024-wide module merging seven rank-16
+    sources."""
+    summed = _summed(factors, weights)
+    return LowRank(summed.u, torch.full_like(summed.s, float(summed.s.mean())), summed.vh).float()
+
+
+def _summed(factors: Factors, weights: Sequence[float] | None) -> LowRank:
+    """The thin SVD of Σ w_i ΔW_i (float64) at its numerical rank, from B_cat · [w_1 s_1 A_1; …]."""
     factors, weights = _prepare(factors, weights, torch.float64)
-    summed = svd_of_product(
+    return svd_of_product(
         torch.cat([b for _, b, _ in factors], dim=1),
         torch.cat([a * (w * s) for (a, _, s), w in zip(factors, weights, strict=True)], dim=0),
     )
-    return LowRank(summed.u, torch.full_like(summed.s, float(summed.s.mean())), summed.vh).float()
 
 
 def core_space_svd(factors: Factors, weights: Sequence[float] | None = None, density: float = 1.0) -> LowRank:
@@ -196,14 +221,14 @@ def core_space_svd(factors: Factors, weights: Sequence[float] | None = None, den
     factors, weights = _prepare(factors, weights, torch.float64)
     _check_unit("density", density)
     _check_positive(weights, "core_space")
-    u_ref = _thin_svd(torch.cat([b for _, b, _ in factors], dim=1)).u
-    vh_ref = _thin_svd(torch.cat([a for a, _, _ in factors], dim=0)).vh
+    u_ref = thin_svd(torch.cat([b for _, b, _ in factors], dim=1)).u
+    vh_ref = thin_svd(torch.cat([a for a, _, _ in factors], dim=0)).vh
     cores = [
         _trim(m, density)
         for m in _zero_round_off([(u_ref.T @ b) @ (a @ vh_ref.T) * s for a, b, s in factors])
     ]
     merged = _elect_and_average(lambda i: cores[i].clone(), weights)
-    return _compose(u_ref, _thin_svd(merged), vh_ref).float()
+    return compose(u_ref, thin_svd(merged), vh_ref).float()
 
 
 def knots(factors: Factors, weights: Sequence[float] | None = None, density: float = 1.0) -> torch.Tensor:
@@ -219,6 +244,11 @@ def tsv(factors: Factors, weights: Sequence[float] | None = None, fraction: floa
 def iso_c(factors: Factors, weights: Sequence[float] | None = None) -> torch.Tensor:
     """`iso_c_svd` as a dense out×in ΔW."""
     return iso_c_svd(factors, weights).dense()
+
+
+def iso_c_core(factors: Factors, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """`iso_c_core_svd` as a dense out×in ΔW."""
+    return iso_c_core_svd(factors, weights).dense()
 
 
 def core_space(
@@ -262,16 +292,17 @@ def _elect_and_average(
 ) -> torch.Tensor:
     """TIES steps 2–3 (Yadav et al. 2023) over sources source(0..n-1), weights > 0.
 
-    Each entry's sign is elected from Σ w_i x_i; the result is the weighted disjoint mean of the
-    sources that agree with it, Σ_agree w_i x_i / Σ_agree w_i (mergekit's TIES with normalize: true);
-    an entry whose sum is 0 or that no source agrees with is 0. With equal weights it is peft's mean
-    of the agreeing values; normalize=False returns Σ_agree w_i x_i. `source(i)` returns a new tensor
+    Each entry's sign is elected from Σ w_i x_i by `elect_sign` (a sum of exactly 0 elects +, as in
+    `ops.ties_merge`); the result is the weighted disjoint mean of the sources that agree with it,
+    Σ_agree w_i x_i / Σ_agree w_i (mergekit's TIES with normalize: true); an entry no source agrees
+    with is 0. With equal weights it is peft's mean of the agreeing values; normalize=False returns
+    Σ_agree w_i x_i. `source(i)` returns a new tensor
     (modified here) and is called twice per source, so only a few result-sized tensors exist at once.
     """
     elected = source(0).mul_(weights[0])
     for i, w in enumerate(weights[1:], start=1):
         elected.add_(source(i), alpha=w)
-    elected.sign_()
+    elect_sign(elected)
     total = torch.zeros_like(elected)
     weight_sum = torch.zeros_like(elected)
     for i, w in enumerate(weights):
@@ -282,33 +313,9 @@ def _elect_and_average(
     return total.div_(weight_sum.masked_fill_(weight_sum == 0, 1.0)) if normalize else total
 
 
-def svd_of_product(left: torch.Tensor, right: torch.Tensor) -> LowRank:
-    """Thin SVD of left @ right (out×m @ m×in) at its numerical rank, from the QRs of left and rightᵀ
-    and the SVD of their m×m core: O((out+in)·m²), never an out×in matrix."""
-    if left.shape[1] == 0:
-        return LowRank(left[:, :0], left.new_zeros(0), right[:0])
-    q_left, r_left = torch.linalg.qr(left)
-    q_right, r_right = torch.linalg.qr(right.T)
-    return _compose(q_left, _thin_svd(r_left @ r_right.T), q_right.T)
-
-
-def _thin_svd(x: torch.Tensor) -> LowRank:
-    """torch.linalg.svd of x, cut to its numerical rank."""
-    if x.numel() == 0:
-        return LowRank(x.new_zeros(x.shape[0], 0), x.new_zeros(0), x.new_zeros(0, x.shape[1]))
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    k = int((s > s[0] * RANK_RTOL).sum()) if float(s[0]) > 0 else 0
-    return LowRank(u[:, :k], s[:k], vh[:k])
-
-
-def _compose(left: torch.Tensor, core: LowRank, right: torch.Tensor | None) -> LowRank:
-    """The SVD of left @ core @ right, for `left` with orthonormal columns and `right` rows (None: I)."""
-    return LowRank(left @ core.u, core.s, core.vh if right is None else core.vh @ right)
-
-
 def _polar(x: torch.Tensor) -> torch.Tensor:
     """The orthonormal matrix nearest to x (Procrustes): P Qᵀ of svd(x) = P Σ Qᵀ over x's numerical rank."""
-    one = _thin_svd(x)
+    one = thin_svd(x)
     return one.u @ one.vh
 
 

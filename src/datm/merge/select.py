@@ -30,7 +30,7 @@ from datm import artifacts, data
 from datm import languages as L
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
-from datm.config.candidates import AUTO, Candidate, config_candidates
+from datm.config.candidates import AUTO, Candidate, config_candidates, normalizing_methods
 
 SELECTION_FILE = "selection.json"
 TRANSLATIONS_FILE = "translations.json"
@@ -153,6 +153,7 @@ class Row:
     bytes: int
     merge_seconds: float
     same_as: str | None = None  # an earlier candidate that wrote identical weights (not re-translated)
+    scale: float = 1.0  # the candidate's global scale λ
 
 
 def choose(rows: list[Row]) -> Row:
@@ -242,6 +243,8 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
             form=cfg.merge.form,
             weights=cfg.merge.weights,
             progress=worker.progress,
+            scale=c.scale,
+            normalize=cfg.merge.normalize if c.method in normalizing_methods() else None,
         )
         prints[c.name] = _fingerprint(run.candidate_module(name, c.name))
     same_as = {}
@@ -291,6 +294,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
                 res.bytes,
                 res.seconds,
                 same_as[c.name],
+                c.scale,
             )
         )
     best = choose(rows)

@@ -226,6 +226,8 @@ def merge_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
         rank=cfg.merge.rank,
         form=cfg.merge.form,
         weights=cfg.merge.weights,
+        scale=cfg.merge.scale,
+        normalize=cfg.merge.normalize,
     )
     err = f", relative reconstruction error {res.rel_error:.3f}" if res.rel_error is not None else ""
     log.info(f"merge {spec.name}: {spec.method}/{res.form} of {len(spec.sources)} adapters{err}")
