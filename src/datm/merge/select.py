@@ -218,20 +218,77 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
     merges and dev translations are reused); the selection table and choice, also written to
     `run.candidates(name)/selection.json`. Publishes nothing."""
     from datm.eval import evaluate
-    from datm.merge import merge_adapters
 
-    spec = next(m for m in plan.merges if m.name == name)
-    sources = [run.adapter(s) for s in spec.sources]
+    devs, dev_origin = _dev_sets(cfg, plan, name)
+    settings = cfg.eval.decoding()  # what the dev translations are made with
+    cands = config_candidates(cfg)
+    results, same_as = _merge_candidates(cfg, plan, run, name, cands, worker)
+    hyps = _dev_translations(cfg, run, name, [c for c in cands if same_as[c.name] is None], devs, worker)
+    refs = {d: [p.tgt for p in pairs] for d, pairs in devs.items()}
+    for d, pairs in devs.items():  # what the candidates were scored on, for people to read
+        src, ref = run.candidate_dev(name, d)
+        artifacts.atomic_write_text(src, data.write_text(p.src for p in pairs))
+        artifacts.atomic_write_text(ref, data.write_text(refs[d]))
+    rows = []
+    for c in cands:
+        h = hyps[same_as[c.name] or c.name]
+        chrf = {d: round(evaluate.score_chrf(h[d], refs[d])[0], 4) for d in devs}
+        res = results[c.name]
+        mean = round(sum(chrf.values()) / len(chrf), 4)
+        rows.append(
+            Row(
+                c.name,
+                c.method,
+                c.density,
+                res.rank,
+                chrf,
+                mean,
+                res.bytes,
+                res.seconds,
+                same_as[c.name],
+                c.scale,
+            )
+        )
+    selection = {
+        "select_on": cfg.merge.select_on,
+        "metric": "chrF++ (mean over the merged module's directions)",
+        "rule": "highest mean dev chrF++; ties: fewer bytes, then the earlier candidate",
+        "dev": {
+            d: {
+                "source": dev_origin[d],
+                "n": len(devs[d]),
+                "fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in devs[d]),
+            }
+            for d in devs
+        },
+        "candidates": [asdict(r) for r in rows],
+        "chosen": choose(rows).candidate,
+        "settings": settings,
+    }
+    artifacts.atomic_write_json(run.candidates(name) / SELECTION_FILE, selection)
+    return selection
+
+
+def _dev_sets(cfg: Config, plan: Any, name: str) -> tuple[dict[str, list[data.Pair]], dict[str, str]]:
+    """The dev pairs of each direction the merged module serves, and where each set comes from."""
     devs: dict[str, list[data.Pair]] = {}
     dev_origin: dict[str, str] = {}
     for d in auto_merges(cfg, plan)[name]:
         dev_origin[d], devs[d] = dev_pairs(cfg, L.Direction.parse(d))
         if not devs[d]:
             raise ConfigError(f"{cfg.source}: the dev set of {d} is empty; merge auto needs dev sentences")
-    dev_fp = artifacts.fingerprint_obj({d: [p.src for p in pairs] for d, pairs in devs.items()})
-    settings = cfg.eval.decoding()  # what the dev translations are made with
-    cands = config_candidates(cfg)
+    return devs, dev_origin
 
+
+def _merge_candidates(
+    cfg: Config, plan: Any, run: RunDir, name: str, cands: list[Candidate], worker: Any
+) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """Every candidate merged (finished ones reused): the merge results, and for each candidate the
+    earlier candidate whose module is byte-identical (None: its own)."""
+    from datm.merge import merge_adapters
+
+    spec = next(m for m in plan.merges if m.name == name)
+    sources = [run.adapter(s) for s in spec.sources]
     results, prints = {}, {}
     for c in cands:
         results[c.name] = merge_adapters(
@@ -250,6 +307,16 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
     same_as = {}
     for i, c in enumerate(cands):
         same_as[c.name] = next((e.name for e in cands[:i] if prints[e.name] == prints[c.name]), None)
+    return results, same_as
+
+
+def _dev_translations(
+    cfg: Config, run: RunDir, name: str, cands: list[Candidate], devs: dict[str, list[data.Pair]], worker: Any
+) -> dict[str, dict[str, list[str]]]:
+    """Each candidate's dev translations: those kept from before for the same dev sources and eval
+    settings, the others made now (each written as soon as its candidate is translated)."""
+    dev_fp = artifacts.fingerprint_obj({d: [p.src for p in pairs] for d, pairs in devs.items()})
+    settings = cfg.eval.decoding()
 
     def recorded(c: Candidate) -> dict[str, list[str]] | None:
         f = run.candidate(name, c.name) / TRANSLATIONS_FILE
@@ -259,8 +326,9 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
         same = rec.get("dev_fingerprint") == dev_fp and rec.get("settings") == settings
         return rec["hyps"] if same else None
 
-    hyps = {c.name: recorded(c) for c in cands if same_as[c.name] is None}
-    todo = {n: run.candidate_module(name, n) for n, h in hyps.items() if h is None}
+    kept = {c.name: recorded(c) for c in cands}
+    hyps = {n: h for n, h in kept.items() if h is not None}
+    todo = {n: run.candidate_module(name, n) for n, h in kept.items() if h is None}
 
     def record(n: str, h: dict[str, list[str]]) -> None:
         artifacts.atomic_write_json(
@@ -271,51 +339,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
 
     if todo:
         _translate(cfg, worker, todo, devs, record)
-    refs = {d: [p.tgt for p in pairs] for d, pairs in devs.items()}
-    for d, pairs in devs.items():  # what the candidates were scored on, for people to read
-        src, ref = run.candidate_dev(name, d)
-        artifacts.atomic_write_text(src, data.write_text(p.src for p in pairs))
-        artifacts.atomic_write_text(ref, data.write_text(refs[d]))
-
-    rows = []
-    for c in cands:
-        h = hyps[same_as[c.name] or c.name]
-        assert h is not None
-        chrf = {d: round(evaluate.score_chrf(h[d], refs[d])[0], 4) for d in devs}
-        res = results[c.name]
-        rows.append(
-            Row(
-                c.name,
-                c.method,
-                c.density,
-                res.rank,
-                chrf,
-                round(sum(chrf.values()) / len(chrf), 4),
-                res.bytes,
-                res.seconds,
-                same_as[c.name],
-                c.scale,
-            )
-        )
-    best = choose(rows)
-    selection = {
-        "select_on": cfg.merge.select_on,
-        "metric": "chrF++ (mean over the merged module's directions)",
-        "rule": "highest mean dev chrF++; ties: fewer bytes, then the earlier candidate",
-        "dev": {
-            d: {
-                "source": dev_origin[d],
-                "n": len(devs[d]),
-                "fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in devs[d]),
-            }
-            for d in devs
-        },
-        "candidates": [asdict(r) for r in rows],
-        "chosen": best.candidate,
-        "settings": settings,
-    }
-    artifacts.atomic_write_json(run.candidates(name) / SELECTION_FILE, selection)
-    return selection
+    return hyps
 
 
 def _publish(module: Path, final: Path, selection: dict[str, Any], info_name: str) -> None:

@@ -126,30 +126,29 @@ def test_settings(cfg: Config) -> dict[str, Any]:
 # --- the task bodies ---------------------------------------------------------------------------------
 
 
-def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
+def _training_data(
+    cfg: Config, plan: Plan, name: str, directions: list[str], worker: Worker
+) -> tuple[list[data.Example], dict[str, Any]]:
+    """An adapter's tokenized training examples, and where they came from (its provenance), with
+    what was skipped, truncated or read backwards said in the log."""
     from datm.merge.select import held_out_origins
-    from datm.train import process_state, train_adapter
-    from datm.train.cache import AdapterCache, adapter_key
 
-    spec = next(a for a in plan.adapters if a.name == task.name)
     fmt = data.PromptFormat(worker.tokenizer, cfg.prompt)
     report = data.ReadReport()
     held_out = held_out_origins(cfg, plan)  # dev pairs of `merge: auto`, never trained on
-    pairs = train_pairs(cfg, spec.directions, report, held_out)
+    pairs = train_pairs(cfg, directions, report, held_out)
     examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
     for d, file in report.reversed_files.items():
-        log.info(f"adapter {spec.name}: {d} is trained on the reverse direction's file {file}")
+        log.info(f"adapter {name}: {d} is trained on the reverse direction's file {file}")
     if report.skipped:
-        log.warning(
-            f"adapter {spec.name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}"
-        )
+        log.warning(f"adapter {name}: skipped {len(report.skipped)} bad record(s), e.g. {report.skipped[0]}")
     if tok_report.truncated or tok_report.dropped:
         log.warning(
-            f"adapter {spec.name}: {tok_report.truncated} truncated, "
+            f"adapter {name}: {tok_report.truncated} truncated, "
             f"{tok_report.dropped} dropped (prompt alone too long)"
         )
     log.debug(
-        f"adapter {spec.name}: {len(examples)} training examples of {', '.join(spec.directions)}"
+        f"adapter {name}: {len(examples)} training examples of {', '.join(directions)}"
         + (f" ({len(held_out)} dev pairs held out)" if held_out else "")
     )
     provenance = {
@@ -163,22 +162,37 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
         "tokenize": asdict(tok_report),
         "prompt": cfg.prompt,
     }
+    return examples, provenance
+
+
+def _cache_key(cfg: Config, directions: list[str], provenance: dict[str, Any], world_size: int) -> str:
+    """The adapter cache's key of an adapter: everything that decides its weights."""
+    from datm.train.cache import adapter_key
+
+    return adapter_key(
+        model_fingerprint=provenance["model_fingerprint"],
+        data_fingerprint=provenance["data_fingerprint"],
+        directions=directions,
+        lora=cfg.lora,
+        train=cfg.train,
+        prompt=cfg.prompt,
+        device_type=device.current().type,
+        world_size=world_size,
+        precision=device.pick_precision(cfg.train.precision, device.current()),
+        versions=artifacts.library_versions(),
+    )
+
+
+def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
+    """Train one adapter of the plan, or take the very same one from the adapter cache."""
+    from datm.train import process_state, train_adapter
+    from datm.train.cache import AdapterCache
+
+    spec = next(a for a in plan.adapters if a.name == task.name)
+    examples, provenance = _training_data(cfg, plan, spec.name, spec.directions, worker)
     state = process_state()
     cache = AdapterCache(cfg.adapter_cache) if cfg.adapter_cache else None
-    key = ""
-    if cache is not None:
-        key = adapter_key(
-            model_fingerprint=worker.fingerprint,
-            data_fingerprint=provenance["data_fingerprint"],
-            directions=spec.directions,
-            lora=cfg.lora,
-            train=cfg.train,
-            prompt=cfg.prompt,
-            device_type=device.current().type,
-            world_size=state.num_processes,
-            precision=device.pick_precision(cfg.train.precision, device.current()),
-            versions=artifacts.library_versions(),
-        )
+    key = _cache_key(cfg, spec.directions, provenance, state.num_processes) if cache is not None else ""
     held = cache.claim(key, task.id, state) if cache is not None else None
     try:
         if cache is not None and cache.has(key):
@@ -190,18 +204,19 @@ def train_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
             state.wait_for_everyone()
             return
         model = worker.model(device.base_dtype(cfg.train.precision, device.current()))
+        adapter = run.adapter(spec.name)
         train_adapter(
             model,
             worker.tokenizer,
             examples,
-            run.adapter(spec.name),
+            adapter,
             cfg.lora,
             cfg.train,
             provenance,
             progress=worker.progress,
         )
         if cache is not None and state.is_main_process:
-            cache.store(key, run.adapter(spec.name))
+            cache.store(key, adapter)
     finally:
         if held is not None:
             held.release()
