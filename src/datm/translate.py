@@ -48,8 +48,8 @@ def newline_token_ids(tokenizer: Any) -> list[int]:
 
 # datm's one stop rule, in words (for /health, routes.json, model cards); LineStop applies it.
 STOP_RULE = (
-    "EOS, or the end of the first line that holds text: a line break before any text does not stop "
-    "generation, and the translation is the first non-empty line, stripped"
+    "EOS or the end of the first line that holds text (a line break before any text does not stop "
+    "generation; the translation is the first non-empty line, stripped)"
 )
 
 

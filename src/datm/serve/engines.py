@@ -226,7 +226,7 @@ class VllmEngine(Engine):
                 f"the vllm engine serves LoRA modules only, and this run routes to weight deltas: {names} "
                 "(merge form dense/sparse). vLLM would serve them wrongly, so it does not serve them at all. "
                 f"Fold them into full models with `datm export {run.run_dir} --to DIR --fold` and serve "
-                "those with `vllm serve`, or serve this run with `datm serve --engine transformers`."
+                "those with its serve_vllm.sh, or serve this run with `datm serve --engine transformers`."
             )
         try:
             import vllm  # noqa: F401
