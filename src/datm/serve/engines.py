@@ -306,7 +306,7 @@ class VllmEngine(Engine):
                 ids, ended = self.stop.cut(out.outputs[0].token_ids)
                 if ended:
                     break
-        return str(self.stop.hypothesis(ids))
+        return self.stop.hypothesis(ids)
 
     def stats(self) -> dict[str, Any]:
         return {"loras_registered": len(self.lora_requests)}
