@@ -37,6 +37,24 @@ def build_vllm_model_dir(path: Path, seed: int = 0) -> Path:
     return build_model_dir(path, corpus_texts(), seed=seed, **sizes)
 
 
+def leading_line_breaks(model_dir: Path, push: float = 1500.0) -> Path:
+    """Make some greedy outputs begin with a line break, as a LoRA trained on targets written as
+    "\\n<text>" does (the demo run has a few per direction): the embedding of ':', every ALMA prompt's
+    last token, is pushed towards the LM head's row for '\\n'. With the random LoRAs of `make_run`,
+    most test requests then start with a line break and go on with text."""
+    from safetensors.torch import load_file, save_file
+
+    tok = models.load_tokenizer(str(model_dir))
+    (colon,) = tok(":", add_special_tokens=False)["input_ids"]
+    (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
+    file = model_dir / "model.safetensors"
+    weights = load_file(file)
+    emb, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    emb[colon] += push * emb[colon].norm() * head[newline] / head[newline].norm()
+    save_file(weights, file, metadata={"format": "pt"})
+    return model_dir
+
+
 def random_lora(model_dir: Path, out: Path, seed: int, r: int = 4, b_std: float = 1.0) -> Path:
     """A LoRA with random A and B ~ N(0, b_std): large by default (its outputs differ visibly)."""
     from peft import LoraConfig, get_peft_model
@@ -55,7 +73,9 @@ def random_lora(model_dir: Path, out: Path, seed: int, r: int = 4, b_std: float 
     return out
 
 
-def run_config(root: Path, model_dir: Path, strategy: str = "datm", form: str = "lowrank") -> Any:
+def run_config(
+    root: Path, model_dir: Path, strategy: str = "datm", form: str = "lowrank", beams: int = 1
+) -> Any:
     from conftest import write_alma
 
     from datm import config
@@ -74,19 +94,30 @@ def run_config(root: Path, model_dir: Path, strategy: str = "datm", form: str = 
         "lora": {"r": 4, "alpha": 8},
         "train": {"steps": 3, "batch_size": 4, "lr": 0.002, "seed": 1, "checkpoint_every": 0},
         "merge": {"method": "ties", "density": 0.5, "form": form},
-        "eval": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 4, "precision": "fp32"},
+        "eval": {
+            "max_examples": 4,
+            "beams": beams,
+            "max_new_tokens": 8,
+            "batch_size": 4,
+            "precision": "fp32",
+        },
         "output_dir": str(root / f"run-{strategy}-{form}"),
     }
     return config.from_dict(raw, source="test", base_dir=root)
 
 
 def make_run(
-    root: Path, model_dir: Path, strategy: str = "datm", form: str = "lowrank", random_adapters: bool = True
+    root: Path,
+    model_dir: Path,
+    strategy: str = "datm",
+    form: str = "lowrank",
+    random_adapters: bool = True,
+    beams: int = 1,
 ) -> Path:
     """A finished run directory; its adapters random (distinguishable) or trained for 3 steps."""
     from datm.run import runner
 
-    cfg = run_config(root, model_dir, strategy, form)
+    cfg = run_config(root, model_dir, strategy, form, beams)
     out = Path(cfg.output_dir)
     if random_adapters:
         for seed, spec in enumerate(auto.build_plan(cfg).adapters):
@@ -106,12 +137,15 @@ class Server:
 
     def __init__(self, run: Path, engine: str, log: Path, *extra: str, timeout: float = 180) -> None:
         self.port = free_port()
+        cmd = [sys.executable, "-m", "datm.cli", "serve", str(run), "--engine", engine]
+        self._launch(cmd + ["--host", "127.0.0.1", "--port", str(self.port), *extra], log, timeout)
+
+    def _launch(self, cmd: list[str], log: Path, timeout: float) -> None:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # this python
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        cmd = [sys.executable, "-m", "datm.cli", "serve", str(run), "--engine", engine]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *extra]
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
         self._wait_ready(timeout)
@@ -151,6 +185,15 @@ class Server:
             return self.proc.wait()
         finally:
             self._log_file.close()
+
+
+class ExportedVllmServer(Server):
+    """An export's serve_vllm.sh in a subprocess on 127.0.0.1: vLLM's OpenAI-compatible server."""
+
+    def __init__(self, export: Path, log: Path, timeout: float = 300) -> None:
+        self.port = free_port()
+        cmd = ["sh", str(export / "serve_vllm.sh"), "--host", "127.0.0.1", "--port", str(self.port)]
+        self._launch(cmd, log, timeout)
 
 
 def datm_translate(run: Path, lines: list[str], tmp: Path) -> list[str]:

@@ -177,3 +177,21 @@ def test_output_after_a_leading_line_break_is_its_first_non_empty_line(tiny_mode
     for beams in (1, 2):
         for raw in tr._generate(prompts, [BASE] * 3, beams=beams, max_new_tokens=40):
             assert raw.startswith("\n") and raw.endswith("\n") and "\n" not in raw.strip(), (beams, raw)
+
+
+def test_line_stop_cuts_a_free_generation_where_the_translator_stops(tiny_model_dir):
+    """The vLLM engine cuts its streamed output with LineStop.cut: on a generation that went on past
+    the rule, the cut gives the Translator's hypothesis (the leading line break did not stop it)."""
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
+    model = _force_line_breaks(models.load_model(str(tiny_model_dir)), newline)
+    tr = Translator(model, tok, {})
+    reqs = REQS[:3]
+    got = tr.translate(reqs, dict.fromkeys(ROUTES, BASE), max_new_tokens=12, batch_size=2, progress=False)
+    for r, hyp in zip(reqs, got, strict=True):
+        prompt = torch.tensor([tr.format.prompt_ids(r.direction.src, r.direction.tgt, r.text)])
+        gen = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id)
+        free = gen[0, prompt.shape[1] :].tolist()
+        ids, ended = tr.stop.cut(free)
+        assert ended and len(ids) < len(free) and tr.stop.text(ids).startswith("\n")
+        assert tr.stop.hypothesis(ids) == tr.stop.hypothesis(free) == hyp != ""

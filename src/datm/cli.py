@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval setting")
+    s.add_argument("--beams", type=int, default=None, help="default: the run's eval.beams (as scored)")
     s.add_argument("--max-texts", type=int, default=64, help="most texts in one request (default 64)")
     s.add_argument("--batch-size", type=int, default=None, help="transformers: default: the run's")
     s.add_argument("--max-batch", type=int, default=32, help="transformers: segments per micro-batch")

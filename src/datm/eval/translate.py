@@ -46,31 +46,64 @@ def newline_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-class StopAtLineEnd:
-    """Per-row stopping criterion: the newest token holds a line break and text came before it.
+# datm's one stop rule, in words (for /health, routes.json, model cards); LineStop applies it.
+STOP_RULE = (
+    "EOS or the end of the first line that holds text (a line break before any text does not stop "
+    "generation; the translation is the first non-empty line, stripped)"
+)
 
-    A line break generated before any non-whitespace text does not stop the row (a bare newline
-    stop would end it with an empty hypothesis). Works for greedy and beam search (transformers
-    asks it per beam).
-    """
 
-    def __init__(self, tokenizer: Any, prompt_width: int, newline_ids: Sequence[int]) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_width = prompt_width
-        self.newline_ids = torch.tensor(sorted(newline_ids), dtype=torch.long)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        ids = self.newline_ids.to(input_ids.device)
-        done = torch.isin(input_ids[:, -1], ids)
-        for row in done.nonzero().flatten().tolist():
-            text = self.tokenizer.decode(input_ids[row, self.prompt_width :], skip_special_tokens=True)
-            done[row] = "\n" in text.lstrip()
-        return done
+def decoding(beams: int, max_new_tokens: int) -> dict[str, Any]:
+    """How translations are decoded, as every engine and export states it."""
+    search = "greedy" if beams == 1 else "beam"
+    return {"search": search, "beams": beams, "max_new_tokens": max_new_tokens, "stop": STOP_RULE}
 
 
 def first_nonempty_line(text: str) -> str:
     """The first line of `text` that holds more than whitespace, stripped ('' if none)."""
     return next((line.strip() for line in text.split("\n") if line.strip()), "")
+
+
+class LineStop:
+    """The stop rule of every engine (STOP_RULE) on generated token ids: generation ends with the first
+    token that holds a line break after text; the hypothesis is then the first non-empty line."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.newline_ids = frozenset(newline_token_ids(tokenizer))
+
+    def text(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def ends(self, ids: Sequence[int]) -> bool:
+        """Whether the newest of `ids` ends generation: it holds a line break and text came before it."""
+        return bool(ids) and ids[-1] in self.newline_ids and "\n" in self.text(ids).lstrip()
+
+    def cut(self, ids: Sequence[int]) -> tuple[list[int], bool]:
+        """`ids` up to where the rule ends generation, and whether it does (else all of them, False)."""
+        for n in range(1, len(ids) + 1):
+            if self.ends(ids[:n]):
+                return list(ids[:n]), True
+        return list(ids), False
+
+    def hypothesis(self, ids: Sequence[int]) -> str:
+        return first_nonempty_line(self.text(ids))
+
+
+class StopAtLineEnd:
+    """transformers' per-row stopping criterion for LineStop; works for greedy and beam search
+    (transformers asks it per beam)."""
+
+    def __init__(self, stop: LineStop, prompt_width: int) -> None:
+        self.stop = stop
+        self.prompt_width = prompt_width
+        self.newline_ids = torch.tensor(sorted(stop.newline_ids), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = torch.isin(input_ids[:, -1], self.newline_ids.to(input_ids.device))
+        for row in done.nonzero().flatten().tolist():
+            done[row] = self.stop.ends(input_ids[row, self.prompt_width :].tolist())
+        return done
 
 
 def _contiguous_lm_head_input(model: Any) -> None:
@@ -124,7 +157,7 @@ class Translator:
             for name, p in loras[1:]:
                 self.model.load_adapter(str(p), adapter_name=self.peft_name[name])
         self.model.eval()
-        self.newline_ids = newline_token_ids(tokenizer)
+        self.stop = LineStop(tokenizer)
         self.leading_line_breaks = 0  # outputs so far whose first line was empty (all calls)
         self.last_info: dict[str, Any] = {}
 
@@ -213,7 +246,7 @@ class Translator:
             do_sample=False,
             num_beams=beams,
             eos_token_id=tok.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([StopAtLineEnd(tok, width, self.newline_ids)]),
+            stopping_criteria=StoppingCriteriaList([StopAtLineEnd(self.stop, width)]),
             pad_token_id=pad,
         )
         if isinstance(self.model, PeftModel):

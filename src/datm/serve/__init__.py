@@ -1,5 +1,5 @@
 """Serving what a run produced: `datm serve` (HTTP API over vLLM or datm's Translator) and
-`datm export` (PEFT modules with model cards, routes.json, a `vllm serve` command line, folded models).
+`datm export` (PEFT modules with model cards, routes.json, a vLLM server command line, folded models).
 
 - `run`: a run directory as served: its routes and what each routed module is (`ServedRun`);
 - `engines`: the registered engines (`vllm`: one vLLM engine, every LoRA module registered once,

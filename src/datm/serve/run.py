@@ -92,6 +92,11 @@ class ServedRun:
     def eval(self) -> dict[str, Any]:
         return dict(self.config.get("eval") or {})
 
+    def scored_decoding(self) -> dict[str, int]:
+        """The decoding settings the run's scored translations were made with (`datm translate`'s too)."""
+        ev = self.eval
+        return {"beams": int(ev.get("beams", 1)), "max_new_tokens": int(ev.get("max_new_tokens", 128))}
+
     def base_model(self) -> str:
         """The base model as a directory or hub id (converting the embedded GGUF once if needed)."""
         from datm import models
