@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from datm import log
@@ -166,54 +167,42 @@ def _auto_overrides(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threshold", type=float, help="strategy auto: override auto.threshold")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from datm.merge.forms import FORMS
-    from datm.merge.methods import METHODS
-
-    p = argparse.ArgumentParser(
-        prog="datm", description="Direction-aware training and merging for multilingual MT"
-    )
-    talk = p.add_mutually_exclusive_group()
-    talk.add_argument(
-        "-q", "--quiet", action="store_true", help="only warnings and errors (results are still printed)"
-    )
-    talk.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("plan", help="print which adapters a config trains, merges and routes")
+def _args_plan(s: argparse.ArgumentParser) -> None:
     s.add_argument("config")
     s.add_argument("--json", action="store_true", help="print plan.json instead of a table")
     _auto_overrides(s)
-    s.set_defaults(func=_cmd_plan)
 
-    s = sub.add_parser("run", help="run a config end to end (resumes where it stopped)")
+
+def _args_run(s: argparse.ArgumentParser) -> None:
     s.add_argument("config")
     s.add_argument("--executor", help="local or ray: where tasks run (default: the config's executor, local)")
     s.add_argument("--address", help="ray: join this Ray cluster (default: start one on this machine)")
     s.add_argument("--only", metavar="TASK", help="run one task, e.g. train:de-en (see `datm tasks`)")
     _auto_overrides(s)
-    s.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("tasks", help="the plan's tasks, their dependencies and status")
+
+def _args_tasks(s: argparse.ArgumentParser) -> None:
     s.add_argument("config")
     s.add_argument("--json", action="store_true", help="as JSON (for job arrays)")
-    s.set_defaults(func=_cmd_tasks)
 
-    s = sub.add_parser("train", help="train the plan's adapters only")
+
+def _args_train(s: argparse.ArgumentParser) -> None:
     s.add_argument("config")
     _auto_overrides(s)
     s.add_argument("--adapter", action="append", help="train only this adapter (repeatable)")
-    s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("merge", help="merge PEFT adapter directories into one module")
+
+def _args_merge(s: argparse.ArgumentParser) -> None:
+    from datm.config import names
+
     s.add_argument("sources", nargs="+", help="PEFT adapter directories")
     s.add_argument("--out", required=True)
-    s.add_argument("--method", default="ties", choices=list(METHODS))
+    s.add_argument("--method", default="ties", choices=list(names.MERGE_METHODS))
     s.add_argument("--density", type=float, default=0.2)
     s.add_argument(
         "--rank", type=int, default=None, help="rank of the merged LoRA (default: the sources' rank)"
     )
-    s.add_argument("--form", default="lowrank", choices=list(FORMS))
+    s.add_argument("--form", default="lowrank", choices=list(names.MERGE_FORMS))
     s.add_argument(
         "--scale", type=float, default=1.0, help="global scale λ multiplying the merged ΔW (default 1)"
     )
@@ -223,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ties, dare_ties: average the agreeing entries (default: ties yes, dare_ties no: a sum)",
     )
-    s.set_defaults(func=_cmd_merge)
 
-    s = sub.add_parser("translate", help="translate with the modules a run's plan routes to")
+
+def _args_translate(s: argparse.ArgumentParser) -> None:
     s.add_argument("--run", required=True, help="run directory (holds plan.json and the modules)")
     s.add_argument("--pair", help="SRC-TGT for every input line (else each line is 'SRC-TGT<TAB>text')")
     s.add_argument("--input", default="-", help="input file (default: stdin)")
@@ -233,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beams", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--max-new-tokens", type=int, default=None)
-    s.set_defaults(func=_cmd_translate)
 
-    s = sub.add_parser("evaluate", help="score a hypothesis file against references (BLEU, chrF++)")
+
+def _args_evaluate(s: argparse.ArgumentParser) -> None:
     s.add_argument("--pair", required=True, help="SRC-TGT (the target picks the BLEU tokenizer)")
     s.add_argument("--hyp", required=True, help="hypotheses, one per line")
     s.add_argument("--ref", required=True, help="references: plain text or ALMA records (JSON/JSONL)")
@@ -247,20 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--comet-batch-size", type=int, default=8)
     s.add_argument("--comet-device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("comet-env", help="create a virtual environment with COMET for eval.comet.python")
+
+def _args_comet_env(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir", help="where the environment goes (kept if it already has COMET)")
     s.add_argument("--torch", help="torch requirement to install (default: the torch datm runs on)")
-    s.set_defaults(func=_cmd_comet_env)
 
-    s = sub.add_parser("report", help="compare run directories in Markdown/HTML tables and plots")
+
+def _args_report(s: argparse.ArgumentParser) -> None:
     s.add_argument("runs", nargs="+")
     s.add_argument("--out", required=True)
     s.add_argument("--baseline", help="run directory that significance marks compare against")
-    s.set_defaults(func=_cmd_report)
 
-    s = sub.add_parser("serve", help="serve a run's routes over HTTP (vLLM or transformers engine)")
+
+def _args_serve(s: argparse.ArgumentParser) -> None:
     s.add_argument("run", help="run directory (holds plan.json and the modules)")
     s.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     s.add_argument("--host", default="127.0.0.1")
@@ -282,15 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections", type=int, default=256, help="beyond them a request gets 503 (default 256)"
     )
     s.add_argument("--log-level", default="info")
-    s.set_defaults(func=_cmd_serve)
 
-    s = sub.add_parser("export", help="a run's modules with model cards, routes and a vllm command")
+
+def _args_export(s: argparse.ArgumentParser) -> None:
     s.add_argument("run", help="run directory")
     s.add_argument("--to", required=True, help="new (or empty) directory to write")
     s.add_argument("--fold", action="store_true", help="also write one full model per module (base + module)")
-    s.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("demo", help="post-train Gemma 3 270M with DATM on the embedded corpus, offline")
+
+def _args_demo(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default="datm-demo", help="where the demo run goes")
     s.add_argument("--compare", action="store_true", help="also train the multilingual baseline")
     s.add_argument("--languages", help="comma-separated subset of the demo languages (default: all 8)")
@@ -300,9 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--dry-run", action="store_true")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("analyze", help="conflict/synergy per direction and family: joint vs separate runs")
+
+def _args_analyze(s: argparse.ArgumentParser) -> None:
     s.add_argument("--separate", required=True, help="run directory of the separately trained directions")
     s.add_argument("--joint", required=True, help="run directory of a joint (multilingual or group) run")
     s.add_argument("--merged", help="run directory with merged modules (e.g. datm), for merge degradation")
@@ -311,13 +300,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="chrf", choices=["chrf", "bleu"], help="metric that classifies")
     s.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     s.add_argument("--seed", type=int, default=12345)
-    s.set_defaults(func=_cmd_analyze)
 
-    s = sub.add_parser("probe", help="cosine of the directions' LoRA gradients before training")
+
+def _args_probe(s: argparse.ArgumentParser) -> None:
     s.add_argument("config")
     s.add_argument("--out", help="output directory (default: <output_dir>/probe)")
     s.add_argument("--examples", type=int, default=32, help="examples per direction (default 32)")
-    s.set_defaults(func=_cmd_probe)
+
+
+# Every command: its help line, its arguments and the function that runs it.
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {
+    "plan": ("print which adapters a config trains, merges and routes", _args_plan, _cmd_plan),
+    "run": ("run a config end to end (resumes where it stopped)", _args_run, _cmd_run),
+    "tasks": ("the plan's tasks, their dependencies and status", _args_tasks, _cmd_tasks),
+    "train": ("train the plan's adapters only", _args_train, _cmd_train),
+    "merge": ("merge PEFT adapter directories into one module", _args_merge, _cmd_merge),
+    "translate": ("translate with the modules a run's plan routes to", _args_translate, _cmd_translate),
+    "evaluate": ("score a hypothesis file against references (BLEU, chrF++)", _args_evaluate, _cmd_evaluate),
+    "comet-env": (
+        "create a virtual environment with COMET for eval.comet.python",
+        _args_comet_env,
+        _cmd_comet_env,
+    ),
+    "report": ("compare run directories in Markdown/HTML tables and plots", _args_report, _cmd_report),
+    "serve": ("serve a run's routes over HTTP (vLLM or transformers engine)", _args_serve, _cmd_serve),
+    "export": ("a run's modules with model cards, routes and a vllm command", _args_export, _cmd_export),
+    "demo": ("post-train Gemma 3 270M with DATM on the embedded corpus, offline", _args_demo, _cmd_demo),
+    "analyze": (
+        "conflict/synergy per direction and family: joint vs separate runs",
+        _args_analyze,
+        _cmd_analyze,
+    ),
+    "probe": ("cosine of the directions' LoRA gradients before training", _args_probe, _cmd_probe),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="datm", description="Direction-aware training and merging for multilingual MT"
+    )
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors (results are still printed)"
+    )
+    talk.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        s = sub.add_parser(name, help=help_text)
+        add_arguments(s)
+        s.set_defaults(func=run)
     return p
 
 
