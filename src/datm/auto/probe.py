@@ -146,19 +146,10 @@ def probe(
     in its training mode, with its parameters' requires_grad flags.
     """
     from peft import get_peft_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from datm.train import collate, peft_lora_config, target_loss
+    from datm.train import peft_lora_config
 
-    if len(directions_examples) < 2:
-        raise ProbeError(f"the probe compares directions; got {len(directions_examples)}, need at least 2")
-    empty = [d for d, ex in directions_examples.items() if not ex]
-    if empty:
-        raise ProbeError(f"no examples for direction(s) {empty}: the probe needs each direction's data")
-    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
-        raise ProbeError("the model already carries LoRA layers; the probe needs the bare base model")
-    if batch_size < 1:
-        raise ProbeError(f"batch_size must be >= 1, got {batch_size}")
+    _check_probe_inputs(model, directions_examples, batch_size)
     directions = _family_order(list(directions_examples))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -173,30 +164,9 @@ def probe(
         lora_b = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_B." in n]
         if not lora_b:
             raise ProbeError(f"no LoRA layers were attached (lora.target_modules = {lora.target_modules!r})")
-        causal_lm = peft_model.get_base_model()
-        gradients: list[torch.Tensor] = []  # per direction: its LoRA-B gradients, flattened, in lora_b order
-        for d in directions:
-            examples = directions_examples[d]
-            total_tokens = sum(_target_tokens(e) for e in examples)
-            if total_tokens == 0:
-                raise ProbeError(f"direction {d}: its examples have no target tokens")
-            peft_model.zero_grad(set_to_none=True)
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-                # target_loss is the batch's mean over target tokens; weighting it by the batch's share
-                # of tokens makes the sum the mean over all of the direction's target tokens, so the
-                # gradient does not depend on how the examples are batched.
-                share = sum(_target_tokens(e) for e in chunk) / total_tokens
-                if share > 0:
-                    (target_loss(causal_lm, batch) * share).backward()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in lora_b]
-            gradients.append(torch.cat([g.detach().flatten().float().cpu() for g in grads]))
-            if not torch.isfinite(gradients[-1]).all():
-                raise ProbeError(f"direction {d}: the gradient is not finite (loss overflow?)")
-            if not gradients[-1].any():
-                raise ProbeError(f"direction {d}: the gradient is all zeros")
-        peft_model.zero_grad(set_to_none=True)
+        gradients = _direction_gradients(
+            peft_model, lora_b, directions, directions_examples, pad_id, device, batch_size
+        )
     finally:
         peft_model.unload()  # give the base model back without LoRA layers
         for name, p in model.named_parameters():
@@ -204,6 +174,91 @@ def probe(
         model.train(was_training)
 
     stacked = torch.stack(gradients)
+    per_layer = _per_layer_cosines(stacked, lora_b)
+    return ProbeResult(
+        directions=directions,
+        matrix=_cosine_matrix(stacked),
+        per_layer=per_layer,
+        seconds=round(time.perf_counter() - t0, 3),
+        examples={d: len(directions_examples[d]) for d in directions},
+        parameters=sum(p.numel() for _, p in lora_b),
+    )
+
+
+def _check_probe_inputs(
+    model: Any, directions_examples: Mapping[str, list[Example]], batch_size: int
+) -> None:
+    """At least two directions, each with examples, a model without LoRA layers, and a positive batch size."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if len(directions_examples) < 2:
+        raise ProbeError(f"the probe compares directions; got {len(directions_examples)}, need at least 2")
+    empty = [d for d, ex in directions_examples.items() if not ex]
+    if empty:
+        raise ProbeError(f"no examples for direction(s) {empty}: the probe needs each direction's data")
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ProbeError("the model already carries LoRA layers; the probe needs the bare base model")
+    if batch_size < 1:
+        raise ProbeError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _direction_gradients(
+    peft_model: Any,
+    lora_b: list[tuple[str, torch.nn.Parameter]],
+    directions: list[str],
+    directions_examples: Mapping[str, list[Example]],
+    pad_id: int,
+    device: torch.device,
+    batch_size: int,
+) -> list[torch.Tensor]:
+    """Per direction, in `directions` order: its LoRA-B gradient, flattened in `lora_b` order (on the CPU,
+    float32). The gradients are left cleared."""
+    causal_lm = peft_model.get_base_model()
+    gradients: list[torch.Tensor] = []
+    for d in directions:
+        examples = directions_examples[d]
+        total_tokens = sum(_target_tokens(e) for e in examples)
+        if total_tokens == 0:
+            raise ProbeError(f"direction {d}: its examples have no target tokens")
+        peft_model.zero_grad(set_to_none=True)
+        _accumulate_gradient(causal_lm, examples, total_tokens, pad_id, device, batch_size)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in lora_b]
+        gradients.append(torch.cat([g.detach().flatten().float().cpu() for g in grads]))
+        if not torch.isfinite(gradients[-1]).all():
+            raise ProbeError(f"direction {d}: the gradient is not finite (loss overflow?)")
+        if not gradients[-1].any():
+            raise ProbeError(f"direction {d}: the gradient is all zeros")
+    peft_model.zero_grad(set_to_none=True)
+    return gradients
+
+
+def _accumulate_gradient(
+    causal_lm: Any,
+    examples: list[Example],
+    total_tokens: int,
+    pad_id: int,
+    device: torch.device,
+    batch_size: int,
+) -> None:
+    """Backpropagate one direction's target-only loss, batch by batch, into the parameters' gradients."""
+    from datm.train import collate, target_loss
+
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        # target_loss is the batch's mean over target tokens; weighting it by the batch's share
+        # of tokens makes the sum the mean over all of the direction's target tokens, so the
+        # gradient does not depend on how the examples are batched.
+        share = sum(_target_tokens(e) for e in chunk) / total_tokens
+        if share > 0:
+            (target_loss(causal_lm, batch) * share).backward()
+
+
+def _per_layer_cosines(
+    stacked: torch.Tensor, lora_b: list[tuple[str, torch.nn.Parameter]]
+) -> dict[int, list[list[float]]]:
+    """The cosine matrix of each transformer layer's part of the gradients `stacked` (one row per
+    direction, columns in `lora_b` order); parameters outside the layer stack count in no layer."""
     spans: dict[int, list[tuple[int, int]]] = {}
     offset = 0
     for name, p in lora_b:
@@ -211,18 +266,10 @@ def probe(
         if layer is not None:
             spans.setdefault(layer, []).append((offset, offset + p.numel()))
         offset += p.numel()
-    per_layer = {
+    return {
         layer: _cosine_matrix(torch.cat([stacked[:, a:b] for a, b in ranges], dim=1))
         for layer, ranges in sorted(spans.items())
     }
-    return ProbeResult(
-        directions=directions,
-        matrix=_cosine_matrix(stacked),
-        per_layer=per_layer,
-        seconds=round(time.perf_counter() - t0, 3),
-        examples={d: len(directions_examples[d]) for d in directions},
-        parameters=offset,
-    )
 
 
 # ----------------------------------------------------------------------------------- summaries

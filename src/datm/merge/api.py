@@ -148,15 +148,7 @@ def merge_adapters(
     out = Path(out)
     sources = [Path(s) for s in sources]
     merge_method, merge_form = _validate_args(sources, method, density, rank, form)
-    settings = MethodSettings(density=density, seed=MERGE_SEED, scale=scale, normalize=normalize)
-    merge_method.check_settings(settings)
-    settings = replace(
-        settings,
-        density=density if merge_method.uses_density else 1.0,
-        scale=float(scale),
-        normalize=merge_method.normalize(settings) if merge_method.normalize_default is not None else None,
-    )
-    density = settings.density
+    settings = _resolve_settings(merge_method, density, scale, normalize)
     request = _request(sources, method, form, settings, rank, weights)
     if artifacts.is_done(out):
         return _recorded_result(out, request)
@@ -178,26 +170,73 @@ def merge_adapters(
     reports = execute(tasks, srcs, merge_form, job, out_file, progress)
     n_bytes = out_file.stat().st_size
     merge_form.write_config(staging, job, tasks, {name: r.params for name, r in reports.items()})
+    result = _merge_result(out, method, form, job, len(tasks), reports, n_bytes, started)
+    info = _merge_info(result, request, asked_rank, job, srcs, merge_form, reports)
+    artifacts.atomic_write_json(staging / MERGE_INFO, info)
+    artifacts.publish_dir(staging, out)
+    artifacts.mark_done(out, result.to_dict())
+    return result
 
+
+def _resolve_settings(
+    merge_method: Method, density: float, scale: float, normalize: bool | None
+) -> MethodSettings:
+    """The settings the merge runs with and records, once `merge_method` has checked them: density 1.0
+    for a method that trims nothing, the scale as a float, and `normalize` resolved to the method's
+    choice (None for a method without one)."""
+    settings = MethodSettings(density=density, seed=MERGE_SEED, scale=scale, normalize=normalize)
+    merge_method.check_settings(settings)
+    return replace(
+        settings,
+        density=density if merge_method.uses_density else 1.0,
+        scale=float(scale),
+        normalize=merge_method.normalize(settings) if merge_method.normalize_default is not None else None,
+    )
+
+
+def _merge_result(
+    out: Path,
+    method: str,
+    form: str,
+    job: FormJob,
+    n_modules: int,
+    reports: dict[str, ModuleReport],
+    n_bytes: int,
+    started: float,
+) -> MergeResult:
+    """The merge's summary: the modules' errors combined over all modules, and the time since `started`."""
     total_delta = sum(r.delta_norm**2 for r in reports.values())
     total_error = sum(r.error_norm**2 for r in reports.values())
     rel_error = math.sqrt(total_error / total_delta) if total_delta > 0 else 0.0
-    result = MergeResult(
+    return MergeResult(
         out=out,
         method=method,
         form=form,
-        density=density,
-        rank=rank,
-        n_modules=len(tasks),
+        density=job.settings.density,
+        rank=job.rank,
+        n_modules=n_modules,
         rel_error=rel_error,
         kept_energy=1.0 - rel_error**2,
         params=sum(r.params for r in reports.values()),
         bytes=n_bytes,
         seconds=round(time.perf_counter() - started, 3),
-        scale=settings.scale,
-        normalize=settings.normalize,
+        scale=job.settings.scale,
+        normalize=job.settings.normalize,
     )
-    info = {
+
+
+def _merge_info(
+    result: MergeResult,
+    request: dict[str, Any],
+    asked_rank: int | None,
+    job: FormJob,
+    srcs: list[LoraSource],
+    merge_form: Form,
+    reports: dict[str, ModuleReport],
+) -> dict[str, Any]:
+    """The provenance written to MERGE_INFO: the result, the request as asked, the sources (with their
+    fingerprints), the SVD settings of the lowrank form, and every module's report."""
+    return {
         **result.to_dict(),
         "request": {**request, "rank": asked_rank, "weights": job.weights},
         "weights": job.weights,
@@ -219,16 +258,12 @@ def merge_adapters(
             "niter": SVD_NITER,
             "seed": SVD_SEED,
         }
-        if form == LowRankForm.name
+        if result.form == LowRankForm.name
         else None,
         "seed": MERGE_SEED,
         "modules": {name: asdict(r) for name, r in reports.items()},
         "versions": artifacts.library_versions(),
     }
-    artifacts.atomic_write_json(staging / MERGE_INFO, info)
-    artifacts.publish_dir(staging, out)
-    artifacts.mark_done(out, result.to_dict())
-    return result
 
 
 def _validate_args(

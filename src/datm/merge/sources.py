@@ -87,6 +87,49 @@ def read_source(path: Path) -> LoraSource:
     path = Path(path)
     config_file = path / ADAPTER_CONFIG
     weights_file = path / ADAPTER_WEIGHTS
+    config = _read_config(path, config_file, weights_file)
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise MergeError(f"{config_file}: 'r' must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise MergeError(f"{config_file}: 'lora_alpha' must be a number, got {alpha!r}")
+    use_rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise MergeError(f"{config_file}: 'rank_pattern' and 'alpha_pattern' must be JSON objects")
+
+    shapes, dtypes = _read_header(weights_file)
+    modules: dict[str, LoraModule] = {}
+    for name, (a_key, b_key) in _lora_keys(weights_file, shapes).items():
+        a_shape, b_shape = shapes[a_key], shapes[b_key]
+        rank = int(_pattern_value(rank_pattern, name, r))
+        module_alpha = float(_pattern_value(alpha_pattern, name, alpha))
+        _check_module_shapes(weights_file, name, a_shape, b_shape, rank)
+        modules[name] = LoraModule(
+            a_key=a_key,
+            b_key=b_key,
+            rank=rank,
+            out_features=b_shape[0],
+            in_features=a_shape[1],
+            scaling=lora_scaling(module_alpha, rank, use_rslora),
+        )
+    dtype = _one_dtype(weights_file, dtypes)
+    return LoraSource(
+        path=path,
+        config=config,
+        r=r,
+        lora_alpha=float(alpha),
+        use_rslora=use_rslora,
+        base_model=config.get("base_model_name_or_path"),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        dtype=dtype,
+        modules=modules,
+    )
+
+
+def _read_config(path: Path, config_file: Path, weights_file: Path) -> dict[str, Any]:
+    """The adapter's config, once both of its files are there and it asks for nothing merging cannot do."""
     if not config_file.is_file():
         raise MergeError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
     if not weights_file.is_file():
@@ -106,22 +149,21 @@ def read_source(path: Path) -> LoraSource:
         raise unsupported(f"modules_to_save={config['modules_to_save']!r} (fully trained modules)")
     if config.get("lora_bias"):
         raise unsupported("lora_bias=true")
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise MergeError(f"{config_file}: 'r' must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise MergeError(f"{config_file}: 'lora_alpha' must be a number, got {alpha!r}")
-    use_rslora = bool(config.get("use_rslora", False))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
-        raise MergeError(f"{config_file}: 'rank_pattern' and 'alpha_pattern' must be JSON objects")
+    return config
 
-    a_keys: dict[str, str] = {}
-    b_keys: dict[str, str] = {}
+
+def _read_header(weights_file: Path) -> tuple[dict[str, list[int]], set[str]]:
+    """The shape of every tensor in `weights_file`, and the set of their dtype names (no tensor is read)."""
     with safe_open(weights_file, framework="pt", device="cpu") as f:
         shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
         dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}
+    return shapes, dtypes
+
+
+def _lora_keys(weights_file: Path, shapes: dict[str, list[int]]) -> dict[str, tuple[str, str]]:
+    """Module name -> its (lora_A, lora_B) tensor keys, by module name; every tensor must be one of a pair."""
+    a_keys: dict[str, str] = {}
+    b_keys: dict[str, str] = {}
     for key in shapes:
         if key.endswith(LORA_A_SUFFIX):
             a_keys[_module_name(key, LORA_A_SUFFIX)] = key
@@ -137,39 +179,26 @@ def read_source(path: Path) -> LoraSource:
         raise MergeError(f"{weights_file}: module {name} has no {missing} weight")
     if not a_keys:
         raise MergeError(f"{weights_file}: holds no LoRA weights")
+    return {name: (a_keys[name], b_keys[name]) for name in sorted(a_keys)}
 
-    modules: dict[str, LoraModule] = {}
-    for name in sorted(a_keys):
-        a_shape, b_shape = shapes[a_keys[name]], shapes[b_keys[name]]
-        rank = int(_pattern_value(rank_pattern, name, r))
-        module_alpha = float(_pattern_value(alpha_pattern, name, alpha))
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != rank or b_shape[1] != rank:
-            raise MergeError(
-                f"{weights_file}: module {name} has lora_A {a_shape} and lora_B {b_shape}; expected "
-                f"[{rank}, in] and [out, {rank}] (rank {rank} from {ADAPTER_CONFIG})"
-            )
-        modules[name] = LoraModule(
-            a_key=a_keys[name],
-            b_key=b_keys[name],
-            rank=rank,
-            out_features=b_shape[0],
-            in_features=a_shape[1],
-            scaling=lora_scaling(module_alpha, rank, use_rslora),
+
+def _check_module_shapes(
+    weights_file: Path, name: str, a_shape: list[int], b_shape: list[int], rank: int
+) -> None:
+    """lora_A must be [rank, in] and lora_B [out, rank]."""
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != rank or b_shape[1] != rank:
+        raise MergeError(
+            f"{weights_file}: module {name} has lora_A {a_shape} and lora_B {b_shape}; expected "
+            f"[{rank}, in] and [out, {rank}] (rank {rank} from {ADAPTER_CONFIG})"
         )
+
+
+def _one_dtype(weights_file: Path, dtypes: set[str]) -> torch.dtype:
+    """The one float dtype all of the adapter's tensors are stored in."""
     dtype_names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     if len(dtypes) != 1 or next(iter(dtypes)) not in dtype_names:
         raise MergeError(f"{weights_file}: expected LoRA weights of one float dtype, found {sorted(dtypes)}")
-    return LoraSource(
-        path=path,
-        config=config,
-        r=r,
-        lora_alpha=float(alpha),
-        use_rslora=use_rslora,
-        base_model=config.get("base_model_name_or_path"),
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        dtype=dtype_names[next(iter(dtypes))],
-        modules=modules,
-    )
+    return dtype_names[next(iter(dtypes))]
 
 
 def _module_name(key: str, suffix: str) -> str:

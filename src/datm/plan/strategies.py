@@ -218,6 +218,27 @@ def auto_plan(
     """
     langs = list(languages)
     expected = [str(d) for d in directions_for(langs)]
+    _check_measurements(expected, measurements)
+    label = _MEASUREMENT_LABELS.get(source, source)
+
+    def measured(d: str) -> str:
+        op = ">" if measurements[d] > threshold else "<="
+        return f"{label} {measurements[d]:.2f} {op} {threshold:.2f}"
+
+    plan = Plan("auto", langs, groups, adapters=[], merges=[], routes={}, notes={})  # filled per group
+    for g, members in groups.items():
+        for family, direction_of in _FAMILY_DIRECTION:
+            dirs = [direction_of(x) for x in members]
+            joint = [d for d in dirs if measurements[d] > threshold]
+            _add_group_family(plan, g, family, dirs, joint, measured, method)
+    plan.notes = {d: plan.notes[d] for d in expected}
+    plan.notes["rule"] = AUTO_RULE.format(threshold=threshold, method=method)
+    plan.routes = _ordered(plan.routes, langs)
+    return plan
+
+
+def _check_measurements(expected: list[str], measurements: dict[str, float]) -> None:
+    """`measurements` must hold a finite number for every `expected` direction, and nothing else."""
     missing = [d for d in expected if d not in measurements]
     extra = sorted(set(measurements) - set(expected))
     if missing or extra:
@@ -230,46 +251,43 @@ def auto_plan(
     for d, value in measurements.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise PlanError(f"auto plan: measurement for {d} must be a finite number, got {value!r}")
-    label = _MEASUREMENT_LABELS.get(source, source)
 
-    def measured(d: str) -> str:
-        op = ">" if measurements[d] > threshold else "<="
-        return f"{label} {measurements[d]:.2f} {op} {threshold:.2f}"
 
-    adapters: list[AdapterSpec] = []
-    merges: list[MergeSpec] = []
-    routes: dict[str, str] = {}
-    notes: dict[str, str] = {}
-    for g, members in groups.items():
-        for family, direction_of in _FAMILY_DIRECTION:
-            dirs = [direction_of(x) for x in members]
-            joint = [d for d in dirs if measurements[d] > threshold]
-            if len(joint) >= 2:
-                name = f"{family}.{g}.joint"
-                adapters.append(AdapterSpec(name, joint))
-                for d in joint:
-                    routes[d] = name
-                    notes[d] = f"joint ({measured(d)}) in {name}"
-            own = [d for d in dirs if d not in routes]
-            for d in own:
-                adapters.append(AdapterSpec(d, [d]))
-                routes[d] = d
-                if d in joint:
-                    notes[d] = f"own adapter: joint ({measured(d)}) but no other {family} direction of {g} is"
-                else:
-                    notes[d] = f"separate ({measured(d)})"
-            if family == XX_EN and len(own) >= 2:
-                name = f"{XX_EN}.{g}"
-                merges.append(MergeSpec(name, own, method))
-                for d in own:
-                    routes[d] = name
-                    notes[d] += f"; merged into {name} ({method})"
-            elif family == EN_XX:
-                for d in own:
-                    notes[d] += "; shipped unmerged"
-    notes = {d: notes[d] for d in expected}
-    notes["rule"] = AUTO_RULE.format(threshold=threshold, method=method)
-    return Plan("auto", langs, groups, adapters, merges, _ordered(routes, langs), notes)
+def _add_group_family(
+    plan: Plan,
+    g: str,
+    family: str,
+    dirs: list[str],
+    joint: list[str],
+    measured: Callable[[str], str],
+    method: str,
+) -> None:
+    """Add the adapters, merge, routes and notes of group `g`'s directions `dirs` of one family to `plan`
+    (see `auto_plan`'s rule); `joint` are those whose measurement is above the threshold, and
+    `measured(d)` says so in a note."""
+    if len(joint) >= 2:
+        name = f"{family}.{g}.joint"
+        plan.adapters.append(AdapterSpec(name, joint))
+        for d in joint:
+            plan.routes[d] = name
+            plan.notes[d] = f"joint ({measured(d)}) in {name}"
+    own = [d for d in dirs if d not in plan.routes]
+    for d in own:
+        plan.adapters.append(AdapterSpec(d, [d]))
+        plan.routes[d] = d
+        if d in joint:
+            plan.notes[d] = f"own adapter: joint ({measured(d)}) but no other {family} direction of {g} is"
+        else:
+            plan.notes[d] = f"separate ({measured(d)})"
+    if family == XX_EN and len(own) >= 2:
+        name = f"{XX_EN}.{g}"
+        plan.merges.append(MergeSpec(name, own, method))
+        for d in own:
+            plan.routes[d] = name
+            plan.notes[d] += f"; merged into {name} ({method})"
+    elif family == EN_XX:
+        for d in own:
+            plan.notes[d] += "; shipped unmerged"
 
 
 def _auto_without_measurements(langs: list[str], groups: dict[str, list[str]], method: str) -> Plan:
