@@ -76,13 +76,13 @@ def run_sequential(
     """`datm translate` over the stream (fresh process): time after loading, and its outputs.
     `batch_size` replaces the run's eval batch size (the control)."""
     common.set_threads(threads)
-    from datm.eval.translate import Request, load_for_run
+    from datm.eval.translate import Request
+    from datm.serve.offline import load_for_run
 
     translator, routes, cfg = load_for_run(Path(run))
-    ev = cfg.get("eval", {})
     reqs = [Request(Direction.parse(d), text) for d, text in requests]
-    batch = batch_size or ev.get("batch_size", 8)
-    settings = dict(beams=1, max_new_tokens=ev.get("max_new_tokens", 128), batch_size=batch)
+    batch = batch_size or cfg.eval.batch_size
+    settings = dict(beams=1, max_new_tokens=cfg.eval.max_new_tokens, batch_size=batch)
     translator.translate(reqs[:1], routes, progress=False, **settings)  # warm-up, untimed
     start = time.perf_counter()
     outs = translator.translate(reqs, routes, progress=False, **settings)

@@ -67,8 +67,9 @@ def server(run_dir, tmp_path_factory):
 
 def test_some_outputs_begin_with_a_line_break(run_dir):
     """The run is hostile to a bare newline stop: some outputs start with a line break, then text."""
-    from datm.eval.translate import Request, load_for_run
+    from datm.eval.translate import Request
     from datm.languages import Direction
+    from datm.serve.offline import load_for_run
 
     translator, routes, _ = load_for_run(run_dir)
     reqs = [Request(Direction(s, t), x) for s, t, x in all_requests()]
@@ -231,8 +232,9 @@ def test_transformers_engine_serves_the_beams_the_run_was_scored_with(beam_run, 
 
     from datm.artifacts import RunDir
     from datm.eval.evaluate import read_lines
-    from datm.eval.translate import Request, load_for_run
+    from datm.eval.translate import Request
     from datm.languages import Direction
+    from datm.serve.offline import load_for_run
 
     scored = {}
     for d in json.loads((beam_run / "plan.json").read_text())["routes"]:

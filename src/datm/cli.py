@@ -112,9 +112,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
-    from datm.eval import translate
+    from datm.serve import offline
 
-    translate.main(args)
+    offline.main(args)
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from datm import artifacts
 from datm.analysis.results import Analysis, DeltaRow, FamilyDelta, MergeDegradation, RunRef
-from datm.artifacts import RunDir
+from datm.analysis.view import RunError, RunView
 from datm.errors import DatmError
 from datm.eval.evaluate import read_lines, score_bleu, score_chrf
 from datm.eval.results import BootstrapResult
@@ -67,16 +67,13 @@ def load_run_texts(path: str | Path, role: str) -> RunTexts:
     path = Path(path)
     if not path.is_dir():
         raise AnalysisError(f"{role} run {path} is not a directory")
-    run = RunDir(path)
-    plan = None
-    if run.plan.is_file():
-        try:
-            plan = Plan.from_dict(artifacts.read_json(run.plan))
-        except (KeyError, TypeError) as e:
-            raise AnalysisError(f"{run.plan}: not a datm plan ({type(e).__name__}: {e})") from None
-        directions = list(plan.routes)
-    else:
-        directions = run.translated()
+    view = RunView(path)
+    run = view.dir
+    try:
+        plan = view.plan
+    except RunError as e:
+        raise AnalysisError(str(e)) from None
+    directions = list(plan.routes) if plan is not None else run.translated()
     if not directions:
         raise AnalysisError(
             f"{role} run {path}: no plan.json and no translations/*.hyp.txt; nothing to compare"

@@ -22,10 +22,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from datm import artifacts
+from datm.analysis.view import RunError, RunView
 from datm.artifacts import RunDir
 from datm.errors import DatmError
 from datm.eval.evaluate import read_lines
-from datm.eval.results import BootstrapResult, ResultsError, RunScores
+from datm.eval.results import BootstrapResult, RunScores
 from datm.eval.significance import DEFAULT_SEED, Paired, Statistics
 from datm.languages import FAMILIES, FAMILY_NAMES, XX_EN, Direction
 
@@ -54,18 +55,13 @@ class Run:
 
 def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
-    layout = RunDir(run_dir)
-    scores_path = layout.scores
-    if not scores_path.is_file():
-        raise ReportError(f"{run_dir}: no scores.json (expected {scores_path}); score the run first")
+    view = RunView(run_dir)
     try:
-        scores = RunScores.from_json(artifacts.read_json(scores_path), scores_path)
-    except ResultsError as e:
+        scores = view.scores()
+        plan = view.plan
+    except RunError as e:
         raise ReportError(str(e)) from None
-    strategy = None
-    if layout.plan.is_file():
-        strategy = artifacts.read_json(layout.plan).get("strategy")
-    strategy = strategy or scores.strategy
+    strategy = (plan.strategy if plan is not None else None) or scores.strategy
     label = f"{run_dir.name} ({strategy})" if strategy else run_dir.name
     return Run(run_dir, label, strategy, scores)
 

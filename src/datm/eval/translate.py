@@ -10,7 +10,6 @@ use them, and the saved original weights are put back afterwards (exactly).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,58 +271,3 @@ def read_requests(lines: Sequence[str], pair: str | None) -> list[Request]:
         except ValueError as e:
             raise TranslateError(f"input line {n}: {e}") from None
     return out
-
-
-def load_for_run(
-    run_dir: Path, prompt_style: str | None = None
-) -> tuple[Translator, dict[str, str], dict[str, Any]]:
-    """A Translator over the modules that a run's plan routes to."""
-    from datm import artifacts, models
-    from datm.plan import Plan
-
-    run_dir = Path(run_dir)
-    run = artifacts.RunDir(run_dir)
-    if not run.plan.is_file():
-        raise TranslateError(f"{run.plan} not found: is {run_dir} a datm run directory?")
-    plan = Plan.from_dict(artifacts.read_json(run.plan))
-    run_cfg = artifacts.read_json(run.config)
-    model_path = models.resolve(run_cfg.get("base_model"))
-    tok = models.load_tokenizer(model_path)
-    precision = run_cfg.get("eval", {}).get("precision", "auto")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = models.load_model(model_path, dtype=inference_dtype(precision, device), device=str(device))
-    modules = {}
-    merges = [m.name for m in plan.merges]
-    for name in plan.shipped:
-        d = run.module(name, merges)
-        if not artifacts.is_done(d):
-            raise TranslateError(f"module {name} is not finished at {d}; run `datm run` first")
-        modules[name] = d
-    tr = Translator(model, tok, modules, prompt_style or run_cfg.get("prompt", "alma"))
-    return tr, plan.routes, run_cfg
-
-
-def main(args: Any) -> None:
-    from datm.data import decode_text, read_lines, split_lines, write_text  # one line discipline
-
-    translator, routes, run_cfg = load_for_run(Path(args.run))
-    ev = run_cfg.get("eval", {})
-    if args.input == "-":  # the bytes, so that stdin splits exactly as a file does
-        lines = split_lines(decode_text(sys.stdin.buffer.read(), "stdin"))
-    else:
-        lines = read_lines(args.input)
-    requests = read_requests(lines, args.pair)
-    outs = translator.translate(
-        requests,
-        routes,
-        beams=args.beams or ev.get("beams", 1),
-        max_new_tokens=args.max_new_tokens or ev.get("max_new_tokens", 128),
-        batch_size=args.batch_size or ev.get("batch_size", 8),
-    )
-    text = write_text(outs)
-    if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        from datm.artifacts import atomic_write_text
-
-        atomic_write_text(args.output, text)

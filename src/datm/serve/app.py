@@ -311,7 +311,7 @@ def main(args: Any) -> None:
         max_new_tokens=args.max_new_tokens or scored["max_new_tokens"],
         beams=args.beams or scored["beams"],
         max_texts=args.max_texts,
-        batch_size=args.batch_size or ev.get("batch_size", 8),
+        batch_size=args.batch_size or ev.batch_size,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         kv_cache_gib=args.kv_cache_gib,

@@ -108,11 +108,9 @@ class TransformersEngine(Engine):
         self.translator: Any = None
 
     async def start(self) -> None:
-        from datm.eval.translate import load_for_run
+        from datm.serve.offline import translator_for
 
-        translator, routes, _ = load_for_run(self.run.run_dir)
-        if routes != self.run.routes:  # both come from plan.json; a change under a live server is a bug
-            raise ServeError(f"{self.run.run_dir}/plan.json changed while the server was starting")
+        translator = translator_for(self.run.view)
         self.translator = translator
         self.format = translator.format
         self.context = context_length(self.run.base_model())
@@ -250,7 +248,7 @@ class VllmEngine(Engine):
         self.format = PromptFormat(self.tokenizer, self.run.prompt_style)
         self.context = context_length(base)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = inference_dtype(self.run.eval.get("precision", "auto"), device)
+        dtype = inference_dtype(self.run.eval.precision, device)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.kv_cache_gib:g}")
         loras = self.run.loras()
         lora_args: dict[str, Any] = {}

@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from datm import artifacts
+from datm.analysis.view import RunModule
 from datm.artifacts import RunDir
 from datm.data import alma_prompt
 from datm.log import get_logger
+from datm.merge.base import MERGE_INFO
+from datm.merge.forms import DELTA, LORA
 from datm.plan import BASE
 from datm.serve.engines import vllm_lora_rank
-from datm.serve.run import Module, ServedRun, ServeError
+from datm.serve.run import ServedRun, ServeError
 
 log = get_logger(__name__)
 
@@ -96,7 +99,7 @@ def export_run(run_dir: str | Path, to: str | Path, fold: bool = False) -> Expor
     return ExportResult(out, list(run.modules), folded, command, refused)
 
 
-def fold_module(base: str, module: Module, target: Path) -> None:
+def fold_module(base: str, module: RunModule, target: Path) -> None:
     """One full model: the base with the module folded into its weights, in the base's stored dtype."""
     import torch
     from transformers import AutoConfig
@@ -105,7 +108,7 @@ def fold_module(base: str, module: Module, target: Path) -> None:
 
     stored = getattr(AutoConfig.from_pretrained(base), "dtype", None) or torch.float32
     model = models.load_model(base, dtype=torch.float32)  # fold in float32, round once
-    if module.kind == "lora":
+    if module.kind == LORA:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(module.path)).merge_and_unload()
@@ -144,7 +147,7 @@ def vllm_command(run: ServedRun, base: str, root: Path | None, folded: bool) -> 
     def at(p: str) -> str:
         return str(root / p) if root is not None else p
 
-    precision = run.eval.get("precision", "auto")
+    precision = run.eval.precision
     dtype = ["--dtype", VLLM_DTYPE[precision]] if precision in VLLM_DTYPE else []  # the run's numbers
     if folded:  # one server per full model (one base served as is, if some direction routes to it)
         words: list[str] = []
@@ -192,88 +195,107 @@ def vllm_script(run: ServedRun, base: str, folded: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(run: ServedRun, module: Module, base: str, scores: dict[str, Any] | None, folded: bool) -> str:
+def model_card(
+    run: ServedRun, module: RunModule, base: str, scores: dict[str, Any] | None, folded: bool
+) -> str:
+    """A module's README: what it is, how it was trained (and merged), its scores and how to use it."""
+    sources = [module.name] if not module.merged else _merge_sources(run, module.name)
+    lines = _card_head(run, module, base, folded)
+    lines += _card_training(run, module, sources)
+    lines += _card_scores(module, scores)
+    lines += ["", "## Use", "", _card_use(module, folded)]
+    return "\n".join(lines) + "\n"
+
+
+def _card_head(run: ServedRun, module: RunModule, base: str, folded: bool) -> list[str]:
     langs = sorted({code for d in module.directions for code in d.split("-")})
-    kind = _describe_kind(module)
-    front = [
+    example = module.directions[0] if module.directions else "de-en"
+    return [
         "---",
         f"base_model: {base}",
-        f"library_name: {'transformers' if folded else ('peft' if module.kind == 'lora' else 'datm')}",
+        f"library_name: {'transformers' if folded else ('peft' if module.kind == LORA else 'datm')}",
         "tags: [datm, translation, " + ("full-model]" if folded else f"{module.kind}]"),
         "language: [" + ", ".join(langs) + "]",
         "---",
         "",
         f"# {module.name}",
         "",
-        f"A module of a datm run (strategy `{run.plan.strategy}`): {kind}"
+        f"A module of a datm run (strategy `{run.plan.strategy}`): {_describe_kind(module)}"
         + (", folded into the base model's weights." if folded else "."),
         "",
         f"- base model: `{base}`",
         f"- directions served: {', '.join(module.directions)}",
-        f"- decoding: {describe_decoding(run)}; prompt style {run.prompt_style}, e.g. for "
-        f"{module.directions[0] if module.directions else 'de-en'}:",
+        f"- decoding: {describe_decoding(run)}; prompt style {run.prompt_style}, e.g. for {example}:",
         "",
         "```",
-        _example_prompt(module.directions[0] if module.directions else "de-en"),
+        _example_prompt(example),
         "```",
         "",
         "## Training",
         "",
     ]
-    sources = [module.name] if not module.merged else _merge_sources(run, module.name)
+
+
+def _card_training(run: ServedRun, module: RunModule, sources: list[str]) -> list[str]:
+    """How the module was merged (if it was), and a row per trained adapter it comes from."""
+    lines = []
     if module.merged:
-        info = _read_optional(module.path / "merge_info.json") or {}
-        front.append(
+        info = _read_optional(module.path / MERGE_INFO) or {}
+        lines.append(
             f"Merged from {', '.join(sources)} with {info.get('method', '?')} "
             f"(density {info.get('density', '?')}, form {info.get('form', module.form)}"
             + (f", rank {info['rank']}" if info.get("rank") else "")
             + (f", relative reconstruction error {info['rel_error']:.3f}" if "rel_error" in info else "")
             + ").",
         )
-        front.append("")
-    front.append("| adapter | directions | examples | steps | batch | lr | final loss | data |")
-    front.append("|---" * 8 + "|")
+        lines.append("")
+    lines.append("| adapter | directions | examples | steps | batch | lr | final loss | data |")
+    lines.append("|---" * 8 + "|")
     for name in sources:
         t = _read_optional(RunDir(run.run_dir).adapter(name) / "train_info.json")
         if t is None:
-            front.append(f"| {name} | | | | | | | (no train_info.json) |")
+            lines.append(f"| {name} | | | | | | | (no train_info.json) |")
             continue
         res, cfg = t.get("result", {}), t.get("train", {})
         data = ", ".join(Path(p).name for p in t.get("data_origin", []))
         loss = res.get("final_loss")
-        front.append(
+        lines.append(
             f"| {name} | {', '.join(t.get('directions', []))} | {res.get('examples', '')} | "
             f"{res.get('steps', '')} | {cfg.get('batch_size', '')} | {cfg.get('lr', '')} | "
             f"{'' if loss is None else f'{loss:.4f}'} | {data} "
             f"(fingerprint {t.get('data_fingerprint', '?')}) |"
         )
-    front += ["", "## Scores (the run's test sets)", ""]
+    return lines
+
+
+def _card_scores(module: RunModule, scores: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Scores (the run's test sets)", ""]
     rows = (scores or {}).get("directions", {})
     served = [d for d in module.directions if d in rows]
-    if served:
-        front += ["| direction | BLEU | chrF++ | segments |", "|---|---|---|---|"]
-        for d in served:
-            s = rows[d]
-            front.append(f"| {d} | {s['bleu']:.2f} | {s['chrf']:.2f} | {s.get('n', '')} |")
-    else:
-        front.append("The run has no scores for these directions (scores.json missing).")
-    front += ["", "## Use", ""]
+    if not served:
+        return lines + ["The run has no scores for these directions (scores.json missing)."]
+    lines += ["| direction | BLEU | chrF++ | segments |", "|---|---|---|---|"]
+    for d in served:
+        s = rows[d]
+        lines.append(f"| {d} | {s['bleu']:.2f} | {s['chrf']:.2f} | {s.get('n', '')} |")
+    return lines
+
+
+def _card_use(module: RunModule, folded: bool) -> str:
     if folded:
-        front.append(
+        return (
             "`AutoModelForCausalLM.from_pretrained(this_dir)`; or vLLM's server: "
             f"`{format_command([*VLLM_SERVER, '--model', 'this_dir'])}`."
         )
-    elif module.kind == "lora":
-        front.append(
+    if module.kind == LORA:
+        return (
             "`PeftModel.from_pretrained(base, this_dir)`; or vLLM with `--enable-lora --lora-modules "
             f"{module.name}=this_dir` (see ../../serve_vllm.sh)."
         )
-    else:
-        front.append(
-            "A datm weight delta: `datm.merge.apply_delta(model, this_dir)` adds it to the base model. "
-            "vLLM cannot serve it as a LoRA; `datm export --fold` writes it as a full model."
-        )
-    return "\n".join(front) + "\n"
+    return (
+        "A datm weight delta: `datm.merge.apply_delta(model, this_dir)` adds it to the base model. "
+        "vLLM cannot serve it as a LoRA; `datm export --fold` writes it as a full model."
+    )
 
 
 def export_readme(run: ServedRun, base: str, fold: bool, refused: list[str]) -> str:
@@ -355,8 +377,8 @@ def _merge_sources(run: ServedRun, name: str) -> list[str]:
     return next(list(m.sources) for m in run.plan.merges if m.name == name)
 
 
-def _describe_kind(m: Module) -> str:
-    if m.kind == "delta":
+def _describe_kind(m: RunModule) -> str:
+    if m.kind == DELTA:
         return f"a TIES-merged weight delta (form {m.form})"
     cfg = m.config()
     what = f"LoRA rank {m.rank}, alpha {cfg.get('lora_alpha')}"

@@ -6,78 +6,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts
+from datm.analysis.view import RunModule, RunView
+from datm.config import Config, EvalConfig
 from datm.errors import DatmError
 from datm.languages import Direction
-from datm.plan import BASE, Plan
+from datm.merge.forms import DELTA, LORA
+from datm.plan import Plan
 
 
 class ServeError(DatmError):
     """A run that cannot be served (or exported) as asked; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class Module:
-    """One module the plan routes to."""
-
-    name: str
-    path: Path
-    kind: str  # "lora" (a PEFT LoRA directory) or "delta" (merge form dense/sparse)
-    merged: bool  # made by a merge (else a trained adapter)
-    directions: tuple[str, ...]
-
-    def config(self) -> dict[str, Any]:
-        name = "adapter_config.json" if self.kind == "lora" else "delta_config.json"
-        return artifacts.read_json(self.path / name)
-
-    @property
-    def form(self) -> str:
-        """'adapter' for a trained LoRA, else the merge form (lowrank, factor, dense, sparse)."""
-        if not self.merged:
-            return "adapter"
-        if self.kind == "delta":
-            return str(self.config().get("form", "delta"))
-        info = self.path / "merge_info.json"
-        return str(artifacts.read_json(info).get("form", "lowrank")) if info.is_file() else "lowrank"
-
-    @property
-    def rank(self) -> int:
-        """The largest LoRA rank of any layer (vLLM's max_lora_rank must cover it)."""
-        cfg = self.config()
-        return max([int(cfg["r"])] + [int(r) for r in (cfg.get("rank_pattern") or {}).values()])
-
-
 @dataclass
 class ServedRun:
-    run_dir: Path
-    plan: Plan
-    config: dict[str, Any]
-    modules: dict[str, Module]  # the routed modules, in plan order
+    """A finished run as served: the run (`RunView`) with what serving asks of it."""
+
+    view: RunView
 
     @classmethod
     def load(cls, run_dir: str | Path) -> ServedRun:
-        from datm.artifacts import RunDir
-        from datm.eval.translate import module_kind
-        from datm.run.bodies import module_dirs
+        view = RunView.open(run_dir)
+        _ = view.modules  # every routed module finished and recognised, before anything loads
+        return cls(view)
 
-        run_dir = Path(run_dir)
-        run = RunDir(run_dir)
-        for file in (run.plan, run.config):
-            if not file.is_file():
-                raise ServeError(f"{file} not found: is {run_dir} a datm run directory?")
-        plan = Plan.from_dict(artifacts.read_json(run.plan))
-        config = artifacts.read_json(run.config)
-        modules = {}
-        for name, path in module_dirs(plan, run).items():
-            if not artifacts.is_done(path):
-                raise ServeError(f"module {name} is not finished at {path}; run `datm run` first")
-            try:
-                kind = module_kind(path)
-            except ValueError as e:
-                raise ServeError(str(e)) from None
-            served = tuple(d for d, m in plan.routes.items() if m == name)
-            modules[name] = Module(name, path, kind, plan.kind(name) == "merge", served)
-        return cls(run_dir, plan, config, modules)
+    @property
+    def run_dir(self) -> Path:
+        return self.view.root
+
+    @property
+    def plan(self) -> Plan:
+        return self.view.routed_plan()
+
+    @property
+    def config(self) -> Config:
+        return self.view.config
+
+    @property
+    def modules(self) -> dict[str, RunModule]:
+        return self.view.modules
 
     @property
     def routes(self) -> dict[str, str]:
@@ -86,33 +53,29 @@ class ServedRun:
 
     @property
     def prompt_style(self) -> str:
-        return str(self.config.get("prompt", "alma"))
+        return self.config.prompt
 
     @property
-    def eval(self) -> dict[str, Any]:
-        return dict(self.config.get("eval") or {})
+    def eval(self) -> EvalConfig:
+        return self.config.eval
 
     def scored_decoding(self) -> dict[str, int]:
         """The decoding settings the run's scored translations were made with (`datm translate`'s too)."""
-        ev = self.eval
-        return {"beams": int(ev.get("beams", 1)), "max_new_tokens": int(ev.get("max_new_tokens", 128))}
+        return {"beams": self.eval.beams, "max_new_tokens": self.eval.max_new_tokens}
 
     def base_model(self) -> str:
         """The base model as a directory or hub id (converting the embedded GGUF once if needed)."""
-        from datm import models
+        return self.view.base_model()
 
-        return models.resolve(self.config.get("base_model"))
-
-    def module_for(self, direction: Direction | str) -> Module | None:
+    def module_for(self, direction: Direction | str) -> RunModule | None:
         """The module serving a direction (None: the base model); KeyError if the run doesn't serve it."""
-        name = self.routes[str(direction)]
-        return None if name == BASE else self.modules[name]
+        return self.view.module_for(direction)
 
-    def deltas(self) -> list[Module]:
-        return [m for m in self.modules.values() if m.kind == "delta"]
+    def deltas(self) -> list[RunModule]:
+        return [m for m in self.modules.values() if m.kind == DELTA]
 
-    def loras(self) -> list[Module]:
-        return [m for m in self.modules.values() if m.kind == "lora"]
+    def loras(self) -> list[RunModule]:
+        return [m for m in self.modules.values() if m.kind == LORA]
 
     def directions(self) -> list[dict[str, Any]]:
         """Every served direction with its module and the module's kind (for GET /v1/directions)."""
