@@ -270,13 +270,13 @@ def test_vllm_engine_with_beams_1_says_it_serves_greedy_not_what_was_scored(beam
         pytest.importorskip("vllm")
     from fastapi.testclient import TestClient
 
-    from datm.serve.app import create_app
+    from datm.serve.app import HttpSettings, create_app
     from datm.serve.engines import ServeSettings, make_engine
     from datm.serve.run import ServedRun
 
     run = ServedRun.load(beam_run)
     engine = make_engine("vllm", run, ServeSettings(beams=1, max_new_tokens=8))  # no start: no model
-    client = TestClient(create_app(run, engine))
+    client = TestClient(create_app(run, engine, HttpSettings()))
     for path in ("/health", "/v1/directions"):
         decoding = client.get(path).json()["decoding"]
         assert decoding["search"] == "greedy" and decoding["beams"] == 1 and not decoding["as_scored"]

@@ -59,8 +59,13 @@ def decoding(beams: int, max_new_tokens: int) -> dict[str, Any]:
 
 
 def first_nonempty_line(text: str) -> str:
-    """The first line of `text` that holds more than whitespace, stripped ('' if none)."""
-    return next((line.strip() for line in text.split("\n") if line.strip()), "")
+    """The first line of `text` that holds more than whitespace, stripped ('' if none), with a space
+    for any other line-break character inside it (datm's one line discipline, `datm.data.write_text`):
+    the translation a server returns is the very text a run scores and `datm translate` writes."""
+    from datm.data import LINE_BREAKS
+
+    line = next((line for line in text.split("\n") if line.strip()), "")
+    return line.translate(str.maketrans(dict.fromkeys(LINE_BREAKS, " "))).strip()
 
 
 class LineStop:
