@@ -48,10 +48,11 @@ from datm.artifacts import RunDir
 from datm.auto import build_plan
 from datm.config import candidates
 from datm.eval import evaluate, significance
+from datm.eval.worker import Worker
 from datm.languages import Direction
 from datm.merge import select as merge_select
 from datm.run import runner
-from datm.run.bodies import Worker, test_pairs
+from datm.run.bodies import test_pairs
 
 ROOT = common.REPO_ROOT
 DATA = common.DATA_DIR

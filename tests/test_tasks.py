@@ -184,7 +184,7 @@ def test_xalma50_example_plans_the_papers_run_from_a_config_only_base(capsys):
 def test_worker_keeps_one_model_converting_for_inference_and_reloading_for_training(tmp_path, tiny_model_dir):
     """A Ray worker may translate (bf16) and then train (fp32): it must not train on bf16 weights."""
     from datm import config as C
-    from datm.run.bodies import Worker
+    from datm.eval.worker import Worker
 
     cfg = C.from_dict(
         {"languages": ["de"], "data": {}, "train": {"steps": 1}, "base_model": str(tiny_model_dir)}

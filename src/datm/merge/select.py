@@ -31,6 +31,8 @@ from datm import languages as L
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.config.candidates import AUTO, Candidate, config_candidates, normalizing_methods
+from datm.eval.worker import Worker, translation_session
+from datm.plan import Plan
 
 SELECTION_FILE = "selection.json"
 TRANSLATIONS_FILE = "translations.json"
@@ -39,7 +41,7 @@ TRANSLATIONS_FILE = "translations.json"
 # --- dev sets ----------------------------------------------------------------------------------------
 
 
-def auto_merges(cfg: Config, plan: Any) -> dict[str, list[str]]:
+def auto_merges(cfg: Config, plan: Plan) -> dict[str, list[str]]:
     """merge name -> the directions it serves, for the plan's merges chosen by `auto`."""
     return {
         m.name: [d for d, mod in plan.routes.items() if mod == m.name]
@@ -99,7 +101,7 @@ def chosen_with(run: RunDir, name: str) -> dict[str, Any] | None:
     return artifacts.read_json(run.merged(name) / MERGE_INFO).get("selection", {}).get("settings")
 
 
-def held_out_origins(cfg: Config, plan: Any) -> frozenset[str]:
+def held_out_origins(cfg: Config, plan: Plan) -> frozenset[str]:
     """Where the held-out dev pairs come from ('file:line'): training skips these records, in both
     directions of their file."""
     origins: set[str] = set()
@@ -111,7 +113,7 @@ def held_out_origins(cfg: Config, plan: Any) -> frozenset[str]:
     return frozenset(origins)
 
 
-def describe(cfg: Config, plan: Any) -> list[str]:
+def describe(cfg: Config, plan: Plan) -> list[str]:
     """What `auto` adds to a plan: candidate merges, dev translations and where the dev sets come from."""
     merges = auto_merges(cfg, plan)
     if not merges:
@@ -168,42 +170,27 @@ def _fingerprint(module: Path) -> str:
 
 def _translate(
     cfg: Config,
-    worker: Any,
+    worker: Worker,
     modules: dict[str, Path],
     devs: dict[str, list[data.Pair]],
     done: Callable[[str, dict[str, list[str]]], None],
 ) -> None:
     """Dev hypotheses of each module (direction -> lines), one base model for all; `done(name, hyps)`
     is called as each module finishes, so that a killed task keeps what it translated."""
-    from peft import PeftModel
+    from datm.eval.translate import Request
 
-    from datm import device
-    from datm.eval.translate import Request, Translator, inference_dtype
-
-    model = worker.model(inference_dtype(cfg.eval.precision, device.current()))
-    translator = Translator(model, worker.tokenizer, modules, cfg.prompt)
-    try:
+    with translation_session(worker, modules, cfg) as translate:
         requests = [Request(L.Direction.parse(d), p.src) for d, pairs in devs.items() for p in pairs]
         for name in modules:
-            hyps = translator.translate(
-                requests,
-                dict.fromkeys(devs, name),
-                beams=cfg.eval.beams,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                batch_size=cfg.eval.batch_size,
-                progress=worker.progress,
-            )
+            hyps = translate(requests, dict.fromkeys(devs, name))
             by_direction, start = {}, 0
             for d, pairs in devs.items():
                 by_direction[d] = hyps[start : start + len(pairs)]
                 start += len(pairs)
             done(name, by_direction)
-    finally:
-        if isinstance(translator.model, PeftModel):
-            translator.model.unload()  # give the shared base model back without adapters
 
 
-def select_merge(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) -> dict[str, Any]:
+def select_merge(cfg: Config, plan: Plan, run: RunDir, name: str, worker: Worker) -> dict[str, Any]:
     """Merge `name` with every candidate, score each on the dev set, publish the best as
     `run.merged(name)`; returns the selection (also in its merge_info.json)."""
     from datm.merge.base import MERGE_INFO
@@ -213,7 +200,7 @@ def select_merge(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) ->
     return selection
 
 
-def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any) -> dict[str, Any]:
+def score_candidates(cfg: Config, plan: Plan, run: RunDir, name: str, worker: Worker) -> dict[str, Any]:
     """Merge `name` with every candidate of `cfg.merge` and score each on the dev set (finished
     merges and dev translations are reused); the selection table and choice, also written to
     `run.candidates(name)/selection.json`. Publishes nothing."""
@@ -269,7 +256,7 @@ def score_candidates(cfg: Config, plan: Any, run: RunDir, name: str, worker: Any
     return selection
 
 
-def _dev_sets(cfg: Config, plan: Any, name: str) -> tuple[dict[str, list[data.Pair]], dict[str, str]]:
+def _dev_sets(cfg: Config, plan: Plan, name: str) -> tuple[dict[str, list[data.Pair]], dict[str, str]]:
     """The dev pairs of each direction the merged module serves, and where each set comes from."""
     devs: dict[str, list[data.Pair]] = {}
     dev_origin: dict[str, str] = {}
@@ -281,7 +268,7 @@ def _dev_sets(cfg: Config, plan: Any, name: str) -> tuple[dict[str, list[data.Pa
 
 
 def _merge_candidates(
-    cfg: Config, plan: Any, run: RunDir, name: str, cands: list[Candidate], worker: Any
+    cfg: Config, plan: Plan, run: RunDir, name: str, cands: list[Candidate], worker: Worker
 ) -> tuple[dict[str, Any], dict[str, str | None]]:
     """Every candidate merged (finished ones reused): the merge results, and for each candidate the
     earlier candidate whose module is byte-identical (None: its own)."""
@@ -311,7 +298,12 @@ def _merge_candidates(
 
 
 def _dev_translations(
-    cfg: Config, run: RunDir, name: str, cands: list[Candidate], devs: dict[str, list[data.Pair]], worker: Any
+    cfg: Config,
+    run: RunDir,
+    name: str,
+    cands: list[Candidate],
+    devs: dict[str, list[data.Pair]],
+    worker: Worker,
 ) -> dict[str, dict[str, list[str]]]:
     """Each candidate's dev translations: those kept from before for the same dev sources and eval
     settings, the others made now (each written as soon as its candidate is translated)."""

@@ -7,82 +7,22 @@ tokenizer and the base model, loaded once (on this process's device) and reused.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from datm import artifacts, data, device, models
+from datm import artifacts, data, device
 from datm import languages as L
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.eval.results import RunScores
+from datm.eval.worker import Worker, translation_session
 from datm.log import get_logger
 from datm.plan import BASE, Plan
 from datm.run.graph import ALWAYS_RUN, Task, is_done
 
 log = get_logger(__name__)
-
-
-class Worker:
-    """The base model and tokenizer of one process, shared by the tasks it runs."""
-
-    def __init__(self, cfg: Config, progress: bool = True) -> None:
-        self.base_model = cfg.base_model
-        self.attn_implementation = cfg.train.attn_implementation
-        self.progress = progress
-        self._path: str | None = None
-        self._tokenizer: Any = None
-        self._model: Any = None
-        self._fingerprint: str | None = None
-
-    def serves(self, cfg: Config) -> bool:
-        return (cfg.base_model, cfg.train.attn_implementation) == (self.base_model, self.attn_implementation)
-
-    @property
-    def model_path(self) -> str:
-        if self._path is None:
-            self._path = models.resolve(self.base_model)
-        return self._path
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = models.fingerprint(self.model_path)
-        return self._fingerprint
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = models.load_tokenizer(self.model_path)
-        return self._tokenizer
-
-    def model(self, dtype: Any) -> Any:
-        """The base model in `dtype`. A model trained in fp32 is converted in place for bf16
-        inference (as a single run always did); going back to fp32 reloads it."""
-        import torch
-
-        if self._model is not None and self._model.dtype != dtype:
-            if self._model.dtype == torch.float32:
-                self._model.to(dtype)
-            else:
-                self.forget_model()
-        if self._model is None:
-            models.check_attn_implementation(self.attn_implementation)
-            log.debug(f"loading the base model {self.model_path} ({dtype}) on {device.current()}")
-            self._model = models.load_model(
-                self.model_path,
-                dtype=dtype,
-                device=str(device.current()),
-                attn_implementation=self.attn_implementation,
-            )
-        return self._model
-
-    def forget_model(self) -> None:
-        """Drop the model (e.g. after a failed task may have left adapter layers in it)."""
-        self._model = None
-        gc.collect()
 
 
 # --- data of a config --------------------------------------------------------------------------------
@@ -255,34 +195,20 @@ def module_dirs(plan: Plan, run: RunDir) -> dict[str, Any]:
 
 def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
     """One direction, through the one module its route names (mixed-batch code path as serving)."""
-    from peft import PeftModel
-
-    from datm.eval.translate import Request, Translator, inference_dtype
+    from datm.eval.translate import Request
 
     direction = L.Direction.parse(task.name)
     module = plan.routes[task.name]
     modules = {} if module == BASE else {module: run.module(module, [m.name for m in plan.merges])}
-    model = worker.model(inference_dtype(cfg.eval.precision, device.current()))
-    translator = Translator(model, worker.tokenizer, modules, cfg.prompt)
-    try:
+    with translation_session(worker, modules, cfg) as translate:
         pairs = test_pairs(cfg, direction)
-        hyps = translator.translate(
-            [Request(direction, p.src) for p in pairs],
-            plan.routes,
-            beams=cfg.eval.beams,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            progress=worker.progress,
-        )
+        hyps = translate([Request(direction, p.src) for p in pairs], plan.routes)
         files = run.translations(direction)
         artifacts.atomic_write_text(files.src, data.write_text(p.src for p in pairs))
         artifacts.atomic_write_text(files.ref, data.write_text(p.tgt for p in pairs))
-        artifacts.atomic_write_json(files.info, {**translator.last_info, "settings": test_settings(cfg)})
+        artifacts.atomic_write_json(files.info, {**translate.last_info, "settings": test_settings(cfg)})
         artifacts.atomic_write_text(files.hyp, data.write_text(hyps))  # last: marks the direction done
         log.info(f"translated {direction}: {len(hyps)} segments (module {module})")
-    finally:
-        if isinstance(translator.model, PeftModel):
-            translator.model.unload()  # give the shared base model back without adapters
 
 
 def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> RunScores:

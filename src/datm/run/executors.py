@@ -19,10 +19,11 @@ from typing import Any
 from datm.artifacts import RunDir, describe_holder, holder
 from datm.config import Config, names
 from datm.errors import DatmError
+from datm.eval.worker import Worker
 from datm.log import configured_level, get_logger
 from datm.log import setup as setup_logging
 from datm.plan import Plan
-from datm.run.bodies import Worker, execute
+from datm.run.bodies import execute
 from datm.run.graph import Task, build_tasks, is_done
 
 log = get_logger(__name__)

@@ -14,10 +14,11 @@ from datm.artifacts import RunDir
 from datm.auto import build_plan
 from datm.config import Config, ConfigError
 from datm.eval.results import RunScores
+from datm.eval.worker import Worker
 from datm.log import get_logger
 from datm.plan import BASE, Plan
 from datm.run import preflight
-from datm.run.bodies import BODIES, Worker, execute, test_pairs, test_settings, train_pairs  # noqa: F401 (their home was here)
+from datm.run.bodies import BODIES, execute, test_settings
 from datm.run.describe import format_plan
 from datm.run.graph import Task, build_tasks, is_done
 
