@@ -156,6 +156,27 @@ class TranslateCall:
 
 def parse_translate(raw: bytes, run: ServedRun, engine: Engine) -> TranslateCall:
     """Validate a POST /v1/translate body; ApiError names the first problem found."""
+    body = _json_object(raw)
+    direction = _direction(body, run)
+    if ("text" in body) == ("texts" in body):
+        raise ApiError(422, "invalid_request", "give exactly one of 'text' (a string) or 'texts' (a list)")
+    single = "text" in body
+    texts = [body["text"]] if single else body["texts"]
+    if not isinstance(texts, list):
+        raise ApiError(422, "invalid_request", f"'texts' must be a list, got {type(texts).__name__}")
+    limit = engine.settings.max_texts
+    if len(texts) > limit:
+        raise ApiError(413, "too_many_texts", f"{len(texts)} texts in one request; the limit is {limit}")
+    if not texts:
+        raise ApiError(422, "empty_text", "'texts' is empty")
+    prompts = [
+        _prompt(t, "'text'" if single else f"texts[{i}]", direction, engine) for i, t in enumerate(texts)
+    ]
+    return TranslateCall(direction, texts, prompts, single)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object with only the keys the endpoint knows."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -169,6 +190,11 @@ def parse_translate(raw: bytes, run: ServedRun, engine: Engine) -> TranslateCall
         raise ApiError(
             422, "invalid_request", f"unknown key(s) {unknown}; expected source, target and text or texts"
         )
+    return body
+
+
+def _direction(body: dict[str, Any], run: ServedRun) -> Direction:
+    """The request's direction, which the run must serve."""
     for key in ("source", "target"):
         if not isinstance(body.get(key), str) or not body[key]:
             raise ApiError(422, "invalid_request", f"'{key}' must be a language code such as 'de' or 'en'")
@@ -183,51 +209,40 @@ def parse_translate(raw: bytes, run: ServedRun, engine: Engine) -> TranslateCall
             "unserved_direction",
             f"no module serves {name} here; directions served: {sorted(run.routes)}",
         )
-    if ("text" in body) == ("texts" in body):
-        raise ApiError(422, "invalid_request", "give exactly one of 'text' (a string) or 'texts' (a list)")
-    single = "text" in body
-    texts = [body["text"]] if single else body["texts"]
-    if not isinstance(texts, list):
-        raise ApiError(422, "invalid_request", f"'texts' must be a list, got {type(texts).__name__}")
-    limit = engine.settings.max_texts
-    if len(texts) > limit:
-        raise ApiError(413, "too_many_texts", f"{len(texts)} texts in one request; the limit is {limit}")
-    if not texts:
-        raise ApiError(422, "empty_text", "'texts' is empty")
-    prompts = []
-    for i, t in enumerate(texts):
-        where = "'text'" if single else f"texts[{i}]"
-        if not isinstance(t, str):
-            raise ApiError(422, "not_a_string", f"{where} must be a string, got {type(t).__name__}")
-        if not t.strip():
-            raise ApiError(422, "empty_text", f"{where} is empty")
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate, sent as an escape such as \ud800
-            raise ApiError(
-                422, "invalid_unicode", f"{where} is not valid Unicode ({e.reason} at character {e.start})"
-            ) from None
-        if "\n" in t or "\r" in t:
-            raise ApiError(
-                422, "line_break", f"{where} holds a line break; send one segment per text (split lines)"
-            )
-        ids = engine.format.prompt_ids(direction.src, direction.tgt, t)
-        room = engine.context - engine.settings.max_new_tokens
-        if len(ids) > room:
-            raise ApiError(
-                413,
-                "text_too_long",
-                f"{where} is {len(ids)} tokens as a prompt; with up to {engine.settings.max_new_tokens} new "
-                f"tokens the model's context of {engine.context} tokens leaves room for {room}",
-            )
-        prompts.append(ids)
-    return TranslateCall(direction, texts, prompts, single)
+    return direction
+
+
+def _prompt(t: Any, where: str, direction: Direction, engine: Engine) -> list[int]:
+    """The prompt token ids of one text, which must be one non-empty segment that fits the context."""
+    if not isinstance(t, str):
+        raise ApiError(422, "not_a_string", f"{where} must be a string, got {type(t).__name__}")
+    if not t.strip():
+        raise ApiError(422, "empty_text", f"{where} is empty")
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, sent as an escape such as \ud800
+        raise ApiError(
+            422, "invalid_unicode", f"{where} is not valid Unicode ({e.reason} at character {e.start})"
+        ) from None
+    if "\n" in t or "\r" in t:
+        raise ApiError(
+            422, "line_break", f"{where} holds a line break; send one segment per text (split lines)"
+        )
+    ids = engine.format.prompt_ids(direction.src, direction.tgt, t)
+    room = engine.context - engine.settings.max_new_tokens
+    if len(ids) > room:
+        raise ApiError(
+            413,
+            "text_too_long",
+            f"{where} is {len(ids)} tokens as a prompt; with up to {engine.settings.max_new_tokens} new "
+            f"tokens the model's context of {engine.context} tokens leaves room for {room}",
+        )
+    return ids
 
 
 def create_app(run: ServedRun, engine: Engine, http: HttpSettings) -> Any:
     """The FastAPI app over a started engine; the engine is closed when the app shuts down."""
-    from fastapi import FastAPI, Request
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
     state = {"in_flight": 0, "answered": 0}
     # One thread parses and tokenizes (a fast tokenizer is not safe to share between threads).
@@ -243,6 +258,15 @@ def create_app(run: ServedRun, engine: Engine, http: HttpSettings) -> Any:
     app = FastAPI(title="datm", description="Translation with a datm run's modules", lifespan=lifespan)
     if http.api_key:
         app.add_middleware(KeyGuard, key=http.api_key)
+    _add_error_handlers(app)
+    _add_routes(app, run, engine, http, state, parser)
+    return app
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Every error is a JSON body {"error": {"type", "message"}}: ours, Starlette's, and the unexpected."""
+    from fastapi import Request
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError) -> Any:
@@ -258,6 +282,13 @@ def create_app(run: ServedRun, engine: Engine, http: HttpSettings) -> Any:
         # Starlette logs the traceback after this answer
         message = f"internal error ({type(e).__name__}); the server's log has the details"
         return ApiError(500, "internal_error", message).response()
+
+
+def _add_routes(
+    app: Any, run: ServedRun, engine: Engine, http: HttpSettings, state: dict[str, int], parser: Any
+) -> None:
+    """/health, /v1/directions and /v1/translate (parsed and tokenized in `parser`, a thread)."""
+    from fastapi import Request
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -294,8 +325,6 @@ def create_app(run: ServedRun, engine: Engine, http: HttpSettings) -> Any:
         if call.single:
             return {"translation": outs[0], **served}
         return {"translations": outs, **served}
-
-    return app
 
 
 def main(args: Any) -> None:
