@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import logging
 import sys
@@ -111,51 +113,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_translate(args: argparse.Namespace) -> int:
-    from datm.serve import offline
-
-    offline.main(args)
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from datm.eval import evaluate
-
-    return evaluate.main(args)
-
-
-def _cmd_comet_env(args: argparse.Namespace) -> int:
-    from datm.eval import comet
-
-    return comet.main_env(args)
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     from datm.analysis import report
 
     out = report.write_report([Path(r) for r in args.runs], Path(args.out), baseline=args.baseline)
     print(f"report written: {out}")
     return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from datm.serve import app
-
-    app.main(args)
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from datm.serve import export
-
-    export.main(args)
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from datm import demo
-
-    return demo.main(args)
 
 
 def _auto_overrides(s: argparse.ArgumentParser) -> None:
@@ -308,26 +271,46 @@ def _args_probe(s: argparse.ArgumentParser) -> None:
     s.add_argument("--examples", type=int, default=32, help="examples per direction (default 32)")
 
 
-# Every command: its help line, its arguments and the function that runs it.
-COMMANDS: dict[
-    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-] = {
+# Every command: its help line, its arguments, and the function that runs it (or "module:function",
+# imported only when that command runs: the stage's own `main(args)`).
+Command = Callable[[argparse.Namespace], "int | None"]
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command | str]] = {
     "plan": ("print which adapters a config trains, merges and routes", _args_plan, _cmd_plan),
     "run": ("run a config end to end (resumes where it stopped)", _args_run, _cmd_run),
     "tasks": ("the plan's tasks, their dependencies and status", _args_tasks, _cmd_tasks),
     "train": ("train the plan's adapters only", _args_train, _cmd_train),
     "merge": ("merge PEFT adapter directories into one module", _args_merge, _cmd_merge),
-    "translate": ("translate with the modules a run's plan routes to", _args_translate, _cmd_translate),
-    "evaluate": ("score a hypothesis file against references (BLEU, chrF++)", _args_evaluate, _cmd_evaluate),
+    "translate": (
+        "translate with the modules a run's plan routes to",
+        _args_translate,
+        "datm.serve.offline:main",
+    ),
+    "evaluate": (
+        "score a hypothesis file against references (BLEU, chrF++)",
+        _args_evaluate,
+        "datm.eval.evaluate:main",
+    ),
     "comet-env": (
         "create a virtual environment with COMET for eval.comet.python",
         _args_comet_env,
-        _cmd_comet_env,
+        "datm.eval.comet:main_env",
     ),
     "report": ("compare run directories in Markdown/HTML tables and plots", _args_report, _cmd_report),
-    "serve": ("serve a run's routes over HTTP (vLLM or transformers engine)", _args_serve, _cmd_serve),
-    "export": ("a run's modules with model cards, routes and a vllm command", _args_export, _cmd_export),
-    "demo": ("post-train Gemma 3 270M with DATM on the embedded corpus, offline", _args_demo, _cmd_demo),
+    "serve": (
+        "serve a run's routes over HTTP (vLLM or transformers engine)",
+        _args_serve,
+        "datm.serve.app:main",
+    ),
+    "export": (
+        "a run's modules with model cards, routes and a vllm command",
+        _args_export,
+        "datm.serve.export:main",
+    ),
+    "demo": (
+        "post-train Gemma 3 270M with DATM on the embedded corpus, offline",
+        _args_demo,
+        "datm.demo:main",
+    ),
     "analyze": (
         "conflict/synergy per direction and family: joint vs separate runs",
         _args_analyze,
@@ -350,8 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         s = sub.add_parser(name, help=help_text)
         add_arguments(s)
-        s.set_defaults(func=run)
+        s.set_defaults(func=run if callable(run) else functools.partial(_call, run))
     return p
+
+
+def _call(target: str, args: argparse.Namespace) -> int:
+    """Run a stage's `main(args)` named "module:function"; None counts as success."""
+    module, _, function = target.partition(":")
+    return int(getattr(importlib.import_module(module), function)(args) or 0)
 
 
 def _stdout_is_data(args: argparse.Namespace) -> bool:

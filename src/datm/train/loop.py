@@ -211,12 +211,7 @@ class Training:
 
 
 def start_training(
-    base_model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    out: Path,
-    lora: LoraConfig,
-    cfg: TrainConfig,
+    base_model: Any, examples: Sequence[Example], out: Path, lora: LoraConfig, cfg: TrainConfig, pad_id: int
 ) -> Training:
     """A fresh LoRA on `base_model` with its optimizer and schedule, resumed from `out`'s checkpoint
     if an interrupted run left one. Seeds first: the LoRA's initial weights depend on them."""
@@ -241,7 +236,6 @@ def start_training(
     loss_module, optimizer = accel.prepare(TargetLoss(peft_model.get_base_model()), optimizer)
     peft_model.train()
     order = micro_batch_order(examples, cfg, total_steps, accel)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Training(
         accel,
         peft_model,
@@ -295,7 +289,8 @@ def train_adapter(
         return TrainResult(out=out, **artifacts.read_json(out / "train_info.json")["result"])
     if not examples:
         raise TrainError(f"adapter {out.name}: no training examples")
-    t = start_training(base_model, tokenizer, examples, out, lora, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t = start_training(base_model, examples, out, lora, cfg, pad_id)
     show = progress and t.accel.is_main_process  # one bar, as datm's messages: not one per node
     bar = tqdm(total=t.total_steps, initial=t.start, desc=f"train {out.name}", disable=not show, unit="step")
     t0, seen = time.perf_counter(), 0
