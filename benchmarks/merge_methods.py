@@ -214,7 +214,9 @@ def run_job(args: argparse.Namespace, seed: int, grouping: str) -> dict[str, Any
     note(timings, "train_s", t0)
     t0 = time.perf_counter()
     plan, worker = build_plan(cfg), Worker(cfg)
-    selections = {g: merge_select.score_candidates(cfg, plan, run, f"xx-en.{g}", worker) for g in groups}
+    selections = {
+        g: merge_select.score_candidates(cfg, plan, run, f"xx-en.{g}", worker).to_json() for g in groups
+    }
     note(timings, "merge_and_dev_s", t0)
     picks = {g: chosen_per_method(sel) for g, sel in selections.items()}
     auto = {g: sel["chosen"] for g, sel in selections.items()}

@@ -158,6 +158,31 @@ class Row:
     scale: float = 1.0  # the candidate's global scale λ
 
 
+@dataclass(frozen=True)
+class Selection:
+    """merge auto's choice for one merge: the dev sets, every candidate's row, the chosen one and the
+    eval settings its dev translations were made with (selection.json; `selection` in merge_info.json)."""
+
+    select_on: str
+    dev: dict[str, dict[str, Any]]  # direction -> where its dev set comes from, size, fingerprint
+    candidates: list[Row]
+    chosen: str
+    settings: dict[str, Any]
+    metric: str = "chrF++ (mean over the merged module's directions)"
+    rule: str = "highest mean dev chrF++; ties: fewer bytes, then the earlier candidate"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "select_on": self.select_on,
+            "metric": self.metric,
+            "rule": self.rule,
+            "dev": self.dev,
+            "candidates": [asdict(r) for r in self.candidates],
+            "chosen": self.chosen,
+            "settings": self.settings,
+        }
+
+
 def choose(rows: list[Row]) -> Row:
     """Highest mean dev chrF++; ties go to the smaller module, then to the earlier candidate."""
     order = {id(r): i for i, r in enumerate(rows)}
@@ -190,17 +215,17 @@ def _translate(
             done(name, by_direction)
 
 
-def select_merge(cfg: Config, plan: Plan, run: RunDir, name: str, worker: Worker) -> dict[str, Any]:
+def select_merge(cfg: Config, plan: Plan, run: RunDir, name: str, worker: Worker) -> Selection:
     """Merge `name` with every candidate, score each on the dev set, publish the best as
     `run.merged(name)`; returns the selection (also in its merge_info.json)."""
     from datm.merge.base import MERGE_INFO
 
     selection = score_candidates(cfg, plan, run, name, worker)
-    _publish(run.candidate_module(name, selection["chosen"]), run.merged(name), selection, MERGE_INFO)
+    _publish(run.candidate_module(name, selection.chosen), run.merged(name), selection, MERGE_INFO)
     return selection
 
 
-def score_candidates(cfg: Config, plan: Plan, run: RunDir, name: str, worker: Worker) -> dict[str, Any]:
+def score_candidates(cfg: Config, plan: Plan, run: RunDir, name: str, worker: Worker) -> Selection:
     """Merge `name` with every candidate of `cfg.merge` and score each on the dev set (finished
     merges and dev translations are reused); the selection table and choice, also written to
     `run.candidates(name)/selection.json`. Publishes nothing."""
@@ -236,23 +261,16 @@ def score_candidates(cfg: Config, plan: Plan, run: RunDir, name: str, worker: Wo
                 c.scale,
             )
         )
-    selection = {
-        "select_on": cfg.merge.select_on,
-        "metric": "chrF++ (mean over the merged module's directions)",
-        "rule": "highest mean dev chrF++; ties: fewer bytes, then the earlier candidate",
-        "dev": {
-            d: {
-                "source": dev_origin[d],
-                "n": len(devs[d]),
-                "fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in devs[d]),
-            }
-            for d in devs
-        },
-        "candidates": [asdict(r) for r in rows],
-        "chosen": choose(rows).candidate,
-        "settings": settings,
+    dev = {
+        d: {
+            "source": dev_origin[d],
+            "n": len(devs[d]),
+            "fingerprint": artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in devs[d]),
+        }
+        for d in devs
     }
-    artifacts.atomic_write_json(run.candidates(name) / SELECTION_FILE, selection)
+    selection = Selection(cfg.merge.select_on, dev, rows, choose(rows).candidate, settings)
+    artifacts.atomic_write_json(run.candidates(name) / SELECTION_FILE, selection.to_json())
     return selection
 
 
@@ -334,7 +352,7 @@ def _dev_translations(
     return hyps
 
 
-def _publish(module: Path, final: Path, selection: dict[str, Any], info_name: str) -> None:
+def _publish(module: Path, final: Path, selection: Selection, info_name: str) -> None:
     """A copy of the chosen candidate's module as the group's merged module, its merge_info.json
     extended with the selection."""
     staging = artifacts.staging_dir(final)
@@ -343,14 +361,14 @@ def _publish(module: Path, final: Path, selection: dict[str, Any], info_name: st
             shutil.copy2(f, staging / f.name)
     info = artifacts.read_json(staging / info_name)
     info["out"] = str(final)
-    info["selection"] = selection
+    info["selection"] = selection.to_json()
     artifacts.atomic_write_json(staging / info_name, info)
     artifacts.publish_dir(staging, final)
     done = artifacts.read_json(module / artifacts.DONE)
     artifacts.mark_done(
         final,
         {k: v for k, v in done.items() if k != "finished_at"}
-        | {"out": str(final), "chosen": selection["chosen"]},
+        | {"out": str(final), "chosen": selection.chosen},
     )
 
 

@@ -168,7 +168,7 @@ def merge_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) 
 
     spec = next(m for m in plan.merges if m.name == task.name)
     if spec.method == AUTO:
-        chosen = select_merge(cfg, plan, run, spec.name, worker)["chosen"]
+        chosen = select_merge(cfg, plan, run, spec.name, worker).chosen
         log.info(
             f"merge {spec.name}: chose {chosen} on the dev set (candidates: {run.candidates(spec.name)})"
         )
