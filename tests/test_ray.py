@@ -16,8 +16,8 @@ ray = pytest.importorskip("ray")
 def test_ray_executor_equals_local_executor_bit_for_bit(tmp_path, tiny_model_dir, alma_dir, capsys):
     local = write_config(tmp_path, tiny_model_dir, alma_dir, "local")
     assert main(["run", str(local)]) == 0
-    resources = "resources: {train: {num_cpus: 1, max_retries: 2}, merge: {num_cpus: 1}}"
-    on_ray = write_config(tmp_path, tiny_model_dir, alma_dir, "ray", extra=resources)
+    resources = {"train": {"num_cpus": 1, "max_retries": 2}, "merge": {"num_cpus": 1}}
+    on_ray = write_config(tmp_path, tiny_model_dir, alma_dir, "ray", extra={"resources": resources})
     capsys.readouterr()
     assert main(["run", str(on_ray), "--executor", "ray"]) == 0
     log = capsys.readouterr().out
@@ -46,9 +46,7 @@ def test_ray_retries_a_task_whose_worker_was_killed_and_resumes_it(tmp_path, tin
     import time
     from pathlib import Path
 
-    cfg = write_config(
-        tmp_path, tiny_model_dir, alma_dir, "r", train=", steps: 60, checkpoint_every: 5", extra=""
-    )
+    cfg = write_config(tmp_path, tiny_model_dir, alma_dir, "r", steps=60, checkpoint_every=5)
     cfg.write_text(cfg.read_text().replace("strategy: datm", "strategy: multilingual"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(

@@ -20,11 +20,13 @@ from datm.cli import main
 SRC = str(Path(__file__).parents[1] / "src")
 
 
-def write_config(tmp_path: Path, model_dir: Path, data_dir: Path, out: str, **train: object) -> Path:
-    """The tests' DATM config (conftest.tiny_config), with `train` settings changed."""
-    return save_config(
-        tmp_path / f"{out}.yaml", tiny_config(model_dir, data_dir, out, train={**TRAIN, **train})
-    )
+def write_config(
+    tmp_path: Path, model_dir: Path, data_dir: Path, out: str, extra: dict | None = None, **train: object
+) -> Path:
+    """The tests' DATM config (conftest.tiny_config), with `train` settings changed and `extra`
+    top-level keys added."""
+    raw = tiny_config(model_dir, data_dir, out, train={**TRAIN, **train}, **(extra or {}))
+    return save_config(tmp_path / f"{out}.yaml", raw)
 
 
 def artifacts_of(out: Path) -> dict[str, bytes]:
