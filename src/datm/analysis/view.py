@@ -72,19 +72,27 @@ class RunView:
     @cached_property
     def plan(self) -> Plan | None:
         """The run's plan (None for a directory without plan.json)."""
-        if not self.dir.plan.is_file():
+        raw = self.recorded("plan")
+        if raw is None:
             return None
         try:
-            return Plan.from_dict(artifacts.read_json(self.dir.plan))
+            return Plan.from_dict(raw)
         except (KeyError, TypeError, ValueError) as e:
             raise RunError(f"{self.dir.plan}: not a datm plan ({type(e).__name__}: {e})") from None
+
+    def recorded(self, name: str) -> dict[str, Any] | None:
+        """plan.json or config.json as written (None before the run wrote it): what `datm run` holds a
+        resumed run to. Every reader of these files goes through here."""
+        path = {"plan": self.dir.plan, "config": self.dir.config}[name]
+        return artifacts.read_json(path) if path.is_file() else None
 
     @cached_property
     def config(self) -> C.Config:
         """The config the run was made with, typed (config.json: every key, paths resolved)."""
-        if not self.dir.config.is_file():
+        raw = self.recorded("config")
+        if raw is None:
             raise RunError(f"{self.dir.config} not found: is {self.root} a datm run directory?")
-        return C.from_dict(artifacts.read_json(self.dir.config), source=str(self.dir.config))
+        return C.from_dict(raw, source=str(self.dir.config))
 
     def routed_plan(self) -> Plan:
         if self.plan is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from datm import artifacts, auto
+from datm.analysis.view import RunView
 from datm.artifacts import RunDir
 from datm.auto import build_plan
 from datm.config import Config, ConfigError
@@ -25,13 +26,15 @@ from datm.run.graph import Task, build_tasks, is_done
 log = get_logger(__name__)
 
 
-def _check_same(path: Path, new: dict[str, Any], what: str, ignore: tuple[str, ...] = ()) -> None:
-    """An output dir belongs to one experiment: refuse to mix results of different configs."""
-    if not path.is_file():
+def _check_same(
+    path: Path, old: dict[str, Any] | None, new: dict[str, Any], what: str, ignore: tuple[str, ...] = ()
+) -> None:
+    """An output dir belongs to one experiment: refuse to mix results of different configs. `old`: what
+    the run recorded at `path` (None: nothing yet, so the main process writes `new` there)."""
+    if old is None:
         if _is_main_process():  # the others check it once the main process has written it
             artifacts.atomic_write_json(path, new)
         return
-    old = artifacts.read_json(path)
     diff = [k for k in _differences(old, new) if k.split(".")[0] not in ignore]
     if diff:
         raise ConfigError(
@@ -58,12 +61,13 @@ def _prepare(cfg: Config) -> tuple[RunDir, Plan]:
     run = RunDir(cfg.output_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     plan = build_plan(cfg)
-    _check_same(run.plan, plan.to_dict(), "plan")
+    view = RunView(run.root)
+    _check_same(run.plan, view.recorded("plan"), plan.to_dict(), "plan")
     # eval settings may change between invocations until a translation is made with them (they only
     # affect the stages that follow; `_check_made_with` holds finished ones to theirs), and
     # where the tasks run (and whether a trained adapter comes from the cache) changes nothing they produce
     ignore = ("eval", "executor", "resources", "adapter_cache")
-    _check_same(run.config, cfg.to_dict(), "config", ignore=ignore)
+    _check_same(run.config, view.recorded("config"), cfg.to_dict(), "config", ignore=ignore)
     _check_made_with(cfg, run, plan)
     return run, plan
 
