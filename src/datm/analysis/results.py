@@ -157,9 +157,9 @@ class Analysis:
             out["merge"] = self.merge.to_json()
         if self.pilot is not None:
             out["pilot"] = self.pilot
-        if self.seeds is not None:
+        if self.seeds is not None:  # one run per arm: the layout of before seeds
             out["seeds"] = self.seeds
-        out["interval"] = self.interval
+            out["interval"] = self.interval
         return out
 
     @classmethod
