@@ -65,12 +65,14 @@ def test_bad_auto_setting_is_refused_at_load_naming_the_key(auto, key):
     assert key in str(e.value) and str(e.value).startswith("c.yaml")
 
 
-def test_pilot_needs_a_dev_split_never_the_test_split():
+def test_pilot_without_data_valid_holds_out_training_pairs():
     raw = auto_raw()
     del raw["data"]["valid"]
-    with pytest.raises(C.ConfigError, match=r"data\.valid .*test split never decides"):
+    cfg = C.from_dict(raw)  # every direction's dev pairs are held-out training pairs
+    assert cfg.dev_rule().holdout == 200 and cfg.dev_rule().valid is None
+    raw["data"]["valid_holdout"] = 0
+    with pytest.raises(C.ConfigError, match=r"data\.valid_holdout must be"):
         C.from_dict(raw)
-    C.from_dict({**raw, "auto": {"source": "probe"}})  # the probe reads training data only
 
 
 def write_analysis_file(path: Path, deltas: dict[str, float]) -> Path:
@@ -142,7 +144,7 @@ def test_pilot_end_to_end_decides_the_plan_on_the_dev_split(tmp_path, tiny_model
     printed = capsys.readouterr().out
     assert "auto: source pilot, threshold 0" in printed
     assert "0.5 of the training budget per adapter, 1 steps (full: 2)" in printed
-    assert "scored on data.valid" in printed and "`datm run`" in printed
+    assert "scored on the dev pairs" in printed and "; data.valid;" in printed and "`datm run`" in printed
 
     assert main(["run", str(cfg)]) == 0
     out = tmp_path / "out"
@@ -150,7 +152,7 @@ def test_pilot_end_to_end_decides_the_plan_on_the_dev_split(tmp_path, tiny_model
     for role, strategy in (("separate", "separate"), ("joint", "group_family")):
         assert json.loads((pilot / role / "plan.json").read_text())["strategy"] == strategy
         run_cfg = json.loads((pilot / role / "config.json").read_text())
-        assert run_cfg["train"]["steps"] == 1 and run_cfg["data"]["test"].endswith("valid.{xx}-en.jsonl")
+        assert run_cfg["train"]["steps"] == 1 and run_cfg["data"]["eval_on"] == "dev"
         for d in ("de-en", "en-cs"):  # scored on the dev split, not the test split
             refs = (pilot / role / "translations" / f"{d}.ref.txt").read_text().splitlines()
             assert len(refs) == 3 and all(" dev " in r for r in refs)
@@ -204,12 +206,14 @@ def test_auto_data_is_checked_before_the_pilot_loads_a_model(tmp_path, alma_dir,
 
     monkeypatch.setattr(models, "load_model", boom)
     monkeypatch.setattr(models, "load_tokenizer", boom)
-    for lang in ("de", "cs"):  # no dev file for ru
+    for lang in ("de", "cs"):  # no dev file for ru: its dev pairs are held out of its training pairs
         write_valid(alma_dir / f"valid.{lang}-en.jsonl", lang)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(config_text(tmp_path / "no-model", alma_dir, "{source: pilot}"))
-    assert main(["run", str(cfg)]) == 2
-    assert "valid.ru-en.jsonl does not exist" in capsys.readouterr().err
+    assert main(["run", str(cfg)]) == 2  # the default data.valid_holdout (200) leaves nothing to train on
+    assert "ru has no data.valid and only" in capsys.readouterr().err.replace("en-ru", "ru").replace(
+        "ru-en", "ru"
+    )
     write_valid(alma_dir / "valid.ru-en.jsonl", "ru")
     (alma_dir / "test.en-ru.jsonl").unlink()  # the final run's test set is checked before the pilot too
     assert main(["run", str(cfg)]) == 2

@@ -3,9 +3,10 @@
 Two short trainings of the config's own setting, each a fixed fraction (`auto.pilot.fraction`) of
 every adapter's training budget: `separate` (one adapter per direction) and `group_family` (one
 adapter per group and family: what `auto` means by training jointly). Both are scored on the dev
-split (`data.valid`) — never on the test split — and compared exactly as `datm analyze` compares
-runs (`datm.analyze`): per direction Δ = score(joint) − score(separate). `auto_plan` then trains
-jointly the directions whose Δ is above `auto.threshold`.
+pairs (`datm.data.dev`: `data.valid`, or `data.valid_holdout` training pairs held out of every
+training of the run where a direction has no valid file) — never on the test split — and compared
+exactly as `datm analyze` compares runs (`datm.analyze`): per direction Δ = score(joint) −
+score(separate). `auto_plan` then trains jointly the directions whose Δ is above `auto.threshold`.
 
 The two trainings are ordinary run directories, <output_dir>/pilot/separate and
 <output_dir>/pilot/joint, so the pilot resumes after a kill like any run; the analysis goes to
@@ -20,9 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, data
+from datm import artifacts
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
+from datm.data import dev
 from datm.languages import directions_for
 from datm.log import get_logger
 from datm.plan import make_plan
@@ -40,16 +42,6 @@ def analysis_path(cfg: Config) -> Path:
     return pilot_dir(cfg) / "analysis" / "analysis.json"
 
 
-def _dev_split(cfg: Config) -> str | None:
-    """The split name the dev pattern holds for formats that have splits (FLORES, datasets)."""
-    assert cfg.data.valid is not None
-    first = next(iter(directions_for(cfg.languages)))
-    fmt = cfg.data.format
-    if fmt == "auto":
-        fmt = data.detect_format(data.pattern_path(cfg.data.valid, first))
-    return data.dev_split(fmt)
-
-
 def pilot_train(cfg: Config) -> dict[str, float | int | None]:
     """The pilot's training budget per adapter: the full budget times auto.pilot.fraction."""
     f, t = cfg.auto.pilot.fraction, cfg.train
@@ -60,15 +52,13 @@ def pilot_train(cfg: Config) -> dict[str, float | int | None]:
 
 
 def pilot_config(cfg: Config, role: str) -> Config:
-    """The config of one pilot run: the user's setting with the pilot's strategy, budget, dev split
-    in the place of the test split, and its own output directory."""
-    if not cfg.data.valid:
-        raise ConfigError(f"{cfg.source}: auto.source pilot needs data.valid (the dev split it scores on)")
+    """The config of one pilot run: the user's setting with the pilot's strategy, budget, the dev
+    pairs in the place of the test split (`data.eval_on: dev`), and its own output directory."""
     p = cfg.auto.pilot
     return dataclasses.replace(
         cfg,
         strategy=ROLES[role],
-        data=dataclasses.replace(cfg.data, test=cfg.data.valid, test_split=_dev_split(cfg)),
+        data=dataclasses.replace(cfg.data, eval_on="dev"),
         train=dataclasses.replace(cfg.train, **pilot_train(cfg)),
         eval=dataclasses.replace(cfg.eval, max_examples=p.max_examples or cfg.eval.max_examples),
         output_dir=str(pilot_dir(cfg) / role),
@@ -95,8 +85,20 @@ def describe(cfg: Config) -> str:
         f"{trained} pilot adapters ({len(plans['separate'].adapters)} separate + "
         f"{len(plans['joint'].adapters)} joint per group and family"
         + (f", {shared} of them the same as a separate one, trained once" if shared else "")
-        + f"), scored on data.valid ({segments} segments per direction; never the test split); "
+        + f"), scored on the dev pairs ({segments} per direction; {dev_words(cfg)}; never the test split); "
         f"Δ {cfg.auto.pilot.metric} = joint − separate, as `datm analyze`; runs in {pilot_dir(cfg)}"
+    )
+
+
+def dev_words(cfg: Config) -> str:
+    """Where the pilot's dev pairs come from, in words."""
+    rec = dev.record(cfg.dev_rule(), [str(d) for d in directions_for(cfg.languages)])
+    held = rec["held_out"]
+    if not held:
+        return "data.valid"
+    return (
+        f"data.valid, and for {', '.join(held)} (no data.valid) {rec['valid_holdout']} training pairs "
+        f"each held out of every training (seed {rec['seed']})"
     )
 
 
@@ -128,6 +130,7 @@ def settings(cfg: Config) -> dict[str, Any]:
         "fraction": p.fraction,
         "train": pilot_train(cfg),
         "dev": cfg.data.valid,
+        "valid_holdout": cfg.data.valid_holdout,
         "max_examples": p.max_examples or cfg.eval.max_examples,
         "metric": p.metric,
         "samples": p.samples,

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from datm import artifacts
 from datm.config import Config, ConfigError, names
+from datm.data import dev
 from datm.errors import DatmError
 from datm.log import get_logger
-from datm.plan import Plan, auto_plan, make_plan, validate
+from datm.plan import Plan, auto_plan, dev_directions, make_plan, validate
 
 log = get_logger(__name__)
 
@@ -157,12 +158,16 @@ def measurements_from_file(path: str | Path, groups: dict[str, list[str]]) -> tu
 
 def build_plan(cfg: Config) -> Plan:
     """The one plan builder of every command: the strategy's plan (`auto`: from the measurements its
-    config names), checked against the config (`datm.plan.validate`)."""
+    config names), checked against the config (`datm.plan.validate`), with the record of its dev data
+    (`Plan.dev`: which directions hold training pairs out as their dev set, how many, the seed)."""
     if cfg.strategy == "auto":
         plan = _auto_plan(cfg)
     else:
         plan = make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
     validate(cfg, plan)
+    directions = dev_directions(cfg, plan)
+    if directions:  # what decides on dev pairs, and where they come from (held out of training or not)
+        plan.dev = dev.record(cfg.dev_rule(), directions)
     return plan
 
 

@@ -41,9 +41,14 @@ class Plan:
     notes: dict[str, str] = field(default_factory=dict)  # direction -> why (used by `auto`)
     # `auto` only: what decided it (source, threshold, the measurements file and its fingerprint)
     decided_by: dict[str, Any] = field(default_factory=dict)
+    # where the dev pairs the run decides on come from (`datm.data.dev.record`); empty: it uses none
+    dev: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.dev:  # a run that decides nothing on dev data: plan.json as before
+            del out["dev"]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
@@ -58,6 +63,7 @@ class Plan:
             routes=dict(d["routes"]),
             notes=dict(d.get("notes", {})),
             decided_by=dict(d.get("decided_by", {})),
+            dev=dict(d.get("dev", {})),
         )
 
     @property
