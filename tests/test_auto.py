@@ -239,3 +239,62 @@ def test_merge_weights_are_counted_against_the_auto_plans_merges(tmp_path):
         auto.build_plan(cfg)
     raw["merge"] = {"weights": [1.0, 2.0]}
     assert auto.build_plan(C.from_dict(raw)).merges[0].sources == ["de-en", "cs-en"]
+
+
+def test_held_out_dev_pairs_never_reach_training_and_a_stopped_pilot_resumes(
+    tmp_path, tiny_model_dir, alma_dir, capsys, monkeypatch
+):
+    from datm.data import dev
+    from datm.languages import Direction
+    from datm.run import bodies, runner
+
+    for lang in ("de", "cs"):  # ru has no dev file: its dev pairs are 3 held-out training pairs
+        write_valid(alma_dir / f"valid.{lang}-en.jsonl", lang)
+    raw = yaml.safe_load(config_text(tiny_model_dir, alma_dir, "{pilot: {fraction: 0.5, samples: 20}}"))
+    raw["data"]["valid_holdout"] = 3
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    held = dev.held_out(C.load(cfg).dev_rule(), Direction.parse("ru-en"))
+    origins = {p.origin for p in held}
+    assert len(origins) == 3
+
+    trained: dict[str, list] = {}  # run directory / adapter -> the pairs it trained on
+    real_train_pairs = bodies.train_pairs
+
+    def spy(c, directions, report, exclude=frozenset()):
+        got = real_train_pairs(c, directions, report, exclude)
+        trained[f"{c.output_dir}/{'+'.join(directions)}"] = got
+        return got
+
+    monkeypatch.setattr(bodies, "train_pairs", spy)
+    real_run = runner.run
+
+    def stop_at_the_joint_pilot(c, *a, **k):  # as if killed after the separate pilot finished
+        if c.output_dir.endswith("pilot/joint"):
+            raise KeyboardInterrupt
+        return real_run(c, *a, **k)
+
+    monkeypatch.setattr(runner, "run", stop_at_the_joint_pilot)
+    assert main(["run", str(cfg)]) != 0
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+    separate = tmp_path / "out" / "pilot" / "separate" / "adapters" / "ru-en" / "adapter_model.safetensors"
+    before = separate.stat().st_mtime_ns
+    monkeypatch.setattr(runner, "run", real_run)
+    trained.clear()
+    assert main(["run", str(cfg)]) == 0
+    assert separate.stat().st_mtime_ns == before  # the finished pilot run was resumed, not redone
+    assert not any("pilot/separate" in k for k in trained)
+    assert any("pilot/joint" in k for k in trained) and any(k.startswith(f"{tmp_path}/out/") for k in trained)
+    for name, pairs in trained.items():  # no training of the run, pilot or final, saw a held-out line
+        assert not {p.origin for p in pairs} & origins, name
+    ru = [p for k, ps in trained.items() if "ru" in k for p in ps]
+    assert ru and {p.src_lang for p in ru} >= {"ru", "en"}  # both directions of the file skip them
+    pilot_refs = (tmp_path / "out" / "pilot" / "joint" / "translations" / "ru-en.ref.txt").read_text()
+    assert pilot_refs.splitlines() == [p.tgt for p in held]  # the pilot scored ru-en on them
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["dev"] == {
+        "valid": ["de-en", "cs-en", "en-de", "en-cs"],
+        "held_out": ["ru-en", "en-ru"],
+        "valid_holdout": 3,
+        "seed": raw["train"]["seed"],
+    }
