@@ -8,7 +8,8 @@ in the setting of `asymmetry_budget.py` (Gemma 3 270M, ALMA's human-written data
   run per seed per arm: Δ = joint − separate per direction, with the interval over seeds and test
   segments (`datm.analysis.seeds`). A direction is *significant* where that interval excludes 0;
   the right decision there is joint for Δ > 0, separate for Δ < 0.
-- **each source** `auto` offers (`--sources`, default every one that measures: pilot, probe), run as
+- **each source** `auto` offers (`--sources`, default every one that measures: pilot, full_pilot,
+  probe), run as
   `auto` runs it: a `strategy: auto` config with that `auto.source`, measured on the dev pairs
   (`data.valid`, and for Icelandic, which has none, `data.valid_holdout` training pairs held out of
   every training of the run; never the test split), then the full `auto` run. Per source: its
@@ -23,7 +24,7 @@ default_right, auto_chrf, best_fixed_chrf, oracle_chrf, cost_fraction}}` (defaul
 directions the default source decides right at every seed). Adapters are shared through datm's
 adapter cache (an auto run's separate and joint adapters are the fixed runs'). Resumable.
 
-    python benchmarks/auto_validity.py [--budgets 80,320] [--seeds 1,2,3] [--sources pilot,probe]
+    python benchmarks/auto_validity.py [--budgets 80,320] [--seeds 1,2,3] [--sources pilot,full_pilot,probe]
     python benchmarks/auto_validity.py --smoke     # a few minutes: the code path, not a result
 """
 
@@ -200,7 +201,7 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=common.RESULTS_DIR)
     ap.add_argument("--budgets", type=ints, default=[80, 320])
     ap.add_argument("--seeds", type=ints, default=[1, 2, 3])
-    ap.add_argument("--sources", type=lambda s: s.split(","), default=["pilot", "probe"])
+    ap.add_argument("--sources", type=lambda s: s.split(","), default=["pilot", "full_pilot", "probe"])
     ap.add_argument("--test-size", type=int, default=100, help="first N WMT'22 segments per direction")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--valid-holdout", type=int, default=200, help="data.valid_holdout (Icelandic's dev)")

@@ -298,3 +298,104 @@ def test_held_out_dev_pairs_never_reach_training_and_a_stopped_pilot_resumes(
         "valid_holdout": 3,
         "seed": raw["train"]["seed"],
     }
+
+
+def full_pilot_config(tmp_path: Path) -> C.Config:
+    raw = auto_raw(source="full_pilot")
+    raw["output_dir"] = str(tmp_path / "out")
+    return C.from_dict(raw, source="c.yaml")
+
+
+def write_pilot_analysis(cfg: C.Config, rows: dict[str, tuple[float, float, float]]) -> None:
+    """A finished pilot's analysis.json: per direction (Δ, low, high)."""
+    from datm.auto import pilot
+
+    path = pilot.analysis_path(cfg)
+    path.parent.mkdir(parents=True)
+    directions = {d: {"delta": v, "low": lo, "high": hi, "p_value": 0.5} for d, (v, lo, hi) in rows.items()}
+    path.write_text(json.dumps({"metric": "chrf", "directions": directions, "pilot": pilot.settings(cfg)}))
+
+
+def test_full_pilot_follows_significant_deltas_and_the_prior_elsewhere(tmp_path):
+    from datm import auto
+
+    cfg = full_pilot_config(tmp_path)
+    write_pilot_analysis(
+        cfg,
+        {
+            "de-en": (-2.0, -3.0, -1.0),  # a conflict above the noise: separate
+            "cs-en": (0.5, -1.0, 2.0),  # within the noise: the prior, XX→En separate
+            "en-de": (-0.3, -1.0, 0.4),  # within the noise: the prior, En→XX joint
+            "en-cs": (1.5, 0.5, 2.5),  # a synergy above the noise: joint
+        },
+    )
+    plan = auto.build_plan(cfg)
+    assert plan.routes == {
+        "de-en": "xx-en.g",
+        "cs-en": "xx-en.g",
+        "en-de": "en-xx.g.joint",
+        "en-cs": "en-xx.g.joint",
+    }
+    assert plan.decided_by["prior"]["directions"] == ["cs-en", "en-de"] and "note" not in plan.decided_by
+    assert "includes 0.00: the paper's prior" in plan.notes["en-de"] and "prior" not in plan.notes["en-cs"]
+    # `pilot` at the same budget (the same numbers) follows every Δ's sign, noise included
+    cfg.auto.source, cfg.auto.pilot.fraction = "pilot", 1.0
+    assert auto.build_plan(cfg).routes["en-de"] == "en-de"
+
+
+def test_full_pilot_says_when_nothing_is_above_the_noise(tmp_path, capsys):
+    from datm import auto
+    from datm.run import describe
+
+    cfg = full_pilot_config(tmp_path)
+    write_pilot_analysis(cfg, {d: (0.1, -1.0, 1.0) for d in ("de-en", "cs-en", "en-de", "en-cs")})
+    plan = auto.build_plan(cfg)
+    assert plan.routes == {
+        "de-en": "xx-en.g",
+        "cs-en": "xx-en.g",
+        "en-de": "en-xx.g.joint",
+        "en-cs": "en-xx.g.joint",
+    }
+    assert "no direction's pilot interval excludes 0" in plan.decided_by["note"]
+    assert "no direction's pilot interval excludes 0" in describe.format_plan(plan)
+
+
+def test_full_pilot_costs_the_full_budget_and_hands_its_adapters_over(tmp_path):
+    from datm import artifacts, auto
+    from datm.auto import pilot
+
+    cfg = full_pilot_config(tmp_path)
+    text = auto.describe(cfg)  # what `datm plan` prints before anything trains
+    assert "pilot: 1 of the training budget per adapter, 4 steps (full: 4)" in text
+    assert "its adapters are the run's own (linked, trained once)" in text
+    assert pilot.pilot_train(cfg)["steps"] == cfg.train.steps
+    write_pilot_analysis(
+        cfg, {"de-en": (-2, -3, -1), "cs-en": (-2, -3, -1), "en-de": (2, 1, 3), "en-cs": (2, 1, 3)}
+    )
+    for role, name in (("separate", "de-en"), ("separate", "cs-en"), ("joint", "en-xx.g.joint")):
+        adapter = pilot.pilot_dir(cfg) / role / "adapters" / name
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(name.encode())
+        artifacts.mark_done(adapter, {"kind": "adapter"})
+    plan = auto.build_plan(cfg)
+    auto.hand_over(cfg, plan)
+    for role, name in (("separate", "de-en"), ("separate", "cs-en"), ("joint", "en-xx.g.joint")):
+        got = tmp_path / "out" / "adapters" / name / "adapter_model.safetensors"
+        src = pilot.pilot_dir(cfg) / role / "adapters" / name / "adapter_model.safetensors"
+        assert got.stat().st_ino == src.stat().st_ino  # linked: trained once
+
+
+def test_full_pilot_run_trains_nothing_twice(tmp_path, tiny_model_dir, alma_dir, capsys):
+    for lang in ("de", "cs", "ru"):
+        write_valid(alma_dir / f"valid.{lang}-en.jsonl", lang)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config_text(tiny_model_dir, alma_dir, "{source: full_pilot, pilot: {samples: 20}}"))
+    assert main(["plan", str(cfg)]) == 0
+    assert "pilot: 1 of the training budget per adapter, 2 steps (full: 2)" in capsys.readouterr().out
+    assert main(["run", str(cfg)]) == 0
+    out = tmp_path / "out"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["decided_by"]["source"] == "full_pilot" and "prior" in plan["decided_by"]
+    pilot_files = {f.stat().st_ino for f in (out / "pilot").glob("*/adapters/*/adapter_model.safetensors")}
+    for a in plan["adapters"]:  # every adapter of the run is a pilot's, linked
+        assert (out / "adapters" / a["name"] / "adapter_model.safetensors").stat().st_ino in pilot_files

@@ -27,11 +27,13 @@ from datm.config import Config, ConfigError
 from datm.data import dev
 from datm.languages import directions_for
 from datm.log import get_logger
-from datm.plan import make_plan
+from datm.plan import Plan, make_plan
+from datm.plan.strategies import PRIOR_TEXT
 
 log = get_logger(__name__)
 
 ROLES = {"separate": "separate", "joint": "group_family"}  # pilot run -> its strategy
+FULL = "full_pilot"  # auto.source: the pilot at the full budget, its adapters the shipped modules
 
 
 def pilot_dir(cfg: Config) -> Path:
@@ -42,9 +44,15 @@ def analysis_path(cfg: Config) -> Path:
     return pilot_dir(cfg) / "analysis" / "analysis.json"
 
 
+def fraction(cfg: Config) -> float:
+    """The pilot's share of every adapter's budget: auto.pilot.fraction, or 1 for `full_pilot`
+    (whose adapters are then the run's own: `hand_over`)."""
+    return 1.0 if cfg.auto.source == FULL else cfg.auto.pilot.fraction
+
+
 def pilot_train(cfg: Config) -> dict[str, float | int | None]:
-    """The pilot's training budget per adapter: the full budget times auto.pilot.fraction."""
-    f, t = cfg.auto.pilot.fraction, cfg.train
+    """The pilot's training budget per adapter: the full budget times `fraction(cfg)`."""
+    f, t = fraction(cfg), cfg.train
     if t.steps is not None:
         return {"steps": max(1, math.ceil(t.steps * f)), "epochs": None}
     assert t.epochs is not None  # config validation: strategy auto trains, so it has a budget
@@ -80,13 +88,20 @@ def describe(cfg: Config) -> str:
     trained = sum(len(p.adapters) for p in plans.values()) - shared
     examples = cfg.auto.pilot.max_examples or cfg.eval.max_examples
     segments = f"the first {examples}" if examples else "all"
+    reused = (
+        "; its adapters are the run's own (linked, trained once): auto costs training both the separate "
+        "and the joint adapters, and a direction whose dev interval includes 0 follows "
+        f"{PRIOR_TEXT}"
+        if cfg.auto.source == FULL
+        else ""
+    )
     return (
-        f"pilot: {cfg.auto.pilot.fraction:g} of the training budget per adapter, {unit}; "
+        f"pilot: {fraction(cfg):g} of the training budget per adapter, {unit}; "
         f"{trained} pilot adapters ({len(plans['separate'].adapters)} separate + "
         f"{len(plans['joint'].adapters)} joint per group and family"
         + (f", {shared} of them the same as a separate one, trained once" if shared else "")
         + f"), scored on the dev pairs ({segments} per direction; {dev_words(cfg)}; never the test split); "
-        f"Δ {cfg.auto.pilot.metric} = joint − separate, as `datm analyze`; runs in {pilot_dir(cfg)}"
+        f"Δ {cfg.auto.pilot.metric} = joint − separate, as `datm analyze`; runs in {pilot_dir(cfg)}{reused}"
     )
 
 
@@ -108,14 +123,15 @@ def _shared_adapters(plans: dict) -> list[str]:
     return [a.name for a in plans["joint"].adapters if separate.get(a.name) == a.directions]
 
 
-def share_adapter(separate: RunDir, joint: RunDir, name: str) -> None:
-    """Hand the separate pilot's finished adapter `name` to the joint pilot, by hard links, under the
-    joint run's claim on training it: concurrent pilots on one output_dir link it once, and a joint
-    run that started training it meanwhile is waited for."""
-    src, dst = separate.adapter(name), joint.adapter(name)
+def share_adapter(source: RunDir, target: RunDir, name: str) -> None:
+    """Hand run `source`'s finished adapter `name` to run `target` (the separate pilot's to the joint
+    pilot, a full pilot's to the run it decides), by hard links, under the target's claim on training
+    it: concurrent runs on one output_dir link it once, and a target that started training it
+    meanwhile is waited for."""
+    src, dst = source.adapter(name), target.adapter(name)
     if not artifacts.is_done(src) or artifacts.is_done(dst):
         return
-    with artifacts.claim(joint.claim(f"train:{name}"), f"pilot: share adapter {name}"):
+    with artifacts.claim(target.claim(f"train:{name}"), f"pilot: share adapter {name}"):
         if artifacts.is_done(dst):
             return
         stage = artifacts.staging_dir(dst)
@@ -123,11 +139,24 @@ def share_adapter(separate: RunDir, joint: RunDir, name: str) -> None:
         artifacts.publish_dir(stage, dst)
 
 
+def hand_over(cfg: Config, plan: Plan) -> None:
+    """`full_pilot`: the plan's adapters that a pilot run trained (same name, same directions: same
+    data, seed and full budget) are linked into the run, not trained again."""
+    if cfg.auto.source != FULL:
+        return
+    groups, target = cfg.resolved_groups(), RunDir(cfg.output_dir)
+    wanted = {a.name: a.directions for a in plan.adapters}
+    for role, strategy in ROLES.items():
+        for a in make_plan(strategy, cfg.languages, groups).adapters:
+            if wanted.get(a.name) == a.directions:
+                share_adapter(RunDir(pilot_dir(cfg) / role), target, a.name)
+
+
 def settings(cfg: Config) -> dict[str, Any]:
     """What a pilot's measurements depend on beyond its run directories' own configs."""
     p = cfg.auto.pilot
     return {
-        "fraction": p.fraction,
+        "fraction": fraction(cfg),
         "train": pilot_train(cfg),
         "dev": cfg.data.valid,
         "valid_holdout": cfg.data.valid_holdout,
@@ -186,6 +215,8 @@ __all__ = [
     "analysis_path",
     "check_current",
     "describe",
+    "fraction",
+    "hand_over",
     "pilot_config",
     "pilot_dir",
     "pilot_train",

@@ -114,7 +114,7 @@ class PilotConfig:
 class AutoConfig:
     """How `strategy: auto` measures, per direction, whether joint training helps."""
 
-    source: str = "pilot"  # pilot | probe | file (datm.auto.SOURCES)
+    source: str = "pilot"  # pilot | full_pilot | probe | file (datm.auto.SOURCES)
     threshold: float = 0.0  # a direction whose measurement is above it is trained jointly
     measurements: str | None = None  # source file: a probe.json or a pilot's analysis.json
     pilot: PilotConfig = field(default_factory=PilotConfig)

@@ -232,5 +232,5 @@ def validate_auto(cfg: Config) -> None:
             )
         if not Path(a.measurements).is_file():
             raise ConfigError(f"{s}: auto.measurements: file {a.measurements} does not exist")
-    if a.source in ("pilot", "probe") and not cfg.data.train:
+    if a.source in (*names.PILOT_SOURCES, "probe") and not cfg.data.train:
         raise ConfigError(f"{s}: auto.source {a.source} trains or probes on data.train: give data.train")

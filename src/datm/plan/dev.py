@@ -10,7 +10,7 @@ from datm.plan.strategies import Plan
 
 def uses_pilot(cfg: Config) -> bool:
     """Whether the run (or, for a pilot run, the run it pilots) is decided by auto's pilot."""
-    return cfg.data.eval_on == "dev" or (cfg.strategy == "auto" and cfg.auto.source == "pilot")
+    return cfg.data.eval_on == "dev" or (cfg.strategy == "auto" and cfg.auto.source in names.PILOT_SOURCES)
 
 
 def dev_directions(cfg: Config, plan: Plan) -> list[str]:

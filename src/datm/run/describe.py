@@ -137,6 +137,8 @@ def format_plan(
             f"decided by: {by.get('source')} measurements > threshold {by.get('threshold')} "
             f"({by.get('measurements')})"
         )
+        if by.get("note"):
+            lines.append(f"  {by['note']}")
     for d, why in plan.notes.items():
         lines.append(f"  {d}: {why}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from datm import artifacts, data
 from datm import languages as L
-from datm.config import Config, ConfigError
+from datm.config import Config, ConfigError, names
 from datm.data import dev
 from datm.plan import Plan
 
@@ -120,7 +120,7 @@ def check_auto_data(cfg: Config) -> None:
     directions = list(L.directions_for(cfg.languages))
     check_train(cfg, [str(d) for d in directions])
     check_eval(cfg, directions, cfg.data.test)
-    if cfg.auto.source == "pilot":
+    if cfg.auto.source in names.PILOT_SOURCES:
         check_dev(cfg, directions)
         check_dev_not_test(cfg, dev_sets(cfg, [str(d) for d in directions]), "the pilot")
 
