@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 from sacrebleu.metrics import BLEU, CHRF
 
-from datm.analysis.analyze import AnalysisError, analyze, classify, write_analysis
+from datm.analysis.analyze import AnalysisError, analyze, classify, format_table, write_analysis
 from datm.analysis.results import RunRef
 from datm.cli import main
 from datm.data import write_text
@@ -280,3 +280,80 @@ def test_pilot_analysis_drives_an_auto_plan(tmp_path, asymmetric_runs, capsys):
     assert plan["routes"]["de-en"] == plan["routes"]["cs-en"] == "xx-en.g"
     assert plan["notes"]["en-de"].startswith("separate (pilot Δ -")
     assert plan["routes"]["en-de"] == "en-de"
+
+
+# ----------------------------------------------------------------------------------- several seeds
+
+
+def seeded_run(path: Path, hyps: dict[str, list[str]], seed: int, strategy: str = "separate") -> Path:
+    """A run directory with a config.json naming its training seed."""
+    write_run(path, hyps, strategy=strategy)
+    (path / "config.json").write_text(json.dumps({"train": {"seed": seed}}))
+    return path
+
+
+def seeded_arms(tmp_path: Path, joint_de_en: dict[int, list[str]]) -> tuple[list[Path], list[Path]]:
+    """Per seed a separate run (half right everywhere) and a joint run whose de-en is `joint_de_en[seed]`."""
+    separate, joint = [], []
+    for seed, de_en in joint_de_en.items():
+        hyps = {d: half(d) for d in REFS}
+        separate.append(seeded_run(tmp_path / f"separate-{seed}", hyps, seed))
+        joint.append(seeded_run(tmp_path / f"joint-{seed}", {**hyps, "de-en": de_en}, seed, "group"))
+    return separate, joint
+
+
+def test_seeds_that_disagree_in_sign_give_an_interval_containing_zero(tmp_path):
+    # seeds 1 and 2: joint much better on de-en; seed 3: much worse. Each seed alone is significant.
+    separate, joint = seeded_arms(tmp_path, {1: good("de-en"), 2: good("de-en"), 3: bad("de-en")})
+    for s, j in zip(separate, joint, strict=True):
+        alone = analyze(s, j, n_samples=SAMPLES).directions["de-en"]
+        assert alone.kind in ("synergy", "conflict") and alone.seed_deltas is None
+    result = analyze(separate, joint, n_samples=SAMPLES)
+    row = result.directions["de-en"]
+    assert result.seeds == ["1", "2", "3"] and result.interval.startswith("t interval over training seeds")
+    per_seed = row.seed_deltas
+    assert per_seed is not None and per_seed["1"] > 10 and per_seed["3"] < -10
+    assert row.delta == pytest.approx(sum(per_seed.values()) / 3)
+    assert row.low < 0 < row.high and row.kind == "neutral"
+    # identical directions: no spread between seeds, no difference on any segment
+    assert result.directions["cs-en"].seed_deltas == {"1": 0.0, "2": 0.0, "3": 0.0}
+    assert result.directions["cs-en"].low == result.directions["cs-en"].high == 0.0
+    assert result.families["xx-en"].seed_deltas == pytest.approx({s: v / 2 for s, v in per_seed.items()})
+    assert "t interval over seeds 1, 2, 3" in format_table(result)
+
+
+def test_seeds_that_agree_are_significant_and_reported(tmp_path):
+    one_wrong = good("de-en")[:6] + ["qx zv"] + good("de-en")[7:]
+    better = {1: good("de-en"), 2: one_wrong, 3: good("de-en")}
+    separate, joint = seeded_arms(tmp_path, better)
+    result = analyze(separate, joint, n_samples=SAMPLES)
+    row = result.directions["de-en"]
+    assert row.kind == "synergy" and row.low > 0 and len(set(row.seed_deltas.values())) == 2
+    assert row.p_value < 0.05
+    # the arms are paired by seed (config.json), not by the order they are given in
+    again = analyze(separate, joint[::-1], n_samples=SAMPLES)
+    assert again.directions["de-en"].seed_deltas == row.seed_deltas
+    path = write_analysis(result, tmp_path / "out")
+    data = json.loads(path.read_text())
+    assert data["seeds"] == ["1", "2", "3"] and data["directions"]["de-en"]["seed_deltas"] == row.seed_deltas
+    assert "| Δ per seed |" in (tmp_path / "out" / "analysis.md").read_text()
+    from datm.analysis.results import Analysis
+
+    assert Analysis.from_json(data) == result
+
+
+def test_seeds_must_pair_up_across_arms(tmp_path):
+    separate, joint = seeded_arms(tmp_path, {1: good("de-en"), 2: good("de-en")})
+    with pytest.raises(AnalysisError, match=r"different seeds .*\['1'\] vs \['1', '2'\]"):
+        analyze(separate, joint[:1], n_samples=SAMPLES)
+    with pytest.raises(AnalysisError, match="are the same seed"):
+        analyze([separate[0], separate[0]], joint, n_samples=SAMPLES)
+
+
+def test_t_interval_constants():
+    from datm.analysis.seeds import t_quantile, t_two_sided_p
+
+    assert t_quantile(1) == pytest.approx(12.7062, abs=1e-3)
+    assert t_quantile(2) == pytest.approx(4.3027, abs=1e-3)
+    assert t_quantile(4) == pytest.approx(2.7764, abs=1e-3)
+    assert t_two_sided_p(2.0, 10) == pytest.approx(0.07339, abs=1e-4)

@@ -13,10 +13,11 @@ from datm import artifacts, auto, data
 from datm import config as C
 from datm.artifacts import RunDir
 from datm.config.candidates import Candidate, candidates
+from datm.data import dev
 from datm.languages import Direction
 from datm.merge import select as merge_select
 from datm.merge.select import Row, choose
-from datm.run import describe, runner
+from datm.run import bodies, describe, runner
 
 CANDIDATES = [
     {"method": "ties", "density": 0.5, "rank": 4},
@@ -34,6 +35,7 @@ def auto_config(tmp_path: Path, model_dir: Path, data_dir: Path, **merge) -> C.C
             "train": f"{data_dir}/train.{{xx}}-en.jsonl",
             "valid": f"{data_dir}/valid.{{xx}}-en.jsonl",
             "test": f"{data_dir}/test.{{src}}-{{tgt}}.jsonl",
+            "valid_holdout": 3,
         },
         "strategy": "datm",
         "lora": {"r": 4, "alpha": 8},
@@ -131,13 +133,14 @@ def test_plan_says_what_auto_adds(tmp_path, tiny_model_dir, data_dir):
     text = describe.describe_plan(auto_config(tmp_path, tiny_model_dir, data_dir))
     assert "3 candidates x 1 merges = 3 candidate merges, 6 dev translations" in text
     assert "dev cs-en (xx-en.slavic): valid split" in text
-    assert "dev ru-en (xx-en.slavic): no valid split: 3 training pairs held out" in text
+    assert "dev ru-en (xx-en.slavic): no valid split: the first 3 of its held-out training pairs" in text
+    assert "data.valid for cs-en; 3 training pairs held out of every training (seed 1) for ru-en" in text
 
 
 def test_held_out_dev_pairs_are_not_trained_on(tmp_path, tiny_model_dir, data_dir):
     cfg = auto_config(tmp_path, tiny_model_dir, data_dir)
     runner.run(cfg, only="train:ru-en")
-    held = merge_select.held_out(cfg, Direction.parse("ru-en"))
+    held = dev.held_out(cfg.dev_rule(), Direction.parse("ru-en"))
     assert len(held) == 3
     every = data.read_direction(cfg.data.train, Direction.parse("ru-en"))
     kept = [p for p in every if p not in held]
@@ -145,10 +148,15 @@ def test_held_out_dev_pairs_are_not_trained_on(tmp_path, tiny_model_dir, data_di
     assert info["data_fingerprint"] == artifacts.fingerprint_texts(f"{p.src}\t{p.tgt}" for p in kept)
     assert info["held_out_for_dev"] == 3
     # cs has a valid split: nothing of its training data is held out
-    assert not any(
-        o.startswith(str(data_dir / "train.cs-en"))
-        for o in merge_select.held_out_origins(cfg, auto.build_plan(cfg))
-    )
+    plan = auto.build_plan(cfg)
+    origins = bodies.held_out_origins(cfg, plan)
+    assert origins == {p.origin for p in held}
+    assert not any(o.startswith(str(data_dir / "train.cs-en")) for o in origins)
+    # en-ru reads the same file: the held-out lines are skipped in both directions
+    en_ru = bodies.train_pairs(cfg, ["en-ru"], data.ReadReport(), origins)
+    assert len(en_ru) == len(every) - 3 and not {p.origin for p in en_ru} & origins
+    # plan.json records it: which directions hold pairs out, how many, the seed
+    assert plan.to_dict()["dev"] == {"valid": ["cs-en"], "held_out": ["ru-en"], "valid_holdout": 3, "seed": 1}
 
 
 def test_auto_picks_the_best_on_dev_never_reads_test_and_resumes(

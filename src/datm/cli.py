@@ -46,10 +46,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from datm.analysis import analyze
 
     result = analyze.analyze(
-        Path(args.separate),
-        Path(args.joint),
-        Path(args.merged) if args.merged else None,
-        Path(args.unmerged) if args.unmerged else None,
+        [Path(r) for r in args.separate],
+        [Path(r) for r in args.joint],
+        [Path(r) for r in args.merged] if args.merged else None,
+        [Path(r) for r in args.unmerged] if args.unmerged else None,
         metric=args.metric,
         n_samples=args.samples,
         seed=args.seed,
@@ -255,10 +255,16 @@ def _args_demo(s: argparse.ArgumentParser) -> None:
 
 
 def _args_analyze(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--separate", required=True, help="run directory of the separately trained directions")
-    s.add_argument("--joint", required=True, help="run directory of a joint (multilingual or group) run")
-    s.add_argument("--merged", help="run directory with merged modules (e.g. datm), for merge degradation")
-    s.add_argument("--unmerged", help="the same run without merging (e.g. dat)")
+    seeds = " (several: one per train.seed, paired across arms by seed)"
+    s.add_argument(
+        "--separate",
+        required=True,
+        nargs="+",
+        help="run directory of the separately trained directions" + seeds,
+    )
+    s.add_argument("--joint", required=True, nargs="+", help="run directory of a joint run" + seeds)
+    s.add_argument("--merged", nargs="+", help="run directory with merged modules (e.g. datm)" + seeds)
+    s.add_argument("--unmerged", nargs="+", help="the same run without merging (e.g. dat)" + seeds)
     s.add_argument("--out", required=True, help="where analysis.json/.md and the plots go")
     s.add_argument("--metric", default="chrf", choices=["chrf", "bleu"], help="metric that classifies")
     s.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")

@@ -4,7 +4,10 @@ Compares run directories of the same languages and test data (reads plan.json an
 only, so it works on runs made elsewhere):
 
 - per direction, Δ = score(joint) − score(separate), where "joint" is a multilingual or group run,
-  with a 95% paired-bootstrap interval over the test segments (`datm.significance`);
+  with a 95% paired-bootstrap interval over the test segments (`datm.significance`); given several
+  runs per arm (the same config at different `train.seed`s), Δ is the mean of the per-seed Δs and
+  the interval a t interval over the seeds that also carries the segments' noise
+  (`datm.analysis.seeds`, which says why), each seed's Δ reported beside it;
   Δ < 0 with an interval excluding 0 is a `conflict`, Δ > 0 likewise a `synergy`, anything else
   `neutral`;
 - per family (XX→En, En→XX), the mean Δ over its directions with a bootstrap interval (see
@@ -25,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from datm import artifacts
-from datm.analysis.results import Analysis, DeltaRow, FamilyDelta, MergeDegradation, RunRef
+from datm.analysis.results import SEEDS, SEGMENTS, Analysis, DeltaRow, FamilyDelta, MergeDegradation, RunRef
+from datm.analysis.seeds import seed_interval
 from datm.analysis.view import RunError, RunView
+from datm.artifacts import RunDir
 from datm.errors import DatmError
 from datm.eval.evaluate import read_lines, score_bleu, score_chrf
 from datm.eval.results import BootstrapResult
@@ -169,8 +174,8 @@ class _Comparison:
             return score_bleu(self.b.hyps[d], refs, tgt)[0] - score_bleu(self.a.hyps[d], refs, tgt)[0]
         return score_chrf(self.b.hyps[d], refs)[0] - score_chrf(self.a.hyps[d], refs)[0]
 
-    def family(self, directions: list[str], classified: bool) -> FamilyDelta:
-        """Mean Δ over a family's directions, with a bootstrap interval of that mean.
+    def family_samples(self, directions: list[str]) -> tuple[np.ndarray, str]:
+        """Bootstrap samples of the mean Δ over `directions`, and how they were resampled.
 
         Each resample draws every direction's segments and averages the per-direction Δs of that
         draw. When the directions have the same number of segments (FLORES-200 and other multi-way
@@ -186,10 +191,16 @@ class _Comparison:
         for k, d in enumerate(directions):
             indices = resample(len(self.a.refs[d]), self.n_samples, self.seed if joint else [self.seed, k])
             samples.append(self._paired(d).delta_samples(indices))
-        low, high = interval(np.mean(samples, axis=0))
+        return np.mean(samples, axis=0), "joint" if joint else "independent"
+
+    def family(self, directions: list[str], classified: bool) -> FamilyDelta:
+        """Mean Δ over a family's directions, with a bootstrap interval of that mean
+        (`family_samples`)."""
+        samples, resampling = self.family_samples(directions)
+        low, high = interval(samples)
         delta = float(np.mean([self.boots[d].delta for d in directions]))
         kind = classify(delta, low, high) if classified else None
-        return FamilyDelta(delta, low, high, kind, len(directions), "joint" if joint else "independent")
+        return FamilyDelta(delta, low, high, kind, len(directions), resampling)
 
     def rows(
         self, directions: list[str], classified: bool
@@ -197,6 +208,51 @@ class _Comparison:
         rows = {d: self.row(d, classified) for d in directions}
         families = {f: self.family(ds, classified) for f, ds in by_family(directions).items()}
         return rows, families
+
+
+@dataclass
+class _SeededComparison:
+    """The same comparison at several training seeds: one `_Comparison` per seed (run b of a seed
+    against run a of the same seed), Δ the mean over seeds with the interval of `datm.analysis.seeds`.
+    With one seed it is that seed's `_Comparison`, unchanged."""
+
+    per_seed: dict[str, _Comparison]  # seed label -> its comparison
+
+    def rows(
+        self, directions: list[str], classified: bool
+    ) -> tuple[dict[str, DeltaRow], dict[str, FamilyDelta]]:
+        got = {s: c.rows(directions, classified) for s, c in self.per_seed.items()}
+        if len(got) == 1:
+            return next(iter(got.values()))
+        rows = {d: self._row(d, {s: r[0][d] for s, r in got.items()}, classified) for d in directions}
+        families = {
+            f: self._family(f, ds, {s: r[1][f] for s, r in got.items()}, classified)
+            for f, ds in by_family(directions).items()
+        }
+        return rows, families
+
+    def _segment_samples(self, directions: list[str]) -> np.ndarray:
+        """Bootstrap samples of the mean over seeds of the mean Δ over `directions`: each seed's
+        samples come from the same index draw (every seed is scored on the same segments)."""
+        return np.mean([c.family_samples(directions)[0] for c in self.per_seed.values()], axis=0)
+
+    def _row(self, d: str, seeds: dict[str, DeltaRow], classified: bool) -> DeltaRow:
+        deltas = {s: r.delta for s, r in seeds.items()}
+        got = seed_interval(list(deltas.values()), self._segment_samples([d]))
+        first = next(iter(seeds.values()))
+        scores = {role: float(np.mean([r.scores[role] for r in seeds.values()])) for role in first.scores}
+        metric_deltas = {m: float(np.mean([r.metric_deltas[m] for r in seeds.values()])) for m in METRICS}
+        kind = classify(got.delta, got.low, got.high) if classified else None
+        return DeltaRow(got.delta, got.low, got.high, got.p_value, scores, metric_deltas, kind, deltas)
+
+    def _family(
+        self, family: str, directions: list[str], seeds: dict[str, FamilyDelta], classified: bool
+    ) -> FamilyDelta:
+        deltas = {s: r.delta for s, r in seeds.items()}
+        got = seed_interval(list(deltas.values()), self._segment_samples(directions))
+        kind = classify(got.delta, got.low, got.high) if classified else None
+        resampling = next(iter(seeds.values())).resampling
+        return FamilyDelta(got.delta, got.low, got.high, kind, len(directions), resampling, deltas)
 
 
 def merged_directions(merged: RunTexts, unmerged: RunTexts) -> list[str]:
@@ -218,17 +274,72 @@ def merged_directions(merged: RunTexts, unmerged: RunTexts) -> list[str]:
     return out
 
 
+Runs = str | Path | Sequence[str | Path]  # one run directory, or one per training seed
+
+
+def run_seed(path: Path) -> str | None:
+    """A run's training seed (train.seed in its config.json), or None without a config.json."""
+    file = RunDir(path).config
+    if not file.is_file():
+        return None
+    seed = artifacts.read_json(file).get("train", {}).get("seed")
+    return None if seed is None else str(seed)
+
+
+def load_arms(arms: dict[str, Runs]) -> dict[str, dict[str, RunTexts]]:
+    """role -> seed label -> that seed's run. The runs of an arm are the same config at different
+    train.seed; arms are paired by seed (config.json), or by position where a run has no config.json.
+    Every arm must have the same seeds, each once."""
+    paths = {
+        role: [Path(r) for r in ([runs] if isinstance(runs, str | Path) else runs)]
+        for role, runs in arms.items()
+    }
+    counts = {role: len(ps) for role, ps in paths.items()}
+    if min(counts.values()) < 1:
+        raise AnalysisError(f"every arm needs at least one run, got {counts}")
+    seeds = {role: [run_seed(p) for p in ps] for role, ps in paths.items()}
+    by_seed = all(s is not None for ss in seeds.values() for s in ss) and max(counts.values()) > 1
+    out: dict[str, dict[str, RunTexts]] = {}
+    for role, ps in paths.items():
+        labels = [str(s) for s in seeds[role]] if by_seed else [str(i + 1) for i in range(len(ps))]
+        for label in set(labels):
+            if labels.count(label) > 1:
+                twins = [str(p) for p, x in zip(ps, labels, strict=True) if x == label]
+                raise AnalysisError(f"{role} runs {twins} are the same seed ({label}); give one run per seed")
+        out[role] = {x: load_run_texts(p, role) for x, p in zip(labels, ps, strict=True)}
+    first_role, first = next(iter(out.items()))
+    for role, runs in out.items():
+        if set(runs) != set(first):
+            what = "seeds (train.seed in config.json)" if by_seed else "numbers of runs"
+            raise AnalysisError(
+                f"the {role} runs and the {first_role} runs have different {what}: "
+                f"{sorted(runs)} vs {sorted(first)}; each seed needs a run in every arm"
+            )
+    return {role: {x: runs[x] for x in first} for role, runs in out.items()}
+
+
+def _comparison(
+    arms: dict[str, dict[str, RunTexts]], a: str, b: str, metric: str, n_samples: int, seed: int
+) -> _SeededComparison:
+    return _SeededComparison(
+        {x: _Comparison(run, arms[b][x], metric, n_samples, seed) for x, run in arms[a].items()}
+    )
+
+
 def analyze(
-    separate: Path,
-    joint: Path,
-    merged: Path | None = None,
-    unmerged: Path | None = None,
+    separate: Runs,
+    joint: Runs,
+    merged: Runs | None = None,
+    unmerged: Runs | None = None,
     metric: str = "chrf",
     n_samples: int = 1000,
     seed: int = 12345,
 ) -> Analysis:
     """The asymmetry analysis of the given runs (see the module docstring); what analysis.json holds.
 
+    Each arm is one run directory, or several: the same config at different training seeds
+    (`train.seed`), paired across arms by seed. With several, Δ is the mean over seeds and its
+    interval includes training variance (`datm.analysis.seeds`); each seed's Δ is reported beside it.
     `metric` ("chrf" or "bleu") gives Δ, its interval and the classification; both metrics' point
     deltas are reported as `bleu_delta` and `chrf_delta`.
     """
@@ -238,24 +349,38 @@ def analyze(
         raise AnalysisError("merge degradation needs both a merged and an unmerged run (or neither)")
     if n_samples < 1:
         raise AnalysisError(f"n_samples must be >= 1, got {n_samples}")
-    runs = [load_run_texts(separate, "separate"), load_run_texts(joint, "joint")]
-    if merged is not None and unmerged is not None:
-        runs += [load_run_texts(merged, "merged"), load_run_texts(unmerged, "unmerged")]
-    check_comparable(runs)
-    sep, jnt = runs[0], runs[1]
+    given = {"separate": separate, "joint": joint, "merged": merged, "unmerged": unmerged}
+    arms = load_arms({role: runs for role, runs in given.items() if runs is not None})
+    check_comparable([run for runs in arms.values() for run in runs.values()])
+    sep = next(iter(arms["separate"].values()))
     # XX→En first, then En→XX, each in the separate run's order
     order = [d for ds in by_family(sep.refs).values() for d in ds]
-    rows, families = _Comparison(sep, jnt, metric, n_samples, seed).rows(order, classified=True)
+    rows, families = _comparison(arms, "separate", "joint", metric, n_samples, seed).rows(order, True)
     merge = None
-    if len(runs) == 4:
-        mrg, unm = runs[2], runs[3]
-        served_by_merge = merged_directions(mrg, unm)
-        affected = [d for d in order if d in served_by_merge]
-        merge = MergeDegradation(
-            *_Comparison(unm, mrg, metric, n_samples, seed).rows(affected, classified=False)
+    if "merged" in arms:
+        affected = set.intersection(
+            *(set(merged_directions(m, arms["unmerged"][x])) for x, m in arms["merged"].items())
         )
-    refs = {r.role: RunRef(str(r.path), r.strategy) for r in runs}
-    return Analysis(metric, n_samples, seed, refs, rows, families, merge)
+        comparison = _comparison(arms, "unmerged", "merged", metric, n_samples, seed)
+        merge = MergeDegradation(*comparison.rows([d for d in order if d in affected], classified=False))
+    seeds = list(arms["separate"])
+    several = len(seeds) > 1
+    refs = {
+        (f"{role}:{x}" if several else role): RunRef(str(r.path), r.strategy)
+        for role, runs in arms.items()
+        for x, r in runs.items()
+    }
+    return Analysis(
+        metric,
+        n_samples,
+        seed,
+        refs,
+        rows,
+        families,
+        merge,
+        seeds=seeds if several else None,
+        interval=SEEDS if several else SEGMENTS,
+    )
 
 
 # ----------------------------------------------------------------------------------- rendering
@@ -269,24 +394,36 @@ def _interval_text(row: DeltaRow | FamilyDelta) -> str:
     return f"[{row.low:+.2f}, {row.high:+.2f}]"
 
 
+def _seeds_text(row: DeltaRow | FamilyDelta) -> str:
+    """Each seed's Δ (empty for one run per arm)."""
+    return " ".join(_num(v) for v in (row.seed_deltas or {}).values())
+
+
+def _interval_words(result: Analysis) -> str:
+    if result.seeds is None:
+        return f"95% paired bootstrap, {result.n_samples} resamples"
+    return f"95% t interval over seeds {', '.join(result.seeds)} and the test segments"
+
+
 def format_table(result: Analysis) -> str:
     """Plain-text tables for the terminal."""
     m = METRIC_NAMES[result.metric]
-    lines = [f"joint − separate, {m} (95% paired bootstrap, {result.n_samples} resamples)"]
+    lines = [f"joint − separate, {m} ({_interval_words(result)})"]
+    per_seed = " per seed" if result.seeds else ""
     lines.append(
         f"{'direction':<10} {'separate':>9} {'joint':>9} {'Δ':>7} {'95% interval':>17} {'kind':<9}"
-        f" {'ΔBLEU':>7} {'ΔchrF++':>8}"
+        f" {'ΔBLEU':>7} {'ΔchrF++':>8}{per_seed}"
     )
     for d, r in result.directions.items():
         lines.append(
             f"{d:<10} {r.scores['separate']:>9.2f} {r.scores['joint']:>9.2f} {_num(r.delta):>7} "
             f"{_interval_text(r):>17} {r.kind:<9} {_num(r.metric_deltas['bleu']):>7} "
-            f"{_num(r.metric_deltas['chrf']):>8}"
+            f"{_num(r.metric_deltas['chrf']):>8} {_seeds_text(r)}".rstrip()
         )
     for f, r in result.families.items():
         lines.append(
             f"{FAMILY_NAMES[f] + ' mean':<10} {'':>9} {'':>9} {_num(r.delta):>7} {_interval_text(r):>17} "
-            f"{r.kind:<9} ({r.n_directions} directions)"
+            f"{r.kind:<9} ({r.n_directions} directions) {_seeds_text(r)}".rstrip()
         )
     if result.merge is not None:
         lines += ["", f"merge degradation: merged − unmerged, {m}"]
@@ -300,6 +437,20 @@ def format_table(result: Analysis) -> str:
     return "\n".join(lines)
 
 
+def _interval_method(result: Analysis) -> str:
+    if result.seeds is None:
+        return (
+            f"95% interval from {result.n_samples} paired bootstrap resamples of the test segments "
+            f"(seed {result.seed}; one training seed per arm: training variance is not in it)."
+        )
+    return (
+        f"Δ is the mean over training seeds {', '.join(result.seeds)} (each seed's Δ beside it); 95% "
+        "interval Δ ± t(0.975, ν)·sqrt(s²/n + se²), s the spread of the per-seed Δs, se the standard "
+        f"error of the mean Δ over {result.n_samples} paired bootstrap resamples of the test segments "
+        f"(seed {result.seed}), ν Welch–Satterthwaite's degrees of freedom (n−1 where the seeds disagree)."
+    )
+
+
 def render_markdown(result: Analysis, plots: Sequence[str]) -> str:
     m = METRIC_NAMES[result.metric]
     runs = result.runs
@@ -308,32 +459,33 @@ def render_markdown(result: Analysis, plots: Sequence[str]) -> str:
         out.append(f"- {role}: `{run.path}` ({run.strategy or 'no plan.json'})")
     out += [
         "",
-        f"Δ = joint − separate in {m}; 95% interval from {result.n_samples} paired bootstrap resamples of "
-        f"the test segments (seed {result.seed}). conflict: Δ < 0 and the interval excludes 0; synergy: "
-        "Δ > 0 and the interval excludes 0; otherwise neutral.",
+        f"Δ = joint − separate in {m}; {_interval_method(result)} conflict: Δ < 0 and the interval "
+        "excludes 0; synergy: Δ > 0 and the interval excludes 0; otherwise neutral.",
         "",
         "## Per direction",
         "",
-        f"| Direction | Family | Separate {m} | Joint {m} | Δ | 95% interval | Kind | ΔBLEU | ΔchrF++ |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+        f"| Direction | Family | Separate {m} | Joint {m} | Δ | 95% interval | Kind | ΔBLEU | ΔchrF++ "
+        "| Δ per seed |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for d, r in result.directions.items():
         fam = FAMILY_NAMES[Direction.parse(d).family]
         out.append(
             f"| {d} | {fam} | {r.scores['separate']:.2f} | {r.scores['joint']:.2f} | {_num(r.delta)} "
             f"| {_interval_text(r)} | {r.kind} | {_num(r.metric_deltas['bleu'])} "
-            f"| {_num(r.metric_deltas['chrf'])} |"
+            f"| {_num(r.metric_deltas['chrf'])} | {_seeds_text(r)} |"
         )
     out += [
         "",
         "## Per family",
         "",
-        "| Family | Directions | Mean Δ | 95% interval | Kind |",
-        "|---|---:|---:|---:|---|",
+        "| Family | Directions | Mean Δ | 95% interval | Kind | Δ per seed |",
+        "|---|---:|---:|---:|---|---|",
     ]
     for f, r in result.families.items():
         out.append(
-            f"| {FAMILY_NAMES[f]} | {r.n_directions} | {_num(r.delta)} | {_interval_text(r)} | {r.kind} |"
+            f"| {FAMILY_NAMES[f]} | {r.n_directions} | {_num(r.delta)} | {_interval_text(r)} | {r.kind} "
+            f"| {_seeds_text(r)} |"
         )
     if result.merge is not None:
         out += [
@@ -377,6 +529,9 @@ def plot_deltas(rows: dict[str, DeltaRow], metric: str, title: str) -> Any:
     ]
     colours = [FAMILY_COLOURS[Direction.parse(d).family] for d in directions]
     ax.bar(range(len(directions)), deltas, color=colours, yerr=errors, capsize=3, ecolor="black")
+    for i, d in enumerate(directions):  # each seed's Δ as a point over the bar of their mean
+        seeds = list((rows[d].seed_deltas or {}).values())
+        ax.scatter([i] * len(seeds), seeds, color="black", s=10, zorder=3)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(directions)), directions, rotation=90 if len(directions) > 12 else 0)
     ax.set_ylabel(f"Δ {METRIC_NAMES[metric]}")

@@ -15,6 +15,10 @@ from datm.eval.results import require
 
 # ----------------------------------------------------------------------------------- analysis.json
 
+# How an analysis made its intervals: one run per arm, or several (`datm.analysis.seeds`).
+SEGMENTS = "paired bootstrap over test segments (one seed per arm)"
+SEEDS = "t interval over training seeds, standard error sqrt(s²/n + segment bootstrap se²), Welch df"
+
 
 @dataclass(frozen=True)
 class DeltaRow:
@@ -27,6 +31,7 @@ class DeltaRow:
     scores: dict[str, float]  # role -> corpus score: system a's role first, then b's
     metric_deltas: dict[str, float]  # metric -> point Δ ("chrf", "bleu")
     kind: str | None = None  # conflict | synergy | neutral (not given for merge degradation)
+    seed_deltas: dict[str, float] | None = None  # seed -> that seed's Δ (runs at several seeds)
 
     def score(self, role: str) -> float:
         return self.scores[role]
@@ -42,16 +47,25 @@ class DeltaRow:
         out.update({f"{m}_delta": v for m, v in self.metric_deltas.items()})
         if self.kind is not None:
             out["kind"] = self.kind
+        if self.seed_deltas is not None:
+            out["seed_deltas"] = self.seed_deltas
         return out
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> DeltaRow:
         data = require(data, where, ("delta", "low", "high", "p_value"))
-        fixed = {"delta", "low", "high", "p_value", "kind"}
-        deltas = {k[: -len("_delta")]: v for k, v in data.items() if k.endswith("_delta")}
+        fixed = {"delta", "low", "high", "p_value", "kind", "seed_deltas"}
+        deltas = {k[: -len("_delta")]: v for k, v in data.items() if k.endswith("_delta") and k not in fixed}
         scores = {k: v for k, v in data.items() if k not in fixed and not k.endswith("_delta")}
         return cls(
-            data["delta"], data["low"], data["high"], data["p_value"], scores, deltas, data.get("kind")
+            data["delta"],
+            data["low"],
+            data["high"],
+            data["p_value"],
+            scores,
+            deltas,
+            data.get("kind"),
+            data.get("seed_deltas"),
         )
 
 
@@ -65,11 +79,13 @@ class FamilyDelta:
     kind: str | None  # not given for merge degradation
     n_directions: int
     resampling: str  # joint (one index draw shared by the directions) | independent
+    seed_deltas: dict[str, float] | None = None  # seed -> that seed's family mean Δ
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        if self.kind is None:
-            del out["kind"]
+        for key in ("kind", "seed_deltas"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod
@@ -82,6 +98,7 @@ class FamilyDelta:
             data.get("kind"),
             data["n_directions"],
             data["resampling"],
+            data.get("seed_deltas"),
         )
 
 
@@ -124,6 +141,8 @@ class Analysis:
     families: dict[str, FamilyDelta]
     merge: MergeDegradation | None = None
     pilot: dict[str, Any] | None = None  # the settings of an `auto` pilot that made this analysis
+    seeds: list[str] | None = None  # the training seeds of the runs compared (one run per arm: None)
+    interval: str = SEGMENTS  # how the intervals were made (SEGMENTS or SEEDS)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -138,6 +157,9 @@ class Analysis:
             out["merge"] = self.merge.to_json()
         if self.pilot is not None:
             out["pilot"] = self.pilot
+        if self.seeds is not None:  # one run per arm: the layout of before seeds
+            out["seeds"] = self.seeds
+            out["interval"] = self.interval
         return out
 
     @classmethod
@@ -155,5 +177,14 @@ class Analysis:
             for role, r in data["runs"].items()
         }
         return cls(
-            data["metric"], data["n_samples"], data["seed"], runs, rows, fams, merge, data.get("pilot")
+            data["metric"],
+            data["n_samples"],
+            data["seed"],
+            runs,
+            rows,
+            fams,
+            merge,
+            data.get("pilot"),
+            data.get("seeds"),
+            data.get("interval", SEGMENTS),
         )

@@ -3,9 +3,10 @@
 Two short trainings of the config's own setting, each a fixed fraction (`auto.pilot.fraction`) of
 every adapter's training budget: `separate` (one adapter per direction) and `group_family` (one
 adapter per group and family: what `auto` means by training jointly). Both are scored on the dev
-split (`data.valid`) — never on the test split — and compared exactly as `datm analyze` compares
-runs (`datm.analyze`): per direction Δ = score(joint) − score(separate). `auto_plan` then trains
-jointly the directions whose Δ is above `auto.threshold`.
+pairs (`datm.data.dev`: `data.valid`, or `data.valid_holdout` training pairs held out of every
+training of the run where a direction has no valid file) — never on the test split — and compared
+exactly as `datm analyze` compares runs (`datm.analyze`): per direction Δ = score(joint) −
+score(separate). `auto_plan` then trains jointly the directions whose Δ is above `auto.threshold`.
 
 The two trainings are ordinary run directories, <output_dir>/pilot/separate and
 <output_dir>/pilot/joint, so the pilot resumes after a kill like any run; the analysis goes to
@@ -20,16 +21,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datm import artifacts, data
+from datm import artifacts
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
+from datm.data import dev
 from datm.languages import directions_for
 from datm.log import get_logger
-from datm.plan import make_plan
+from datm.plan import Plan, make_plan
+from datm.plan.strategies import PRIOR_TEXT
 
 log = get_logger(__name__)
 
 ROLES = {"separate": "separate", "joint": "group_family"}  # pilot run -> its strategy
+FULL = "full_pilot"  # auto.source: the pilot at the full budget, its adapters the shipped modules
 
 
 def pilot_dir(cfg: Config) -> Path:
@@ -40,19 +44,15 @@ def analysis_path(cfg: Config) -> Path:
     return pilot_dir(cfg) / "analysis" / "analysis.json"
 
 
-def _dev_split(cfg: Config) -> str | None:
-    """The split name the dev pattern holds for formats that have splits (FLORES, datasets)."""
-    assert cfg.data.valid is not None
-    first = next(iter(directions_for(cfg.languages)))
-    fmt = cfg.data.format
-    if fmt == "auto":
-        fmt = data.detect_format(data.pattern_path(cfg.data.valid, first))
-    return data.dev_split(fmt)
+def fraction(cfg: Config) -> float:
+    """The pilot's share of every adapter's budget: auto.pilot.fraction, or 1 for `full_pilot`
+    (whose adapters are then the run's own: `hand_over`)."""
+    return 1.0 if cfg.auto.source == FULL else cfg.auto.pilot.fraction
 
 
 def pilot_train(cfg: Config) -> dict[str, float | int | None]:
-    """The pilot's training budget per adapter: the full budget times auto.pilot.fraction."""
-    f, t = cfg.auto.pilot.fraction, cfg.train
+    """The pilot's training budget per adapter: the full budget times `fraction(cfg)`."""
+    f, t = fraction(cfg), cfg.train
     if t.steps is not None:
         return {"steps": max(1, math.ceil(t.steps * f)), "epochs": None}
     assert t.epochs is not None  # config validation: strategy auto trains, so it has a budget
@@ -60,15 +60,13 @@ def pilot_train(cfg: Config) -> dict[str, float | int | None]:
 
 
 def pilot_config(cfg: Config, role: str) -> Config:
-    """The config of one pilot run: the user's setting with the pilot's strategy, budget, dev split
-    in the place of the test split, and its own output directory."""
-    if not cfg.data.valid:
-        raise ConfigError(f"{cfg.source}: auto.source pilot needs data.valid (the dev split it scores on)")
+    """The config of one pilot run: the user's setting with the pilot's strategy, budget, the dev
+    pairs in the place of the test split (`data.eval_on: dev`), and its own output directory."""
     p = cfg.auto.pilot
     return dataclasses.replace(
         cfg,
         strategy=ROLES[role],
-        data=dataclasses.replace(cfg.data, test=cfg.data.valid, test_split=_dev_split(cfg)),
+        data=dataclasses.replace(cfg.data, eval_on="dev"),
         train=dataclasses.replace(cfg.train, **pilot_train(cfg)),
         eval=dataclasses.replace(cfg.eval, max_examples=p.max_examples or cfg.eval.max_examples),
         output_dir=str(pilot_dir(cfg) / role),
@@ -90,13 +88,32 @@ def describe(cfg: Config) -> str:
     trained = sum(len(p.adapters) for p in plans.values()) - shared
     examples = cfg.auto.pilot.max_examples or cfg.eval.max_examples
     segments = f"the first {examples}" if examples else "all"
+    reused = (
+        "; its adapters are the run's own (linked, trained once): auto costs training both the separate "
+        "and the joint adapters, and a direction whose dev interval includes 0 follows "
+        f"{PRIOR_TEXT}"
+        if cfg.auto.source == FULL
+        else ""
+    )
     return (
-        f"pilot: {cfg.auto.pilot.fraction:g} of the training budget per adapter, {unit}; "
+        f"pilot: {fraction(cfg):g} of the training budget per adapter, {unit}; "
         f"{trained} pilot adapters ({len(plans['separate'].adapters)} separate + "
         f"{len(plans['joint'].adapters)} joint per group and family"
         + (f", {shared} of them the same as a separate one, trained once" if shared else "")
-        + f"), scored on data.valid ({segments} segments per direction; never the test split); "
-        f"Δ {cfg.auto.pilot.metric} = joint − separate, as `datm analyze`; runs in {pilot_dir(cfg)}"
+        + f"), scored on the dev pairs ({segments} per direction; {dev_words(cfg)}; never the test split); "
+        f"Δ {cfg.auto.pilot.metric} = joint − separate, as `datm analyze`; runs in {pilot_dir(cfg)}{reused}"
+    )
+
+
+def dev_words(cfg: Config) -> str:
+    """Where the pilot's dev pairs come from, in words."""
+    rec = dev.record(cfg.dev_rule(), [str(d) for d in directions_for(cfg.languages)])
+    held = rec["held_out"]
+    if not held:
+        return "data.valid"
+    return (
+        f"data.valid, and for {', '.join(held)} (no data.valid) {rec['valid_holdout']} training pairs "
+        f"each held out of every training (seed {rec['seed']})"
     )
 
 
@@ -106,14 +123,15 @@ def _shared_adapters(plans: dict) -> list[str]:
     return [a.name for a in plans["joint"].adapters if separate.get(a.name) == a.directions]
 
 
-def share_adapter(separate: RunDir, joint: RunDir, name: str) -> None:
-    """Hand the separate pilot's finished adapter `name` to the joint pilot, by hard links, under the
-    joint run's claim on training it: concurrent pilots on one output_dir link it once, and a joint
-    run that started training it meanwhile is waited for."""
-    src, dst = separate.adapter(name), joint.adapter(name)
+def share_adapter(source: RunDir, target: RunDir, name: str) -> None:
+    """Hand run `source`'s finished adapter `name` to run `target` (the separate pilot's to the joint
+    pilot, a full pilot's to the run it decides), by hard links, under the target's claim on training
+    it: concurrent runs on one output_dir link it once, and a target that started training it
+    meanwhile is waited for."""
+    src, dst = source.adapter(name), target.adapter(name)
     if not artifacts.is_done(src) or artifacts.is_done(dst):
         return
-    with artifacts.claim(joint.claim(f"train:{name}"), f"pilot: share adapter {name}"):
+    with artifacts.claim(target.claim(f"train:{name}"), f"pilot: share adapter {name}"):
         if artifacts.is_done(dst):
             return
         stage = artifacts.staging_dir(dst)
@@ -121,13 +139,27 @@ def share_adapter(separate: RunDir, joint: RunDir, name: str) -> None:
         artifacts.publish_dir(stage, dst)
 
 
+def hand_over(cfg: Config, plan: Plan) -> None:
+    """`full_pilot`: the plan's adapters that a pilot run trained (same name, same directions: same
+    data, seed and full budget) are linked into the run, not trained again."""
+    if cfg.auto.source != FULL:
+        return
+    groups, target = cfg.resolved_groups(), RunDir(cfg.output_dir)
+    wanted = {a.name: a.directions for a in plan.adapters}
+    for role, strategy in ROLES.items():
+        for a in make_plan(strategy, cfg.languages, groups).adapters:
+            if wanted.get(a.name) == a.directions:
+                share_adapter(RunDir(pilot_dir(cfg) / role), target, a.name)
+
+
 def settings(cfg: Config) -> dict[str, Any]:
     """What a pilot's measurements depend on beyond its run directories' own configs."""
     p = cfg.auto.pilot
     return {
-        "fraction": p.fraction,
+        "fraction": fraction(cfg),
         "train": pilot_train(cfg),
         "dev": cfg.data.valid,
+        "valid_holdout": cfg.data.valid_holdout,
         "max_examples": p.max_examples or cfg.eval.max_examples,
         "metric": p.metric,
         "samples": p.samples,
@@ -183,6 +215,8 @@ __all__ = [
     "analysis_path",
     "check_current",
     "describe",
+    "fraction",
+    "hand_over",
     "pilot_config",
     "pilot_dir",
     "pilot_train",

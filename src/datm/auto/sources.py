@@ -9,6 +9,9 @@ what decided it (`Plan.decided_by`).
 Sources (`auto.source`, a registry):
 - `pilot` (default): short separate and joint trainings scored on the dev split, Δ = joint − separate
   (`datm.pilot`);
+- `full_pilot`: the same pilot at the full budget; its adapters are the run's own (linked, nothing
+  trained twice), and a direction whose pilot interval includes the threshold follows the paper's
+  prior (XX→En separate, En→XX joint) rather than the noise (`datm.plan.PRIOR`);
 - `probe`: the LoRA-gradient cosine before training (`datm.probe`); measured *not* to predict the
   gains on this project's data (`benchmarks/results/probe_validity.md`), so it is not the default;
 - `file`: measurements made elsewhere, `auto.measurements` (a probe.json or an analysis.json).
@@ -22,9 +25,11 @@ from pathlib import Path
 
 from datm import artifacts
 from datm.config import Config, ConfigError, names
+from datm.data import dev
 from datm.errors import DatmError
 from datm.log import get_logger
-from datm.plan import Plan, auto_plan, make_plan, validate
+from datm.plan import Plan, auto_plan, dev_directions, make_plan, validate
+from datm.plan.strategies import PRIOR_TEXT
 
 log = get_logger(__name__)
 
@@ -45,6 +50,7 @@ class Source:
     measure: Callable[[Config, Runner], object] | None  # takes them (None: the user supplies the file)
     describe: Callable[[Config], str]  # what it measures and what that costs
     how: str  # how a user takes the measurements
+    hand_over: Callable[[Config, Plan], None] | None = None  # gives the run what measuring built
 
 
 def _probe_path(cfg: Config) -> Path:
@@ -79,6 +85,12 @@ def _pilot_describe(cfg: Config) -> str:
     return pilot.describe(cfg)
 
 
+def _pilot_hand_over(cfg: Config, plan: Plan) -> None:
+    from datm.auto import pilot
+
+    pilot.hand_over(cfg, plan)
+
+
 SOURCES: dict[str, Source] = {
     "pilot": Source(
         "pilot",
@@ -86,6 +98,14 @@ SOURCES: dict[str, Source] = {
         _pilot_measure,
         _pilot_describe,
         "`datm run` (or `datm train`) runs the pilot first",
+    ),
+    "full_pilot": Source(
+        "full_pilot",
+        _pilot_path,
+        _pilot_measure,
+        _pilot_describe,
+        "`datm run` (or `datm train`) runs the pilot first",
+        _pilot_hand_over,
     ),
     "probe": Source(
         "probe",
@@ -127,6 +147,13 @@ def needs_measurements(cfg: Config) -> bool:
     return True
 
 
+def hand_over(cfg: Config, plan: Plan) -> None:
+    """Give the run what its source's measuring already built (`full_pilot`: its adapters)."""
+    source = SOURCES[cfg.auto.source] if cfg.strategy == "auto" else None
+    if source is not None and source.hand_over is not None:
+        source.hand_over(cfg, plan)
+
+
 def measure(cfg: Config, run: Runner) -> None:
     """Take the config's measurements; `run` runs a run's config (the pilot's trainings)."""
     measure_with = SOURCES[cfg.auto.source].measure
@@ -157,12 +184,16 @@ def measurements_from_file(path: str | Path, groups: dict[str, list[str]]) -> tu
 
 def build_plan(cfg: Config) -> Plan:
     """The one plan builder of every command: the strategy's plan (`auto`: from the measurements its
-    config names), checked against the config (`datm.plan.validate`)."""
+    config names), checked against the config (`datm.plan.validate`), with the record of its dev data
+    (`Plan.dev`: which directions hold training pairs out as their dev set, how many, the seed)."""
     if cfg.strategy == "auto":
         plan = _auto_plan(cfg)
     else:
         plan = make_plan(cfg.strategy, cfg.languages, cfg.resolved_groups(), cfg.merge.method)
     validate(cfg, plan)
+    directions = dev_directions(cfg, plan)
+    if directions:  # what decides on dev pairs, and where they come from (held out of training or not)
+        plan.dev = dev.record(cfg.dev_rule(), directions)
     return plan
 
 
@@ -174,25 +205,41 @@ def _auto_plan(cfg: Config) -> Plan:
             f"{cfg.source}: strategy auto decides from measurements and {path} does not exist yet; "
             f"{SOURCES[cfg.auto.source].how}"
         )
-    if cfg.auto.source == "pilot":
+    if cfg.auto.source in names.PILOT_SOURCES:
         from datm.auto import pilot
 
         pilot.check_current(cfg, artifacts.read_json(path), path)
     groups = cfg.resolved_groups()
     measurements, kind = measurements_from_file(path, groups)
+    undecided = _undecided(cfg, path) if cfg.auto.source == "full_pilot" else frozenset()
+    a = cfg.auto
     try:
-        plan = auto_plan(cfg.languages, groups, measurements, cfg.auto.threshold, kind, cfg.merge.method)
+        plan = auto_plan(cfg.languages, groups, measurements, a.threshold, kind, cfg.merge.method, undecided)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
     plan.decided_by = {
-        "source": cfg.auto.source,
+        "source": a.source,
         "kind": kind,
-        "threshold": cfg.auto.threshold,
+        "threshold": a.threshold,
         "measurements": str(path),
         "fingerprint": artifacts.fingerprint_files([path]),
         "values": measurements,
     }
+    if a.source == "full_pilot":
+        plan.decided_by["prior"] = {"directions": sorted(undecided), "rule": PRIOR_TEXT}
+        if len(undecided) == len(measurements):
+            plan.decided_by["note"] = (
+                f"no direction's pilot interval excludes {a.threshold:g}: nothing measured is above "
+                f"the noise, so every direction follows {PRIOR_TEXT}"
+            )
     return plan
+
+
+def _undecided(cfg: Config, path: Path) -> frozenset[str]:
+    """The directions of a pilot's analysis.json whose Δ interval includes auto.threshold."""
+    rows = artifacts.read_json(path)["directions"]
+    t = cfg.auto.threshold
+    return frozenset(d for d, r in rows.items() if r["low"] <= t <= r["high"])
 
 
 __all__ = [
@@ -200,6 +247,7 @@ __all__ = [
     "MeasurementsMissing",
     "build_plan",
     "describe",
+    "hand_over",
     "Runner",
     "measure",
     "needs_measurements",

@@ -29,7 +29,8 @@ MERGE_AUTO = "auto"  # merge.method: choose among candidates on the dev set
 MERGE_FORMS = ("lowrank", "factor", "dense", "sparse")
 EXECUTORS = ("local", "ray")
 TASK_KINDS = ("train", "merge", "translate", "score", "report")
-AUTO_SOURCES = ("pilot", "probe", "file")
+AUTO_SOURCES = ("pilot", "full_pilot", "probe", "file")
+PILOT_SOURCES = ("pilot", "full_pilot")  # the sources that run auto's pilot (datm.auto.pilot)
 
 
 def check_registry(kind: str, names: tuple[str, ...], registered: object) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datm import languages as L
+from datm.data.dev import DevRule
 from datm.errors import DatmError
 
 
@@ -22,6 +23,10 @@ class DataConfig:
     format: str = "auto"  # auto | alma | tsv | datasets | flores
     test_split: str | None = None  # default: 'devtest' for FLORES, 'test' for datasets
     on_bad_record: str = "error"  # error | skip (skipped records are counted and reported)
+    # dev pairs of a direction without `valid` (auto's pilot, merge auto): training pairs held out of
+    # every training of the run, a sample seeded by train.seed (datm.data.dev)
+    valid_holdout: int = 200
+    eval_on: str = "test"  # test | dev: what the run translates and scores (auto's pilot runs: dev)
 
 
 @dataclass
@@ -67,7 +72,7 @@ class MergeConfig:
     # iso_c_core, core_space, knots, ties at merge.rank or the adapters' rank (candidates.DEFAULT_METHODS)
     candidates: list[dict[str, Any]] | dict[str, Any] | None = None
     select_on: str = "valid"  # auto chooses on the dev set (data.valid, or held-out training pairs)
-    dev_size: int = 200  # auto: dev sentences per direction (and the held-out slice's size)
+    dev_size: int = 200  # auto: dev sentences translated per direction (the first of its dev pairs)
 
 
 @dataclass
@@ -109,7 +114,7 @@ class PilotConfig:
 class AutoConfig:
     """How `strategy: auto` measures, per direction, whether joint training helps."""
 
-    source: str = "pilot"  # pilot | probe | file (datm.auto.SOURCES)
+    source: str = "pilot"  # pilot | full_pilot | probe | file (datm.auto.SOURCES)
     threshold: float = 0.0  # a direction whose measurement is above it is trained jointly
     measurements: str | None = None  # source file: a probe.json or a pilot's analysis.json
     pilot: PilotConfig = field(default_factory=PilotConfig)
@@ -137,6 +142,13 @@ class Config:
 
     def resolved_groups(self) -> dict[str, list[str]]:
         return L.resolve_groups(self.languages, self.groups)
+
+    def dev_rule(self) -> DevRule:
+        """Where each direction's dev pairs come from (`datm.data.dev`)."""
+        d = self.data
+        return DevRule(
+            d.valid, d.train, d.format, d.on_bad_record, d.valid_holdout, self.train.seed, self.source
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

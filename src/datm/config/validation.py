@@ -33,6 +33,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{s}: data.on_bad_record must be 'error' or 'skip'")
     if cfg.data.format not in ("auto", "alma", "tsv", "datasets", "flores"):
         raise ConfigError(f"{s}: data.format must be auto, alma, tsv, datasets or flores")
+    if cfg.data.eval_on not in ("test", "dev"):
+        raise ConfigError(f"{s}: data.eval_on must be test or dev, got {cfg.data.eval_on!r}")
     _validate_numbers(cfg)
     validate_auto(cfg)
     t = cfg.train
@@ -138,6 +140,7 @@ NUMERIC_SETTINGS: dict[str, Number] = {
     "lora.dropout": Number(integer=False, low=0, high=1, high_open=True),
     "train.steps": POSITIVE_INT_OR_NULL,
     "train.epochs": Number(integer=False, low=0, low_open=True, optional=True),
+    "data.valid_holdout": POSITIVE_INT,
     "train.batch_size": POSITIVE_INT,
     "train.grad_accum": POSITIVE_INT,
     "train.lr": Number(integer=False, low=0, low_open=True),
@@ -229,10 +232,5 @@ def validate_auto(cfg: Config) -> None:
             )
         if not Path(a.measurements).is_file():
             raise ConfigError(f"{s}: auto.measurements: file {a.measurements} does not exist")
-    if a.source == "pilot" and not cfg.data.valid:
-        raise ConfigError(
-            f"{s}: auto.source pilot scores its trainings on the dev split: give data.valid "
-            "(the test split never decides the plan), or choose auto.source probe or file"
-        )
-    if a.source in ("pilot", "probe") and not cfg.data.train:
+    if a.source in (*names.PILOT_SOURCES, "probe") and not cfg.data.train:
         raise ConfigError(f"{s}: auto.source {a.source} trains or probes on data.train: give data.train")

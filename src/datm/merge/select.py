@@ -7,9 +7,9 @@ candidate (highest mean chrF++ over those directions; ties go to the smaller mod
 earlier candidate in the config) is published as `merged/MERGE/`, and the table of candidates with the
 choice goes into its `merge_info.json` (key `selection`) and the run's report.
 
-The dev sentences are the data's `valid` split (`data.valid`, the first `merge.dev_size` of them);
-a direction without one uses a seeded held-out slice of `merge.dev_size` pairs of its training
-data, which training then does not use (`held_out_origins`). The test split is never read here.
+The dev sentences are the first `merge.dev_size` of a direction's dev pairs (`datm.data.dev`: the
+`valid` split where it has one, otherwise `data.valid_holdout` seeded training pairs that training
+then does not use). The test split is never read here.
 
 Everything is an artifact: a finished candidate merge (merge_adapters' DONE marker) or candidate
 translation (`translations.json`, made for a fingerprinted dev set with recorded eval settings) is
@@ -19,7 +19,6 @@ settings too (`settings`), and a rerun that asks for others is refused (`datm.ru
 
 from __future__ import annotations
 
-import random
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from datm import languages as L
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.config.candidates import AUTO, Candidate, config_candidates, normalizing_methods
+from datm.data import dev as dev_data
 from datm.eval.worker import Worker, translation_session
 from datm.plan import Plan
 
@@ -50,45 +50,10 @@ def auto_merges(cfg: Config, plan: Plan) -> dict[str, list[str]]:
     }
 
 
-def has_valid(cfg: Config, direction: L.Direction) -> bool:
-    """Whether `data.valid` has this direction (a file of its own, or of the reverse direction)."""
-    if not cfg.data.valid:
-        return False
-    path = data.pattern_path(cfg.data.valid, direction)
-    fmt = cfg.data.format if cfg.data.format != "auto" else data.detect_format(path)
-    if fmt in ("flores", "datasets"):
-        return True
-    reverse = data.pattern_path(cfg.data.valid, L.Direction(direction.tgt, direction.src))
-    return Path(path).is_file() or ("{xx}" not in cfg.data.valid and Path(reverse).is_file())
-
-
-def held_out(cfg: Config, direction: L.Direction) -> list[data.Pair]:
-    """`merge.dev_size` training pairs of a direction, a seeded sample kept out of training."""
-    if not cfg.data.train:
-        raise ConfigError(f"{cfg.source}: data.train is required to hold out dev pairs for {direction}")
-    pairs = data.read_direction(cfg.data.train, direction, cfg.data.format, cfg.data.on_bad_record, None)
-    n = cfg.merge.dev_size
-    if len(pairs) <= n:
-        raise ConfigError(
-            f"{cfg.source}: {direction} has no valid split and only {len(pairs)} training pairs; "
-            f"merge.dev_size={n} held out for choosing the merge would leave none to train on "
-            "(set data.valid, or a smaller merge.dev_size)"
-        )
-    idx = list(range(len(pairs)))
-    random.Random(f"datm-dev:{cfg.train.seed}:{direction}").shuffle(idx)
-    return [pairs[i] for i in sorted(idx[:n])]
-
-
 def dev_pairs(cfg: Config, direction: L.Direction) -> tuple[str, list[data.Pair]]:
-    """('valid' | 'held-out', the dev pairs) of one direction."""
-    if has_valid(cfg, direction):
-        path = data.pattern_path(cfg.data.valid or "", direction)
-        fmt = cfg.data.format if cfg.data.format != "auto" else data.detect_format(path)
-        got = data.read_direction(
-            cfg.data.valid or "", direction, fmt, cfg.data.on_bad_record, None, data.dev_split(fmt) or "valid"
-        )
-        return "valid", got[: cfg.merge.dev_size]
-    return "held-out", held_out(cfg, direction)
+    """('valid' | 'held-out', the first `merge.dev_size` dev pairs) of one direction (`datm.data.dev`)."""
+    origin, pairs = dev_data.dev_pairs(cfg.dev_rule(), direction)
+    return origin, pairs[: cfg.merge.dev_size]
 
 
 def chosen_with(run: RunDir, name: str) -> dict[str, Any] | None:
@@ -99,18 +64,6 @@ def chosen_with(run: RunDir, name: str) -> dict[str, Any] | None:
     if not artifacts.is_done(run.merged(name)):
         return None
     return artifacts.read_json(run.merged(name) / MERGE_INFO).get("selection", {}).get("settings")
-
-
-def held_out_origins(cfg: Config, plan: Plan) -> frozenset[str]:
-    """Where the held-out dev pairs come from ('file:line'): training skips these records, in both
-    directions of their file."""
-    origins: set[str] = set()
-    for directions in auto_merges(cfg, plan).values():
-        for d in directions:
-            direction = L.Direction.parse(d)
-            if not has_valid(cfg, direction):
-                origins.update(p.origin for p in held_out(cfg, direction))
-    return frozenset(origins)
 
 
 def describe(cfg: Config, plan: Plan) -> list[str]:
@@ -126,15 +79,13 @@ def describe(cfg: Config, plan: Plan) -> list[str]:
         f"<= {cfg.merge.dev_size} sentences each), chosen by chrF++ on {cfg.merge.select_on}",
         "  candidates: " + ", ".join(c.name for c in cands),
     ]
+    rule = cfg.dev_rule()
     for name, directions in merges.items():
         for d in directions:
-            if has_valid(cfg, L.Direction.parse(d)):
+            if dev_data.has_valid(rule, L.Direction.parse(d)):
                 src = f"valid split (first {cfg.merge.dev_size})"
             else:
-                src = (
-                    f"no valid split: {cfg.merge.dev_size} training pairs held out (seeded; training does "
-                    "not use them)"
-                )
+                src = f"no valid split: the first {cfg.merge.dev_size} of its held-out training pairs"
             lines.append(f"  dev {d} ({name}): {src}")
     return lines
 

@@ -2,6 +2,7 @@
 (`strategies`, the auto rule included), and the checks of a config that need its plan (`checks`)."""
 
 from datm.plan.checks import validate
+from datm.plan.dev import dev_directions
 from datm.plan.strategies import (
     AUTO_RULE,
     BASE,
@@ -26,6 +27,7 @@ __all__ = [
     "PlanError",
     "STRATEGIES",
     "auto_plan",
+    "dev_directions",
     "make_plan",
     "shipped_parameters",
     "validate",

@@ -41,9 +41,14 @@ class Plan:
     notes: dict[str, str] = field(default_factory=dict)  # direction -> why (used by `auto`)
     # `auto` only: what decided it (source, threshold, the measurements file and its fingerprint)
     decided_by: dict[str, Any] = field(default_factory=dict)
+    # where the dev pairs the run decides on come from (`datm.data.dev.record`); empty: it uses none
+    dev: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.dev:  # a run that decides nothing on dev data: plan.json as before
+            del out["dev"]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
@@ -58,6 +63,7 @@ class Plan:
             routes=dict(d["routes"]),
             notes=dict(d.get("notes", {})),
             decided_by=dict(d.get("decided_by", {})),
+            dev=dict(d.get("dev", {})),
         )
 
     @property
@@ -184,6 +190,11 @@ class MeasurementsRequired(PlanError):
 # How a measurement reads in plan notes, per source.
 _MEASUREMENT_LABELS = {"probe": "probe cos", "pilot": "pilot Δ"}
 
+# The paper's finding (Zheng et al. 2025), where a measurement does not decide: XX→En conflict
+# (separate adapters), En→XX synergy (joint). True: joint.
+PRIOR = {XX_EN: False, EN_XX: True}
+PRIOR_TEXT = "the paper's prior: XX→En separate, En→XX joint"
+
 AUTO_RULE = (
     "a direction whose measurement is > {threshold:.2f} is trained jointly with the other such directions "
     "of its group and family (one adapter per group and family); any other direction, or one with no "
@@ -199,6 +210,7 @@ def auto_plan(
     threshold: float = 0.0,
     source: str = "probe",
     method: str = "ties",
+    undecided: frozenset[str] = frozenset(),
 ) -> Plan:
     """A plan decided per direction from measurements, where positive means joint training helps.
 
@@ -214,6 +226,8 @@ def auto_plan(
       - as DATM does, the own-adapter XX→En directions of a group are merged into `xx-en.{group}`
         (when there are 2 or more); own-adapter En→XX directions ship unmerged, because merging hurts
         En→XX (Zheng et al., 2025).
+    A direction in `undecided` (its measurement's interval includes the threshold) follows `PRIOR`
+    instead: XX→En separate, En→XX joint.
     `plan.notes` holds, per direction, the decision with its measured value, and the rule under "rule".
     """
     langs = list(languages)
@@ -221,7 +235,12 @@ def auto_plan(
     _check_measurements(expected, measurements)
     label = _MEASUREMENT_LABELS.get(source, source)
 
+    def is_joint(d: str) -> bool:
+        return PRIOR[Direction.parse(d).family] if d in undecided else measurements[d] > threshold
+
     def measured(d: str) -> str:
+        if d in undecided:
+            return f"{label} {measurements[d]:.2f}, its interval includes {threshold:.2f}: {PRIOR_TEXT}"
         op = ">" if measurements[d] > threshold else "<="
         return f"{label} {measurements[d]:.2f} {op} {threshold:.2f}"
 
@@ -229,7 +248,7 @@ def auto_plan(
     for g, members in groups.items():
         for family, direction_of in _FAMILY_DIRECTION:
             dirs = [direction_of(x) for x in members]
-            joint = [d for d in dirs if measurements[d] > threshold]
+            joint = [d for d in dirs if is_joint(d)]
             _add_group_family(plan, g, family, dirs, joint, measured, method)
     plan.notes = {d: plan.notes[d] for d in expected}
     plan.notes["rule"] = AUTO_RULE.format(threshold=threshold, method=method)

@@ -16,10 +16,11 @@ from datm import artifacts, data, device
 from datm import languages as L
 from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
+from datm.data import dev
 from datm.eval.results import RunScores
 from datm.eval.worker import Worker, translation_session
 from datm.log import get_logger
-from datm.plan import BASE, Plan
+from datm.plan import BASE, Plan, dev_directions
 from datm.run.graph import ALWAYS_RUN, Task, is_done
 
 log = get_logger(__name__)
@@ -32,7 +33,7 @@ def train_pairs(
     cfg: Config, directions: list[str], report: data.ReadReport, exclude: frozenset[str] = frozenset()
 ) -> list[data.Pair]:
     """The training pairs of some directions, without the records in `exclude` ('file:line': dev
-    pairs held out for `merge: auto`)."""
+    pairs held out of training, `held_out_origins`)."""
     if not cfg.data.train:
         raise ConfigError(f"{cfg.source}: data.train is required to train adapters")
     pairs: list[data.Pair] = []
@@ -45,7 +46,18 @@ def train_pairs(
     return pairs
 
 
+def held_out_origins(cfg: Config, plan: Plan) -> frozenset[str]:
+    """The records every training of this run skips: the held-out dev pairs of the directions it
+    decides on dev data (`datm.plan.dev_directions`, `datm.data.dev`)."""
+    return dev.held_out_origins(cfg.dev_rule(), dev_directions(cfg, plan))
+
+
 def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
+    """The pairs a run translates and scores: the test split, or (`data.eval_on: dev`, auto's pilot
+    runs) the dev pairs of `datm.data.dev`; the first `eval.max_examples`."""
+    if cfg.data.eval_on == "dev":
+        got = dev.dev_pairs(cfg.dev_rule(), direction)[1]
+        return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
     if not cfg.data.test:
         raise ConfigError(f"{cfg.source}: data.test is required to evaluate")
     from datm.run import preflight
@@ -71,11 +83,9 @@ def _training_data(
 ) -> tuple[list[data.Example], dict[str, Any]]:
     """An adapter's tokenized training examples, and where they came from (its provenance), with
     what was skipped, truncated or read backwards said in the log."""
-    from datm.merge.select import held_out_origins
-
     fmt = data.PromptFormat(worker.tokenizer, cfg.prompt)
     report = data.ReadReport()
-    held_out = held_out_origins(cfg, plan)  # dev pairs of `merge: auto`, never trained on
+    held_out = held_out_origins(cfg, plan)  # dev pairs, never trained on
     pairs = train_pairs(cfg, directions, report, held_out)
     examples, tok_report = data.tokenize_pairs(pairs, fmt, cfg.train.max_length)
     for d, file in report.reversed_files.items():

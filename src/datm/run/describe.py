@@ -42,12 +42,29 @@ def describe_plan(cfg: Config, as_json: bool = False) -> str:
     from datm.merge.select import describe as describe_selection
 
     text += "".join(f"\n{line}" for line in describe_selection(cfg, plan))  # merge: auto's extra work
+    text += describe_dev(plan)
     kinds = Counter(t.kind for t in build_tasks(plan, RunDir(cfg.output_dir)))
     text += f"\ntasks: {sum(kinds.values())} = " + ", ".join(f"{n} {k}" for k, n in kinds.items())
     if base_params is not None and module_params is not None:
         total = shipped_parameters(plan, base_params, module_params, merge_params)
         text += "".join(
             f"\n{line}" for line in paper_comparison(plan, cfg, base_params, module_params, total)
+        )
+    return text
+
+
+def describe_dev(plan: Plan) -> str:
+    """Where the dev pairs the run decides on come from (plan.json's `dev`), or nothing."""
+    if not plan.dev:
+        return ""
+    valid, held = plan.dev["valid"], plan.dev["held_out"]
+    text = "\ndev pairs (decide auto's pilot and merge auto; never the test split):"
+    if valid:
+        text += f" data.valid for {', '.join(valid)}"
+    if held:
+        text += (
+            f"{';' if valid else ''} {plan.dev['valid_holdout']} training pairs held out of every training "
+            f"(seed {plan.dev['seed']}) for {', '.join(held)}"
         )
     return text
 
@@ -120,6 +137,8 @@ def format_plan(
             f"decided by: {by.get('source')} measurements > threshold {by.get('threshold')} "
             f"({by.get('measurements')})"
         )
+        if by.get("note"):
+            lines.append(f"  {by['note']}")
     for d, why in plan.notes.items():
         lines.append(f"  {d}: {why}")
     return "\n".join(lines)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from datm import artifacts, data
 from datm import languages as L
-from datm.config import Config, ConfigError
+from datm.config import Config, ConfigError, names
+from datm.data import dev
 from datm.plan import Plan
 
 
@@ -49,7 +50,10 @@ def check_data(cfg: Config, plan: Plan, out: Path, train: bool = True, test: boo
         check_train(cfg, [d for a in todo for d in a.directions])
     if test:
         todo = [d for d in plan.directions() if not run.translations(d).hyp.is_file()]
-        check_eval(cfg, todo, cfg.data.test)
+        if cfg.data.eval_on == "dev":
+            check_dev(cfg, todo)
+        else:
+            check_eval(cfg, todo, cfg.data.test)
     if train:
         check_merge_dev(cfg, plan)
 
@@ -83,42 +87,48 @@ def check_dev_not_test(cfg: Config, dev: dict[str, list[data.Pair]], who: str) -
             )
 
 
+def check_dev(cfg: Config, directions: list[L.Direction]) -> None:
+    """Dev files: data.valid where a direction has it, else the training file it holds pairs out of."""
+    rule = cfg.dev_rule()
+    with_valid = [d for d in directions if dev.has_valid(rule, d)]
+    check_eval(cfg, with_valid, cfg.data.valid, key="valid")
+    held = [d for d in directions if d not in with_valid]
+    check_train(cfg, [str(d) for d in held])
+    for d in held:  # enough training pairs to hold data.valid_holdout out
+        dev.held_out(rule, d)
+
+
+def dev_sets(cfg: Config, directions: list[str]) -> dict[str, list[data.Pair]]:
+    """The data.valid pairs of these directions (`datm.data.dev`), for `check_dev_not_test` (held-out
+    dev pairs are training pairs: the run's training data, not a dev set someone chose)."""
+    rule = cfg.dev_rule()
+    parsed = [L.Direction.parse(d) for d in directions]
+    return {str(d): dev.dev_pairs(rule, d)[1] for d in parsed if dev.has_valid(rule, d)}
+
+
 def check_merge_dev(cfg: Config, plan: Plan) -> None:
-    """`merge: auto` chooses on data.valid where a direction has it: never on test pairs."""
+    """`merge: auto` chooses on dev pairs: never on test pairs."""
     from datm.merge import select as merge_select
 
-    dev = {
-        d: merge_select.dev_pairs(cfg, L.Direction.parse(d))[1]
-        for directions in merge_select.auto_merges(cfg, plan).values()
-        for d in directions
-        if merge_select.has_valid(cfg, L.Direction.parse(d))
-    }
-    check_dev_not_test(cfg, dev, "merge: auto")
+    directions = [d for ds in merge_select.auto_merges(cfg, plan).values() for d in ds]
+    check_dev_not_test(cfg, dev_sets(cfg, directions), "merge: auto")
 
 
 def check_auto_data(cfg: Config) -> None:
     """Before `auto` measures: every file the measurement and the run after it may read (any
-    direction may be trained; every direction is scored; the pilot scores the dev split)."""
+    direction may be trained; every direction is scored; the pilot scores the dev pairs)."""
     directions = list(L.directions_for(cfg.languages))
     check_train(cfg, [str(d) for d in directions])
     check_eval(cfg, directions, cfg.data.test)
-    if cfg.auto.source == "pilot":
-        from datm.auto.pilot import pilot_config
-
-        dev = pilot_config(cfg, "separate")  # reads data.valid as its test split
-        check_eval(dev, directions, dev.data.test, key="valid")
-        pairs = {}
-        for d in directions:
-            fmt, split = eval_split(dev, dev.data.test, d)
-            on_bad = cfg.data.on_bad_record
-            got = data.read_direction(dev.data.test, d, fmt, on_bad, None, split, allow_reverse=False)
-            pairs[str(d)] = got
-        check_dev_not_test(cfg, pairs, "the pilot")
+    if cfg.auto.source in names.PILOT_SOURCES:
+        check_dev(cfg, directions)
+        check_dev_not_test(cfg, dev_sets(cfg, [str(d) for d in directions]), "the pilot")
 
 
 __all__ = [
     "check_auto_data",
     "check_data",
+    "check_dev",
     "check_dev_not_test",
     "check_eval",
     "check_merge_dev",

@@ -193,7 +193,9 @@ def _start(cfg: Config) -> tuple[RunDir, Plan]:
         if auto.needs_measurements(cfg):  # strategy auto: the pilot (or the probe) first
             preflight.check_auto_data(cfg)  # every file the measurement and the run after it read
             auto.measure(cfg, run)
-        return _prepare(cfg)
+        run_dir, plan = _prepare(cfg)
+        auto.hand_over(cfg, plan)  # full_pilot: the pilot's adapters are the run's
+        return run_dir, plan
 
 
 def _num_processes() -> int:
