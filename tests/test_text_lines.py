@@ -18,6 +18,7 @@ def _config() -> C.Config:
     """A run's config as `datm translate` reads it (defaults: eval settings as a run has them)."""
     return C.Config(languages=["de"], data=C.DataConfig())
 
+
 # Characters that str.splitlines() or universal newlines break at, inside one segment.
 HOSTILE = ["a\rb", "c\u2028d", "e\x85f\x0cg", "h\x0bi\x1cj\u2029k"]
 
