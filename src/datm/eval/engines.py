@@ -217,7 +217,11 @@ class VllmLLM:
         return self._loras[version]
 
     def close(self) -> None:
-        self.llm = None  # vLLM stops its engine processes when its LLM is collected
+        """Stop vLLM's engine processes now (not whenever the LLM happens to be collected)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self.llm = None
 
 
 class VllmEngine(Engine):

@@ -86,6 +86,13 @@ class Worker:
             self._vllm = VllmLLM(self.model_path, dtype, max_rank, slots)
         return self._vllm
 
+    def close(self) -> None:
+        """Stop the vLLM engine (its processes) and drop the models."""
+        if self._vllm is not None:
+            self._vllm.close()
+            self._vllm = None
+        self.forget_model()
+
     def forget_model(self) -> None:
         """Drop the model (e.g. after a failed task may have left adapter layers in it)."""
         self._model = None
