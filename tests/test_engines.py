@@ -136,8 +136,8 @@ def test_each_lora_is_applied_under_vllm(runs):
             with translation_session(worker, modules, cfg) as translate:
                 for d, module in routes.items():
                     out[engine, d] = translate(requests[d], routes)
-                    out[engine, d, BASE] = translate(requests[d], {d: BASE})
                     assert translate.last_info["engines"][module]["engine"] == engine
+                    out[engine, d, BASE] = translate(requests[d], {d: BASE})
         finally:
             worker.close()
     for d in routes:
