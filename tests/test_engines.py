@@ -182,3 +182,14 @@ def test_delta_modules_go_to_transformers_in_a_mixed_batch_under_vllm(model, tmp
         settings = json.loads(RunDir(dense).translations(Direction.parse(d)).info.read_text())["settings"]
         assert settings["eval.engine"] == (TRANSFORMERS if kinds[module] == DELTA else VLLM), (d, module)
     assert set(kinds.values()) == {DELTA, LORA}  # both kinds in the one run
+
+
+def test_asking_vllm_for_a_model_it_cannot_run_fails_before_training(config_file, capsys):
+    """The conftest model (heads 8 wide; or no vLLM at all): `eval.engine: vllm` is refused up front."""
+    from datm.cli import main
+
+    cfg = config_file("asks-vllm", eval={"max_examples": 3, "max_new_tokens": 6, "engine": "vllm"})
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "eval.engine: vllm, but" in err and "set eval.engine to auto or transformers" in err
+    assert not (cfg.parent / "asks-vllm" / "adapters").exists()  # nothing trained

@@ -152,7 +152,12 @@ class TransformersEngine(Engine):
     def translate(self, requests: Sequence[Request], routes: dict[str, str]) -> list[str]:
         d = self.decoding
         out = self.translator.translate(
-            requests, routes, d.beams, d.max_new_tokens, d.batch_size, progress=self.host.progress
+            requests,
+            routes,
+            beams=d.beams,
+            max_new_tokens=d.max_new_tokens,
+            batch_size=d.batch_size,
+            progress=self.host.progress,
         )
         self.last_info = self.translator.last_info
         return out

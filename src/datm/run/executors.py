@@ -62,6 +62,7 @@ def _run_here(
     worker: Worker,
     poll: float,
 ) -> None:
+    """The local executor's loop: each task once what it needs is done; others' claims waited out."""
     pending = list(tasks)
     told: set[str] = set()
     while pending:

@@ -129,6 +129,7 @@ def run(
     run_dir, plan = _start(cfg)
     if only is None:
         preflight.check_data(cfg, plan, run_dir.root)  # every file it reads, before any model loads
+        preflight.check_engine(cfg)  # eval.engine: vllm where vLLM cannot run the model, before training
     tasks = build_tasks(plan, run_dir)
     if only is not None:
         run_one(cfg, plan, tasks, only)
