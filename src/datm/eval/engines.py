@@ -222,11 +222,16 @@ class VllmLLM:
         return self._loras[version]
 
     def close(self) -> None:
-        """Stop vLLM's engine processes now (not whenever the LLM happens to be collected)."""
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
+        shutdown_vllm(self.llm)
         self.llm = None
+
+
+def shutdown_vllm(llm: Any) -> None:
+    """Stop the engine processes of vLLM's `LLM` now: left to interpreter exit, a process that
+    held one can hang waiting for them."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 class VllmEngine(Engine):
@@ -246,24 +251,27 @@ class VllmEngine(Engine):
         fmt = PromptFormat(self.host.tokenizer, self.decoding.prompt)
         prompts = [fmt.prompt_ids(r.direction.src, r.direction.tgt, r.text) for r in requests]
         loras = [self.loras.get(routes[str(r.direction)]) for r in requests]
-        ids = self.generate(prompts, loras)
+        ids, continued = self.generate(prompts, loras)
         self.last_info = {
             "segments": len(requests),
+            "continued_after_a_leading_line_break": continued,
             "leading_line_breaks": sum(not self.stop.text(i).split("\n", 1)[0].strip() for i in ids),
             "delta_modules": {},
         }
         return [self.stop.hypothesis(i) for i in ids]
 
-    def generate(self, prompts: list[list[int]], loras: list[Any]) -> list[list[int]]:
-        """The generated ids of each prompt, cut where LineStop ends generation. vLLM stops at EOS and
-        at every line-break token; requests that stopped at a line break with no text before it go on
-        (their prompt plus their ids so far) until the rule ends them or max_new_tokens is reached."""
+    def generate(self, prompts: list[list[int]], loras: list[Any]) -> tuple[list[list[int]], int]:
+        """The generated ids of each prompt, cut where LineStop ends generation, and how many requests
+        were continued. vLLM stops at EOS and at every line-break token; requests that stopped at a
+        line break with no text before it go on (their prompt plus their ids so far) until the rule
+        ends them or max_new_tokens is reached."""
         from vllm import SamplingParams
 
         eos = self.host.tokenizer.eos_token_id
         stops = sorted(self.stop.newline_ids | ({eos} if eos is not None else set()))
         done: list[list[int]] = [[] for _ in prompts]
         todo = list(range(len(prompts)))
+        continued = 0
         while todo:
             left = self.decoding.max_new_tokens
             params = [
@@ -288,7 +296,8 @@ class VllmEngine(Engine):
                 if not ended and o.finish_reason == "stop" and o.stop_reason != eos and len(done[i]) < left:
                     again.append(i)  # a line break before any text: the rule goes on
             todo = again
-        return done
+            continued += len(again)
+        return done, continued
 
 
 ENGINES: dict[str, type[Engine]] = {TRANSFORMERS: TransformersEngine, VLLM: VllmEngine}

@@ -139,6 +139,9 @@ class Session:
                 out[i] = hyp
             info["leading_line_breaks"] += engine.last_info.get("leading_line_breaks", 0)
             info["delta_modules"].update(engine.last_info.get("delta_modules", {}))
+            continued = engine.last_info.get("continued_after_a_leading_line_break")
+            if continued is not None:  # the vLLM engine's: requests it generated for a second time
+                info["continued_after_a_leading_line_break"] = continued
         used = sorted({routes[str(r.direction)] for r in requests})
         info["engines"] = {m: asdict(self.chosen[m]) for m in used}
         self.last_info = info
