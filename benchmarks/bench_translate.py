@@ -231,14 +231,16 @@ def run_raw_vllm(requests: list[Request], spec: dict[str, Any]) -> dict[str, Any
     )
     loras = {n: LoRARequest(n, i, p) for i, (n, p) in enumerate(spec["modules"].items(), start=1)}
     fmt = PromptFormat(tok, "alma")
+    stops = [tok.eos_token_id, *newline_token_ids(tok)]
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_new_tokens"], stop_token_ids=stops)
+    first = fmt.prompt_ids(requests[0].direction.src, requests[0].direction.tgt, requests[0].text)
+    warm = [loras[str(requests[0].direction)]]
+    llm.generate([{"prompt_token_ids": first}], params, lora_request=warm, use_tqdm=False)  # untimed
+    start = time.perf_counter()  # from texts, as datm's side: the prompts' token ids are timed too
     prompts = [
         {"prompt_token_ids": fmt.prompt_ids(r.direction.src, r.direction.tgt, r.text)} for r in requests
     ]
     lora = [loras[str(r.direction)] for r in requests]
-    stops = [tok.eos_token_id, *newline_token_ids(tok)]
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_new_tokens"], stop_token_ids=stops)
-    llm.generate(prompts[:1], params, lora_request=lora[:1], use_tqdm=False)  # untimed warm-up
-    start = time.perf_counter()
     outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
     seconds = time.perf_counter() - start
     shutdown_vllm(llm)  # else this process can hang at exit, waiting for vLLM's engine processes
@@ -272,14 +274,14 @@ def engine_side_by_side(requests: list[Request], spec: dict[str, Any]) -> dict[s
 
 def smoke_setup(tmp: Path, seed: int) -> tuple[list[Request], dict[str, Any]]:
     """A tiny Llama whose attention vLLM's CPU backend runs (head size 32), random adapters for
-    four directions, and 8 demo sentences per direction, shuffled."""
+    four directions, and 32 demo sentences per direction, shuffled."""
     from datm import models
     from datm.demo import corpus_dir
     from datm.tiny import build_model_dir
 
     langs = ["de", "cs"]
     texts = {
-        x: (corpus_dir() / f"{x}.txt").read_text(encoding="utf-8").splitlines()[:8] for x in [*langs, "en"]
+        x: (corpus_dir() / f"{x}.txt").read_text(encoding="utf-8").splitlines()[:32] for x in [*langs, "en"]
     }
     sizes = {"hidden_size": 64, "head_dim": 32, "num_attention_heads": 2, "num_key_value_heads": 1}
     model_dir = build_model_dir(tmp / "model", [t for v in texts.values() for t in v], seed=seed, **sizes)
