@@ -37,20 +37,18 @@ def load_for_run(run_dir: Path, prompt_style: str | None = None) -> tuple[Transl
     return translator_for(view, prompt_style), view.routed_plan().routes, view.config
 
 
-def translate_run(
-    view: RunView, requests: list[Request], cfg: Config, worker: Worker | None = None
-) -> list[str]:
-    """`requests` through a finished run's routes, each module on its engine (`cfg.eval.engine`, the
-    run's unless asked otherwise): the same translation session as the run's own test translations."""
+def translate_run(run: Path, requests: list[Request], args: Any) -> list[str]:
+    """`requests` through a finished run's routes, each module on its engine (the run's eval.engine
+    unless `args` asks for another): the same translation session as the run's own test translations."""
+    view = RunView.open(run)
+    cfg = asked_config(view.config, args)
     modules = {name: m.path for name, m in view.modules.items()}
-    own = worker is None
-    worker = worker or Worker(cfg)
+    worker = Worker(cfg)
     try:
         with translation_session(worker, modules, cfg) as translate:
             return translate(requests, view.routed_plan().routes)
     finally:
-        if own:
-            worker.close()
+        worker.close()
 
 
 def asked_config(run_cfg: Config, args: Any) -> Config:
@@ -69,13 +67,11 @@ def main(args: Any) -> None:
     from datm.artifacts import atomic_write_text
     from datm.data import decode_text, read_lines, split_lines, write_text  # one line discipline
 
-    view = RunView.open(Path(args.run))
-    cfg = asked_config(view.config, args)
     if args.input == "-":  # the bytes, so that stdin splits exactly as a file does
         lines = split_lines(decode_text(sys.stdin.buffer.read(), "stdin"))
     else:
         lines = read_lines(args.input)
-    outs = translate_run(view, read_requests(lines, args.pair), cfg)
+    outs = translate_run(Path(args.run), read_requests(lines, args.pair), args)
     text = write_text(outs)
     if args.output == "-":
         sys.stdout.write(text)
