@@ -13,6 +13,13 @@ shuffled with --seed and cycled up to --requests.
   request, from send to answer. The
   server is then stopped with SIGTERM (it drains, then closes its engine).
 
+- raw_vllm: vLLM's own OpenAI-compatible server, as `datm export RUN --to DIR` writes it (DIR/serve_vllm.sh:
+  `python -m vllm.entrypoints.openai.api_server` with the run's modules as `--lora-modules`), sent
+  the same stream by the same clients, each request the export README's `/v1/completions` body
+  (the route's module as `model`, the ALMA prompt), its translation the completion's first non-empty
+  line. `serve_overhead` = 1 - (datm serve --engine vllm segments/s / raw_vllm segments/s), top level
+  in bench_serve.json with the load average at start.
+
 Reported: segments/s and p50/p95/p99 latency per system; every request must be answered with 200
 (none lost, none 4xx/5xx). Agreement: per engine, the share of segments whose translation is
 identical to the sequential Translator's, and BLEU / chrF++ (mean over directions) of every system
@@ -25,6 +32,7 @@ that everything runs; its numbers mean nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sys
 import tempfile
@@ -37,7 +45,7 @@ import common
 from datm.languages import Direction
 
 HEADLINE = "serve_speedup"
-ENGINES = ("vllm", "transformers")
+ENGINES = ("raw_vllm", "vllm", "transformers")
 TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"
 
 
@@ -89,8 +97,49 @@ def run_sequential(
     return {"seconds": time.perf_counter() - start, "outputs": outs}
 
 
+def datm_request(direction: str, text: str) -> tuple[str, dict[str, Any]]:
+    """`datm serve`'s request for one segment: (path, JSON body)."""
+    src, tgt = direction.split("-")
+    return "/v1/translate", {"source": src, "target": tgt, "text": text}
+
+
+def datm_answer(body: dict[str, Any]) -> str:
+    return str(body["translation"])
+
+
+class RawVllmClient:
+    """Requests to an exported `vllm serve` as its README writes them, and their translations."""
+
+    def __init__(self, export: Path) -> None:
+        from datm import artifacts
+        from datm.plan import BASE
+
+        readme = (export / "README.md").read_text(encoding="utf-8")
+        self.body = json.loads(readme.split("-d '", 1)[1].split("'", 1)[0])
+        routes = artifacts.read_json(export / "routes.json")["routes"]
+        self.models = {d: (self.body["model"] if m == BASE else m) for d, m in routes.items()}
+
+    def request(self, direction: str, text: str) -> tuple[str, dict[str, Any]]:
+        from datm.data import alma_prompt
+
+        src, tgt = direction.split("-")
+        body = {**self.body, "model": self.models[direction], "prompt": alma_prompt(src, tgt, text)}
+        return "/v1/completions", body
+
+    @staticmethod
+    def answer(body: dict[str, Any]) -> str:
+        from datm.eval.translate import first_nonempty_line
+
+        return first_nonempty_line(body["choices"][0]["text"])
+
+
 async def load_test(
-    url: str, requests: list[tuple[str, str]], clients: int, max_seconds: float
+    url: str,
+    requests: list[tuple[str, str]],
+    clients: int,
+    max_seconds: float,
+    make: Any = datm_request,
+    answer: Any = datm_answer,
 ) -> dict[str, Any]:
     import httpx
 
@@ -107,12 +156,11 @@ async def load_test(
         for i in next_index:
             if time.perf_counter() > deadline:
                 return
-            direction, text = requests[i]
-            src, tgt = direction.split("-")
+            path, body = make(*requests[i])
             sent += 1
             t0 = time.perf_counter()
             try:
-                r = await http.post("/v1/translate", json={"source": src, "target": tgt, "text": text})
+                r = await http.post(path, json=body)
             except httpx.HTTPError as e:
                 statuses["lost"] = statuses.get("lost", 0) + 1
                 errors.append(f"request {i}: {type(e).__name__}: {e}")
@@ -120,16 +168,14 @@ async def load_test(
             latencies.append(time.perf_counter() - t0)
             statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
             if r.status_code == 200:
-                outputs[i] = r.json()["translation"]
+                outputs[i] = answer(r.json())
             else:
                 errors.append(f"request {i}: {r.status_code} {r.text[:200]}")
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        src, tgt = requests[0][0].split("-")
-        warm_up = await http.post(
-            "/v1/translate", json={"source": src, "target": tgt, "text": requests[0][1]}
-        )
+        path, body = make(*requests[0])
+        warm_up = await http.post(path, json=body)
         warm_up.raise_for_status()  # untimed
         start = time.perf_counter()
         deadline = start + max_seconds
@@ -230,17 +276,35 @@ def batch_system(
     return out
 
 
-def serve_engine(run: Path, engine: str, args: Any, requests: list[tuple[str, str]], log: Path) -> dict:
-    from serve_runs import Server
+def start_server(run: Path, engine: str, args: Any, log: Path) -> tuple[Any, dict[str, Any]]:
+    """`datm serve --engine ENGINE`, or (raw_vllm) the `vllm serve` that `datm export` writes; and
+    the request maker and answer reader of its clients."""
+    import os
 
-    extra = ["--kv-cache-gib", str(args.kv_cache_gib)] if engine == "vllm" else []
-    common.log(f"{engine}: starting `datm serve` (log {log})")
+    from serve_runs import ExportedVllmServer, Server
+
+    if engine != "raw_vllm":
+        extra = ["--kv-cache-gib", str(args.kv_cache_gib)] if engine == "vllm" else []
+        return Server(run, engine, log, *extra, timeout=args.startup_timeout), {}
+    from datm.cli import main
+
+    export = log.parent / "export"
+    if main(["export", str(run), "--to", str(export)]) != 0:
+        raise common.BenchError(f"datm export {run} failed")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_gib:g}"  # as datm serve's --kv-cache-gib
+    client = RawVllmClient(export)
+    server = ExportedVllmServer(export, log, timeout=args.startup_timeout)
+    return server, {"make": client.request, "answer": client.answer}
+
+
+def serve_engine(run: Path, engine: str, args: Any, requests: list[tuple[str, str]], log: Path) -> dict:
+    common.log(f"{engine}: starting its server (log {log})")
     t0 = time.perf_counter()
-    server = Server(run, engine, log, *extra, timeout=args.startup_timeout)
+    server, client = start_server(run, engine, args, log)
     startup = time.perf_counter() - t0
     common.log(f"{engine}: ready in {startup:.0f} s; {len(requests)} requests from {args.clients} clients")
     try:
-        result = asyncio.run(load_test(server.url, requests, args.clients, args.max_seconds))
+        result = asyncio.run(load_test(server.url, requests, args.clients, args.max_seconds, **client))
     finally:
         exit_code = server.stop()
     result.update(startup_seconds=startup, exit_code=exit_code)
@@ -352,6 +416,11 @@ def main() -> int:
     record["systems"] = systems
     if "vllm" in systems:
         record[HEADLINE] = common.ratio(systems["vllm"]["segments_per_second"], seq_rate)
+    if "vllm" in systems and "raw_vllm" in systems:
+        record["serve_overhead"] = (
+            1 - systems["vllm"]["segments_per_second"] / systems["raw_vllm"]["segments_per_second"]
+        )
+    record["load_average_at_start"] = record["load_check"]["load_average_1min"]
     if "transformers" in systems:
         record["transformers_speedup"] = common.ratio(
             systems["transformers"]["segments_per_second"], seq_rate
@@ -393,7 +462,9 @@ def main() -> int:
                 [*header, "identical to datm translate", "differing: shared prefix (median)"], rows
             ),
             f"serve_speedup (vllm ÷ sequential) = {fmt(record.get(HEADLINE))}; "
-            f"transformers engine ÷ sequential = {fmt(record.get('transformers_speedup'))}.",
+            f"transformers engine ÷ sequential = {fmt(record.get('transformers_speedup'))}; "
+            f"serve_overhead (1 - vllm ÷ raw_vllm) = {fmt(record.get('serve_overhead'), spec='.3f')} "
+            f"(load average at start {record['load_average_at_start']}).",
         ]
     )
     common.write_results(common.output_dir(args), record, body)

@@ -75,7 +75,9 @@ def tiny_config(model: Path, data: Path, output_dir: str | Path, /, **sections: 
         "lora": {"r": 4, "alpha": 8},
         "train": TRAIN,
         "merge": {"method": "ties", "density": 0.5},
-        "eval": {"max_examples": 3, "beams": 1, "max_new_tokens": 6},
+        # transformers: the tiny model's 8-wide heads are not vLLM's, and deciding so would import vLLM
+        # in every process of a test (tests/test_engines.py holds the engines and `auto`)
+        "eval": {"max_examples": 3, "beams": 1, "max_new_tokens": 6, "engine": "transformers"},
         "output_dir": str(output_dir),
     }
     for key, value in sections.items():

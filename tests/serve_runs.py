@@ -74,7 +74,12 @@ def random_lora(model_dir: Path, out: Path, seed: int, r: int = 4, b_std: float 
 
 
 def run_config(
-    root: Path, model_dir: Path, strategy: str = "datm", form: str = "lowrank", beams: int = 1
+    root: Path,
+    model_dir: Path,
+    strategy: str = "datm",
+    form: str = "lowrank",
+    beams: int = 1,
+    engine: str = "transformers",
 ) -> Any:
     from conftest import write_alma
 
@@ -100,8 +105,9 @@ def run_config(
             "max_new_tokens": 8,
             "batch_size": 4,
             "precision": "fp32",
+            "engine": engine,
         },
-        "output_dir": str(root / f"run-{strategy}-{form}"),
+        "output_dir": str(root / f"run-{strategy}-{form}-{engine}"),
     }
     return config.from_dict(raw, source="test", base_dir=root)
 
@@ -113,11 +119,12 @@ def make_run(
     form: str = "lowrank",
     random_adapters: bool = True,
     beams: int = 1,
+    engine: str = "transformers",
 ) -> Path:
     """A finished run directory; its adapters random (distinguishable) or trained for 3 steps."""
     from datm.run import runner
 
-    cfg = run_config(root, model_dir, strategy, form, beams)
+    cfg = run_config(root, model_dir, strategy, form, beams, engine)
     out = Path(cfg.output_dir)
     if random_adapters:
         for seed, spec in enumerate(auto.build_plan(cfg).adapters):
@@ -196,13 +203,13 @@ class ExportedVllmServer(Server):
         self._launch(cmd, log, timeout)
 
 
-def datm_translate(run: Path, lines: list[str], tmp: Path) -> list[str]:
+def datm_translate(run: Path, lines: list[str], tmp: Path, *extra: str) -> list[str]:
     """`datm translate --run RUN` on 'SRC-TGT<TAB>text' lines, in this process."""
     from datm.cli import main
 
     src, out = tmp / "translate.in", tmp / "translate.out"
     src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    assert main(["translate", "--run", str(run), "--input", str(src), "--output", str(out)]) == 0
+    assert main(["translate", "--run", str(run), "--input", str(src), "--output", str(out), *extra]) == 0
     return out.read_text(encoding="utf-8").splitlines()
 
 

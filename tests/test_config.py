@@ -172,6 +172,7 @@ def test_every_registry_holds_exactly_the_names_the_config_accepts():
     way round, would be refused at load or accepted and then fail)."""
     from datm.auto import SOURCES
     from datm.config import names
+    from datm.eval.engines import ENGINES
     from datm.merge import METHODS
     from datm.merge.forms import FORMS
     from datm.plan import STRATEGIES
@@ -185,7 +186,23 @@ def test_every_registry_holds_exactly_the_names_the_config_accepts():
         (names.EXECUTORS, EXECUTORS),
         (names.TASK_KINDS, KINDS),
         (names.AUTO_SOURCES, SOURCES),
+        (names.ENGINES, ENGINES),
     ]:
         assert tuple(registry) == listed
     with pytest.raises(AssertionError, match="differs from datm.config.names"):
         names.check_registry("strategy", names.STRATEGIES, {**STRATEGIES, "extra": None})
+
+
+@pytest.mark.parametrize(
+    "evals, match",
+    [
+        ({"engine": "onnx"}, r"eval\.engine must be auto or one of \['transformers', 'vllm'\], got 'onnx'"),
+        ({"engine": "vllm", "beams": 4}, r"eval\.engine: vllm decodes greedily, and eval\.beams is 4"),
+    ],
+)
+def test_eval_engine_is_checked_at_load(evals, match):
+    raw = base_raw()
+    raw["eval"] = evals
+    with pytest.raises(C.ConfigError, match=match):
+        C.from_dict(raw, source="x.yaml")
+    assert C.from_dict({**raw, "eval": {**evals, "engine": "transformers"}}, source="x.yaml")

@@ -90,3 +90,27 @@ def test_merge_auto_dev_translations_are_keyed_by_eval_settings(
     cfg.eval.beams = 3
     with pytest.raises(ConfigError, match=r"merged/xx-en.slavic.*eval.beams"):
         runner.run(cfg)
+
+
+def test_translations_record_their_engine_and_another_engine_never_reuses_them(
+    tmp_path, tiny_model_dir, alma_dir, capsys
+):
+    """The conftest model runs on transformers only (auto says so); a translation recorded as made by
+    another engine is never taken for this one's, nor scored under its name."""
+    test = alma_dir / "test.{src}-{tgt}.jsonl"
+    cfg = zero_shot_config(tmp_path, tiny_model_dir, test)
+    assert main(["run", str(cfg)]) == 0
+    run = RunDir(tmp_path / "run")
+    assert json.loads(run.scores.read_text())["provenance"]["engines"] == {
+        "de-en": "transformers",
+        "en-de": "transformers",
+    }
+    info = artifacts.read_json(run.translations("de-en").info)
+    assert info["settings"]["eval.engine"] == "transformers"
+    assert "auto" in info["engines"]["__base__"]["why"]  # why not vLLM
+    info["settings"]["eval.engine"] = "vllm"  # as if vLLM had made it
+    artifacts.atomic_write_json(run.translations("de-en").info, info)
+    capsys.readouterr()
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "eval.engine='vllm'" in err and "eval.engine='transformers'" in err and "de-en.hyp.txt" in err

@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from datm import config as C
 from datm.cli import main
-
-
-def _config() -> C.Config:
-    """A run's config as `datm translate` reads it (defaults: eval settings as a run has them)."""
-    return C.Config(languages=["de"], data=C.DataConfig())
 
 # Characters that str.splitlines() or universal newlines break at, inside one segment.
 HOSTILE = ["a\rb", "c\u2028d", "e\x85f\x0cg", "h\x0bi\x1cj\u2029k"]
@@ -82,12 +76,13 @@ def test_evaluate_reads_crlf_and_keeps_other_breaks_inside_a_segment(tmp_path, c
 
 
 class EchoTranslator:
-    """Stands in for a run's Translator: records the requests, answers each with its text."""
+    """Stands in for a run's translation (`datm.serve.offline.translate_run`): records the requests,
+    answers each with its text."""
 
     def __init__(self) -> None:
         self.requests: list = []
 
-    def translate(self, requests, routes, **kwargs):
+    def translate(self, run, requests, args):
         self.requests.append(list(requests))
         return [r.text for r in requests]
 
@@ -95,7 +90,7 @@ class EchoTranslator:
 @pytest.mark.parametrize("pair", [None, "de-en"])
 def test_translate_splits_a_file_and_stdin_alike(tmp_path, monkeypatch, capsys, pair):
     echo = EchoTranslator()
-    monkeypatch.setattr("datm.serve.offline.load_for_run", lambda run: (echo, {}, _config()))
+    monkeypatch.setattr("datm.serve.offline.translate_run", echo.translate)
     head = "" if pair else "de-en\t"
     raw = "".join(f"{head}{h}\r\n" for h in HOSTILE).encode() + f"{head}last".encode()
     src = tmp_path / "in.txt"
@@ -115,7 +110,7 @@ def test_translate_splits_a_file_and_stdin_alike(tmp_path, monkeypatch, capsys, 
 
 
 def test_translate_input_not_utf8_names_the_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("datm.serve.offline.load_for_run", lambda run: (EchoTranslator(), {}, _config()))
+    monkeypatch.setattr("datm.serve.offline.translate_run", EchoTranslator().translate)
     src = tmp_path / "latin1.txt"
     src.write_bytes(b"de-en\tgr\xfcn\n")
     assert main(["translate", "--run", str(tmp_path), "--input", str(src)]) == 2

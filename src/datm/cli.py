@@ -185,6 +185,12 @@ def _args_translate(s: argparse.ArgumentParser) -> None:
     s.add_argument("--beams", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--max-new-tokens", type=int, default=None)
+    s.add_argument(
+        "--engine",
+        default=None,
+        choices=["auto", "vllm", "transformers"],
+        help="default: the run's eval.engine",
+    )
 
 
 def _args_evaluate(s: argparse.ArgumentParser) -> None:

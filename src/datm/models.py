@@ -213,3 +213,15 @@ def meta_model(model_path: str) -> Any:
     cfg = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
+
+
+def context_length(model_path: str) -> int:
+    """Tokens the base model attends over (prompt + generated)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        raise ModelError(f"{model_path}: config.json has no max_position_embeddings; cannot bound prompts")
+    return n

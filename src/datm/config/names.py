@@ -3,7 +3,8 @@ executors, task kinds and auto's measurement sources.
 
 A config is checked when it loads, before any stage is imported, so it reads these plain lists; each
 registry (`datm.plan.STRATEGIES`, `datm.merge.METHODS`, `datm.merge.forms.FORMS`,
-`datm.run.executors.EXECUTORS`, `datm.run.graph.KINDS`, `datm.auto.SOURCES`) is built from them and
+`datm.run.executors.EXECUTORS`, `datm.eval.engines.ENGINES`, `datm.run.graph.KINDS`,
+`datm.auto.SOURCES`) is built from them and
 refuses a name missing here, and a test holds each registry equal to its list.
 """
 
@@ -31,6 +32,8 @@ EXECUTORS = ("local", "ray")
 TASK_KINDS = ("train", "merge", "translate", "score", "report")
 AUTO_SOURCES = ("pilot", "full_pilot", "probe", "file")
 PILOT_SOURCES = ("pilot", "full_pilot")  # the sources that run auto's pilot (datm.auto.pilot)
+# Translation engines (`datm.eval.engines.ENGINES`); eval.engine also takes "auto".
+ENGINES = ("transformers", "vllm")
 
 
 def check_registry(kind: str, names: tuple[str, ...], registered: object) -> None:

@@ -92,6 +92,7 @@ class EvalConfig:
     max_new_tokens: int = 128
     batch_size: int = 8
     precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
+    engine: str = "auto"  # auto (vllm where installed and it runs the model) | vllm | transformers
     comet: CometConfig | None = None  # YAML: a model name/path, or {model, python, batch_size, device}
 
     def decoding(self) -> dict[str, Any]:

@@ -49,6 +49,15 @@ def validate(cfg: Config) -> None:
     for section, value in (("train", t.precision), ("eval", cfg.eval.precision)):
         if value not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"{s}: {section}.precision must be auto, bf16 or fp32, got {value!r}")
+    if cfg.eval.engine not in ("auto", *names.ENGINES):
+        raise ConfigError(
+            f"{s}: eval.engine must be auto or one of {list(names.ENGINES)}, got {cfg.eval.engine!r}"
+        )
+    if cfg.eval.engine == "vllm" and cfg.eval.beams > 1:
+        raise ConfigError(
+            f"{s}: eval.engine: vllm decodes greedily, and eval.beams is {cfg.eval.beams}: set "
+            "eval.beams: 1, or eval.engine: transformers (or auto) for beam search"
+        )
     candidates.validate(cfg)  # the merge method, and merge auto's keys
     if cfg.merge.form not in names.MERGE_FORMS:
         raise ConfigError(

@@ -31,7 +31,7 @@ from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.config.candidates import AUTO, Candidate, config_candidates, normalizing_methods
 from datm.data import dev as dev_data
-from datm.eval.worker import Worker, translation_session
+from datm.eval.worker import Worker, made_with, translation_session
 from datm.plan import Plan
 
 SELECTION_FILE = "selection.json"
@@ -134,6 +134,14 @@ class Selection:
         }
 
 
+def dev_settings(cfg: Config, model_path: str) -> dict[str, Any]:
+    """What merge auto's dev translations are made with (eval decoding and engine; every candidate
+    has the config's merge form, so one engine translates them all)."""
+    from datm.merge.forms import FORMS
+
+    return made_with(cfg, model_path, FORMS[cfg.merge.form].applied_as)
+
+
 def choose(rows: list[Row]) -> Row:
     """Highest mean dev chrF++; ties go to the smaller module, then to the earlier candidate."""
     order = {id(r): i for i, r in enumerate(rows)}
@@ -183,7 +191,7 @@ def score_candidates(cfg: Config, plan: Plan, run: RunDir, name: str, worker: Wo
     from datm.eval import evaluate
 
     devs, dev_origin = _dev_sets(cfg, plan, name)
-    settings = cfg.eval.decoding()  # what the dev translations are made with
+    settings = dev_settings(cfg, worker.model_path)  # what the dev translations are made with
     cands = config_candidates(cfg)
     results, same_as = _merge_candidates(cfg, plan, run, name, cands, worker)
     hyps = _dev_translations(cfg, run, name, [c for c in cands if same_as[c.name] is None], devs, worker)
@@ -277,7 +285,7 @@ def _dev_translations(
     """Each candidate's dev translations: those kept from before for the same dev sources and eval
     settings, the others made now (each written as soon as its candidate is translated)."""
     dev_fp = artifacts.fingerprint_obj({d: [p.src for p in pairs] for d, pairs in devs.items()})
-    settings = cfg.eval.decoding()
+    settings = dev_settings(cfg, worker.model_path)
 
     def recorded(c: Candidate) -> dict[str, list[str]] | None:
         f = run.candidate(name, c.name) / TRANSLATIONS_FILE

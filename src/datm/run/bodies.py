@@ -18,7 +18,7 @@ from datm.artifacts import RunDir
 from datm.config import Config, ConfigError
 from datm.data import dev
 from datm.eval.results import RunScores
-from datm.eval.worker import Worker, translation_session
+from datm.eval.worker import Worker, made_with, translation_session
 from datm.log import get_logger
 from datm.plan import BASE, Plan, dev_directions
 from datm.run.graph import ALWAYS_RUN, Task, is_done
@@ -69,10 +69,10 @@ def test_pairs(cfg: Config, direction: L.Direction) -> list[data.Pair]:
     return got[: cfg.eval.max_examples] if cfg.eval.max_examples else got
 
 
-def test_settings(cfg: Config) -> dict[str, Any]:
-    """The eval settings a run's test translations are made with (recorded in DIR.info.json): the
-    decoding, and how many test segments."""
-    return {**cfg.eval.decoding(), "eval.max_examples": cfg.eval.max_examples}
+def test_settings(cfg: Config, model_path: str, kind: str) -> dict[str, Any]:
+    """The eval settings a run's test translations through a module applied as `kind` are made with
+    (recorded in DIR.info.json): the decoding, the engine, and how many test segments."""
+    return {**made_with(cfg, model_path, kind), "eval.max_examples": cfg.eval.max_examples}
 
 
 # --- the task bodies ---------------------------------------------------------------------------------
@@ -205,20 +205,23 @@ def module_dirs(plan: Plan, run: RunDir) -> dict[str, Any]:
 
 def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:
     """One direction, through the one module its route names (mixed-batch code path as serving)."""
+    from datm.eval.engines import kind_of
     from datm.eval.translate import Request
 
     direction = L.Direction.parse(task.name)
     module = plan.routes[task.name]
     modules = {} if module == BASE else {module: run.module(module, [m.name for m in plan.merges])}
+    settings = test_settings(cfg, worker.model_path, kind_of(module, modules))
     with translation_session(worker, modules, cfg) as translate:
         pairs = test_pairs(cfg, direction)
         hyps = translate([Request(direction, p.src) for p in pairs], plan.routes)
         files = run.translations(direction)
         artifacts.atomic_write_text(files.src, data.write_text(p.src for p in pairs))
         artifacts.atomic_write_text(files.ref, data.write_text(p.tgt for p in pairs))
-        artifacts.atomic_write_json(files.info, {**translate.last_info, "settings": test_settings(cfg)})
+        artifacts.atomic_write_json(files.info, {**translate.last_info, "settings": settings})
         artifacts.atomic_write_text(files.hyp, data.write_text(hyps))  # last: marks the direction done
-        log.info(f"translated {direction}: {len(hyps)} segments (module {module})")
+        engine = translate.engine_of(module)
+        log.info(f"translated {direction}: {len(hyps)} segments (module {module}, engine {engine})")
 
 
 def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> RunScores:
@@ -252,6 +255,7 @@ def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: W
                 n: artifacts.fingerprint_files(sorted(p.glob("*.safetensors")))
                 for n, p in module_dirs(plan, run).items()
             },
+            "engines": {str(d): _engine_of(run, d) for d in plan.directions()},
             "versions": artifacts.library_versions(),
             **({"comet": comet_provenance} if comet_provenance else {}),
             "scored_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -262,6 +266,12 @@ def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: W
     )
     artifacts.atomic_write_json(run.scores, scores.to_json())
     return scores
+
+
+def _engine_of(run: RunDir, direction: L.Direction) -> str:
+    """The engine that made a direction's test translations (as its info.json records)."""
+    settings = artifacts.read_json(run.translations(direction).info).get("settings", {})
+    return str(settings.get("eval.engine", "transformers"))  # before engines were recorded: transformers
 
 
 def write_report(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Worker) -> None:

@@ -47,6 +47,22 @@ def run_local(
     run = RunDir(cfg.output_dir)
     graph = {t.id: t for t in build_tasks(plan, run)}
     worker = Worker(cfg)
+    try:
+        _run_here(cfg, plan, tasks, run, graph, worker, poll)
+    finally:
+        worker.close()  # vLLM's engine processes stop with the run
+
+
+def _run_here(
+    cfg: Config,
+    plan: Plan,
+    tasks: list[Task],
+    run: RunDir,
+    graph: dict[str, Task],
+    worker: Worker,
+    poll: float,
+) -> None:
+    """The local executor's loop: each task once what it needs is done; others' claims waited out."""
     pending = list(tasks)
     told: set[str] = set()
     while pending:

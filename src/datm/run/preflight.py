@@ -135,3 +135,18 @@ __all__ = [
     "check_train",
     "eval_split",
 ]
+
+
+def check_engine(cfg: Config) -> None:
+    """`eval.engine: vllm` on a machine or model vLLM cannot run: an error before any training (auto
+    falls back to transformers when it translates, and says why)."""
+    if cfg.eval.engine != "vllm":
+        return
+    from datm import models
+    from datm.eval.engines import vllm_unsupported
+
+    why = vllm_unsupported(models.resolve(cfg.base_model))
+    if why is not None:
+        raise ConfigError(
+            f"{cfg.source}: eval.engine: vllm, but {why}; set eval.engine to auto or transformers"
+        )

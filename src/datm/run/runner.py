@@ -75,17 +75,23 @@ def _prepare(cfg: Config) -> tuple[RunDir, Plan]:
 def _check_made_with(cfg: Config, run: RunDir, plan: Plan) -> None:
     """Finished translations, and merges chosen on dev translations, are never remade nor scored under
     other settings: refuse eval settings other than those they recorded, naming the keys."""
-    from datm.merge.select import auto_merges, chosen_with
+    from datm import models
+    from datm.eval.engines import kind_of
+    from datm.merge.select import auto_merges, chosen_with, dev_settings
 
-    made = [
-        (run.merged(m), "merge chosen on dev translations", chosen_with(run, m), cfg.eval.decoding())
-        for m in auto_merges(cfg, plan)
-    ]
-    for d in plan.routes:
+    made = []
+    for m in auto_merges(cfg, plan):
+        if chosen_with(run, m) is not None:
+            asked = dev_settings(cfg, models.resolve(cfg.base_model))
+            made.append((run.merged(m), "merge chosen on dev translations", chosen_with(run, m), asked))
+    merges = [m.name for m in plan.merges]
+    for d, module in plan.routes.items():
         files = run.translations(d)
         if files.hyp.is_file() and files.info.is_file():
             info = artifacts.read_json(files.info)
-            made.append((files.hyp, "translation", info.get("settings"), test_settings(cfg)))
+            modules = {} if module == BASE else {module: run.module(module, merges)}
+            asked = test_settings(cfg, models.resolve(cfg.base_model), kind_of(module, modules))
+            made.append((files.hyp, "translation", info.get("settings"), asked))
     for path, what, was, asked in made:
         was = was or {}  # {}: made before datm recorded its settings
         diff = _differences(was, asked)
@@ -127,6 +133,7 @@ def run(
     run_dir, plan = _start(cfg)
     if only is None:
         preflight.check_data(cfg, plan, run_dir.root)  # every file it reads, before any model loads
+        preflight.check_engine(cfg)  # eval.engine: vllm where vLLM cannot run the model, before training
     tasks = build_tasks(plan, run_dir)
     if only is not None:
         run_one(cfg, plan, tasks, only)

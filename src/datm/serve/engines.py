@@ -23,11 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from datm.eval.engines import vllm_lora_rank
 from datm.languages import Direction
 from datm.serve.run import ServedRun, ServeError, context_length
-
-# vLLM accepts only these values for max_lora_rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 INSTALL_HINT = "pip install 'datm[serve]'"
 
@@ -181,13 +179,6 @@ class TransformersEngine(Engine):
             self._worker.cancel()
             self._worker = None
         self._pool.shutdown(wait=True)
-
-
-def vllm_lora_rank(rank: int) -> int:
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise ServeError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
 
 
 class VllmEngine(Engine):

@@ -28,11 +28,11 @@ from datm import artifacts
 from datm.analysis.view import RunModule
 from datm.artifacts import RunDir
 from datm.data import alma_prompt
+from datm.eval.engines import vllm_lora_rank
 from datm.log import get_logger
 from datm.merge.base import MERGE_INFO
 from datm.merge.forms import DELTA, LORA
 from datm.plan import BASE
-from datm.serve.engines import vllm_lora_rank
 from datm.serve.run import ServedRun, ServeError
 
 log = get_logger(__name__)

@@ -97,11 +97,9 @@ class ServedRun:
 
 def context_length(model_path: str) -> int:
     """Tokens the base model attends over (prompt + generated)."""
-    from transformers import AutoConfig
+    from datm import models
 
-    cfg = AutoConfig.from_pretrained(model_path)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    n = getattr(text, "max_position_embeddings", None)
-    if not isinstance(n, int) or n <= 0:
-        raise ServeError(f"{model_path}: config.json has no max_position_embeddings; cannot bound prompts")
-    return n
+    try:
+        return models.context_length(model_path)
+    except models.ModelError as e:
+        raise ServeError(str(e)) from None
