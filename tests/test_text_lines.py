@@ -90,6 +90,7 @@ class EchoTranslator:
 @pytest.mark.parametrize("pair", [None, "de-en"])
 def test_translate_splits_a_file_and_stdin_alike(tmp_path, monkeypatch, capsys, pair):
     echo = EchoTranslator()
+    monkeypatch.setattr("datm.serve.offline.open_run", lambda run: None)
     monkeypatch.setattr("datm.serve.offline.translate_run", echo.translate)
     head = "" if pair else "de-en\t"
     raw = "".join(f"{head}{h}\r\n" for h in HOSTILE).encode() + f"{head}last".encode()
@@ -110,6 +111,7 @@ def test_translate_splits_a_file_and_stdin_alike(tmp_path, monkeypatch, capsys, 
 
 
 def test_translate_input_not_utf8_names_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("datm.serve.offline.open_run", lambda run: None)
     monkeypatch.setattr("datm.serve.offline.translate_run", EchoTranslator().translate)
     src = tmp_path / "latin1.txt"
     src.write_bytes(b"de-en\tgr\xfcn\n")

@@ -37,10 +37,16 @@ def load_for_run(run_dir: Path, prompt_style: str | None = None) -> tuple[Transl
     return translator_for(view, prompt_style), view.routed_plan().routes, view.config
 
 
-def translate_run(run: Path, requests: list[Request], args: Any) -> list[str]:
+def open_run(run: Path) -> RunView:
+    """A finished run whose every routed module is there (checked before any input is read)."""
+    view = RunView.open(run)
+    _ = view.modules  # every routed module finished and recognised
+    return view
+
+
+def translate_run(view: RunView, requests: list[Request], args: Any) -> list[str]:
     """`requests` through a finished run's routes, each module on its engine (the run's eval.engine
     unless `args` asks for another): the same translation session as the run's own test translations."""
-    view = RunView.open(run)
     cfg = asked_config(view.config, args)
     modules = {name: m.path for name, m in view.modules.items()}
     worker = Worker(cfg)
@@ -67,11 +73,12 @@ def main(args: Any) -> None:
     from datm.artifacts import atomic_write_text
     from datm.data import decode_text, read_lines, split_lines, write_text  # one line discipline
 
+    view = open_run(Path(args.run))
     if args.input == "-":  # the bytes, so that stdin splits exactly as a file does
         lines = split_lines(decode_text(sys.stdin.buffer.read(), "stdin"))
     else:
         lines = read_lines(args.input)
-    outs = translate_run(Path(args.run), read_requests(lines, args.pair), args)
+    outs = translate_run(view, read_requests(lines, args.pair), args)
     text = write_text(outs)
     if args.output == "-":
         sys.stdout.write(text)
