@@ -221,7 +221,7 @@ def translate_one(cfg: Config, plan: Plan, run: RunDir, task: Task, worker: Work
         artifacts.atomic_write_json(files.info, {**translate.last_info, "settings": settings})
         artifacts.atomic_write_text(files.hyp, data.write_text(hyps))  # last: marks the direction done
         engine = translate.engine_of(module)
-        log.info(f"translated {direction}: {len(hyps)} segments (module {module}, engine {engine})")
+        log.info(f"translated {direction}: {len(hyps)} segments (module {module}) on the {engine} engine")
 
 
 def score_all(cfg: Config, plan: Plan, run: RunDir, task: Task | None, worker: Worker) -> RunScores:
