@@ -217,12 +217,7 @@ def summarize(args: argparse.Namespace, timings: dict[str, float], load: dict[st
         "machine": common.machine_info(),
         "versions": artifacts.library_versions(),
     }
-    record = common.repo_relative(record)
-    args.results.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write_json(args.results / f"{NAME}.json", record)
-    artifacts.atomic_write_text(args.results / f"{NAME}.md", render(record))
-    if analyses:
-        artifacts.atomic_write_bytes(args.results / f"{NAME}.png", plot(record))
+    record = common.write_study(args.results, NAME, record, render, plot if analyses else None)
     common.log(f"wrote {args.results / NAME}.{{json,md,png}}")
 
 

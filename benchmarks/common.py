@@ -325,6 +325,26 @@ def checks_markdown(record: dict[str, Any]) -> str:
     return markdown_table(["check", "result", "detail"], rows)
 
 
+def write_study(
+    results: Path,
+    name: str,
+    record: dict[str, Any],
+    render: Callable[[dict], str],
+    plot: Callable[[dict], bytes] | None,
+) -> dict[str, Any]:
+    """A study's results: NAME.json (no machine paths), NAME.md (`render`) and NAME.png (`plot`, if
+    given), written atomically under `results`; returns the record as written."""
+    from datm import artifacts
+
+    record = repo_relative(record)
+    results.mkdir(parents=True, exist_ok=True)
+    artifacts.atomic_write_json(results / f"{name}.json", record)
+    artifacts.atomic_write_text(results / f"{name}.md", render(record))
+    if plot is not None:
+        artifacts.atomic_write_bytes(results / f"{name}.png", plot(record))
+    return record
+
+
 def write_results(out_dir: Path, record: dict[str, Any], body_markdown: str) -> tuple[Path, Path]:
     record = repo_relative(record)  # results never carry this machine's paths
     name = record["benchmark"]

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from conftest import random_lora
@@ -155,13 +158,19 @@ def _force_line_breaks(model, newline_id, at=(0, 4)):
     return model
 
 
-def test_output_after_a_leading_line_break_is_its_first_non_empty_line(tiny_model_dir):
-    tok = models.load_tokenizer(str(tiny_model_dir))
+def _translated_with_leading_line_breaks(model_dir: Path) -> tuple[Any, Any, Translator, list, list[str]]:
+    """(tokenizer, model, Translator, requests, hypotheses) of a model whose outputs begin with "\\n"."""
+    tok = models.load_tokenizer(str(model_dir))
     (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
-    model = _force_line_breaks(models.load_model(str(tiny_model_dir)), newline)
+    model = _force_line_breaks(models.load_model(str(model_dir)), newline)
     tr = Translator(model, tok, {})
     reqs = REQS[:3]
     got = tr.translate(reqs, dict.fromkeys(ROUTES, BASE), max_new_tokens=12, batch_size=2, progress=False)
+    return tok, model, tr, reqs, got
+
+
+def test_output_after_a_leading_line_break_is_its_first_non_empty_line(tiny_model_dir):
+    tok, model, tr, reqs, got = _translated_with_leading_line_breaks(tiny_model_dir)
     # Reference: the same model generating without any line-break stop; its first non-empty line.
     for r, hyp in zip(reqs, got, strict=True):
         prompt = torch.tensor([tr.format.prompt_ids(r.direction.src, r.direction.tgt, r.text)])
@@ -182,12 +191,7 @@ def test_output_after_a_leading_line_break_is_its_first_non_empty_line(tiny_mode
 def test_line_stop_cuts_a_free_generation_where_the_translator_stops(tiny_model_dir):
     """The vLLM engine cuts its streamed output with LineStop.cut: on a generation that went on past
     the rule, the cut gives the Translator's hypothesis (the leading line break did not stop it)."""
-    tok = models.load_tokenizer(str(tiny_model_dir))
-    (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
-    model = _force_line_breaks(models.load_model(str(tiny_model_dir)), newline)
-    tr = Translator(model, tok, {})
-    reqs = REQS[:3]
-    got = tr.translate(reqs, dict.fromkeys(ROUTES, BASE), max_new_tokens=12, batch_size=2, progress=False)
+    tok, model, tr, reqs, got = _translated_with_leading_line_breaks(tiny_model_dir)
     for r, hyp in zip(reqs, got, strict=True):
         prompt = torch.tensor([tr.format.prompt_ids(r.direction.src, r.direction.tgt, r.text)])
         gen = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id)
