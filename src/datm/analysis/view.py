@@ -13,6 +13,7 @@ from datm import artifacts
 from datm import config as C
 from datm.artifacts import RunDir
 from datm.errors import DatmError
+from datm.eval.engines import lora_rank
 from datm.eval.results import ResultsError, RunScores
 from datm.merge.base import ADAPTER_CONFIG, DELTA_CONFIG, MERGE_INFO, MergeError
 from datm.merge.forms import DELTA, LORA, applied_as
@@ -49,8 +50,7 @@ class RunModule:
     @property
     def rank(self) -> int:
         """The largest LoRA rank of any layer (vLLM's max_lora_rank must cover it)."""
-        cfg = self.config()
-        return max([int(cfg["r"])] + [int(r) for r in (cfg.get("rank_pattern") or {}).values()])
+        return lora_rank(self.path)
 
 
 class RunView:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Protocol
 from datm.config import names
 from datm.eval.translate import LineStop, Request, TranslateError, Translator, module_kind
 from datm.log import get_logger
+from datm.merge.base import ADAPTER_CONFIG
 from datm.merge.forms import DELTA, LORA
 from datm.plan import BASE
 
@@ -170,8 +171,8 @@ class TransformersEngine(Engine):
 
 
 def lora_rank(path: Path) -> int:
-    """The largest rank of the LoRA module at `path` (its adapter_config.json)."""
-    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    """The largest rank of any layer of the LoRA module at `path` (its adapter config)."""
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     return max([int(cfg.get("r", 1)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
 
 

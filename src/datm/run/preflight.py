@@ -125,18 +125,6 @@ def check_auto_data(cfg: Config) -> None:
         check_dev_not_test(cfg, dev_sets(cfg, [str(d) for d in directions]), "the pilot")
 
 
-__all__ = [
-    "check_auto_data",
-    "check_data",
-    "check_dev",
-    "check_dev_not_test",
-    "check_eval",
-    "check_merge_dev",
-    "check_train",
-    "eval_split",
-]
-
-
 def check_engine(cfg: Config) -> None:
     """`eval.engine: vllm` on a machine or model vLLM cannot run: an error before any training (auto
     falls back to transformers when it translates, and says why)."""
@@ -150,3 +138,16 @@ def check_engine(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.source}: eval.engine: vllm, but {why}; set eval.engine to auto or transformers"
         )
+
+
+__all__ = [
+    "check_auto_data",
+    "check_data",
+    "check_dev",
+    "check_dev_not_test",
+    "check_engine",
+    "check_eval",
+    "check_merge_dev",
+    "check_train",
+    "eval_split",
+]

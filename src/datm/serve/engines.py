@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from datm import models
 from datm.eval.engines import vllm_lora_rank
 from datm.languages import Direction
-from datm.serve.run import ServedRun, ServeError, context_length
+from datm.serve.run import ServedRun, ServeError
 
 INSTALL_HINT = "pip install 'datm[serve]'"
 
@@ -111,7 +112,7 @@ class TransformersEngine(Engine):
         translator = translator_for(self.run.view)
         self.translator = translator
         self.format = translator.format
-        self.context = context_length(self.run.base_model())
+        self.context = models.context_length(self.run.base_model())
         self._queue = asyncio.Queue()
         self._worker = asyncio.get_running_loop().create_task(self._batches())
 
@@ -230,14 +231,13 @@ class VllmEngine(Engine):
         from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
         from vllm.lora.request import LoRARequest
 
-        from datm import models
         from datm.data import PromptFormat
         from datm.eval.translate import LineStop, inference_dtype
 
         base = self.run.base_model()
         self.tokenizer = models.load_tokenizer(base)
         self.format = PromptFormat(self.tokenizer, self.run.prompt_style)
-        self.context = context_length(base)
+        self.context = models.context_length(base)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = inference_dtype(self.run.eval.precision, device)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.kv_cache_gib:g}")

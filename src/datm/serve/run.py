@@ -93,13 +93,3 @@ class ServedRun:
                 }
             )
         return out
-
-
-def context_length(model_path: str) -> int:
-    """Tokens the base model attends over (prompt + generated)."""
-    from datm import models
-
-    try:
-        return models.context_length(model_path)
-    except models.ModelError as e:
-        raise ServeError(str(e)) from None
